@@ -1,0 +1,5 @@
+import sys
+
+from msfx.cli import main
+
+sys.exit(main())

@@ -1,0 +1,195 @@
+"""Llama (Touvron et al. 2023) as pure functions over a parameter tree.
+
+Follows `transformers.models.llama.modeling_llama`. Parameters are keyed like the HF checkpoint:
+`params["model"]["layers"][i]["self_attn"]["q_proj"]["weight"]`. The config is a
+`transformers.LlamaConfig`, carried by the tree from `load` / `init_params` (`params.config`) or
+passed as `config=`.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, ops
+from transformers import LlamaConfig
+
+from msfx.decode.cache import KVCache, write_cache
+from msfx.layers.attention import arange, attention_bias, scaled_dot_product_attention
+from msfx.layers.basic import activation, embedding, gated_mlp, linear
+from msfx.layers.norms import rms_norm
+from msfx.layers.rotary import apply_rotary, rope_cos_sin, rope_frequencies
+from msfx.params.tree import Params, unflatten_keys
+
+MODEL_TYPE = "llama"
+CONFIG_CLASS = LlamaConfig
+
+
+class CausalLMOutput(NamedTuple):
+    """`logits` `[batch, seq, vocab]`; `hidden_states`: embeddings then each layer's output
+    (the last one final-normed), each `[batch, seq, hidden]`, or None; `past_key_values`: the
+    updated cache, or None when none was passed."""
+
+    logits: Tensor | None
+    hidden_states: tuple[Tensor, ...] | None
+    past_key_values: KVCache | None
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def param_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Every checkpoint key of `LlamaForCausalLM` with its shape (the params layout)."""
+    h, d = config.hidden_size, head_dim(config)
+    q, kv, inter = config.num_attention_heads * d, config.num_key_value_heads * d, config.intermediate_size
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)}
+        for name, out in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+            shapes[p + f"self_attn.{name}.weight"] = (out, h)
+            if config.attention_bias:
+                shapes[p + f"self_attn.{name}.bias"] = (out,)
+        shapes[p + "self_attn.o_proj.weight"] = (h, q)
+        if config.attention_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (h,)
+        for name, shape in (("gate_proj", (inter, h)), ("up_proj", (inter, h)), ("down_proj", (h, inter))):
+            shapes[p + f"mlp.{name}.weight"] = shape
+            if config.mlp_bias:
+                shapes[p + f"mlp.{name}.bias"] = shape[:1]
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, h)
+    return shapes
+
+
+def init_params(config, seed: int = 0, dtype=ms.float32) -> Params:
+    """Random parameters as HF's `_init_weights`: normal(0, `initializer_range`) matrices,
+    zero biases, unit norm weights."""
+    rng = np.random.default_rng(seed)
+    flat = {}
+    for key, shape in param_shapes(config).items():
+        if key.endswith("norm.weight"):
+            value = np.ones(shape, np.float32)
+        elif key.endswith(".bias"):
+            value = np.zeros(shape, np.float32)
+        else:
+            value = rng.normal(0.0, config.initializer_range, shape).astype(np.float32)
+        flat[key] = Tensor(value).astype(dtype)
+    return Params(unflatten_keys(flat), config)
+
+
+def _attention(x, p, config, cos, sin, bias, layer_cache, cache_position):
+    b, s, _ = x.shape
+    d = head_dim(config)
+
+    def project(name, heads):
+        y = linear(x, p[name]["weight"], p[name].get("bias"))
+        return y.reshape(b, s, heads, d).transpose(0, 2, 1, 3)
+
+    q = apply_rotary(project("q_proj", config.num_attention_heads), cos, sin)
+    k = apply_rotary(project("k_proj", config.num_key_value_heads), cos, sin)
+    v = project("v_proj", config.num_key_value_heads)
+    if layer_cache is not None:
+        k = write_cache(layer_cache[0], k, cache_position)
+        v = write_cache(layer_cache[1], v, cache_position)
+    out = scaled_dot_product_attention(q, k, v, bias, d ** -0.5)
+    out = out.transpose(0, 2, 1, 3).reshape(b, s, -1)
+    return linear(out, p["o_proj"]["weight"], p["o_proj"].get("bias")), (k, v)
+
+
+def decoder_layer(x, p, config, cos, sin, bias, layer_cache=None, cache_position=None):
+    """One pre-norm block: `x + attn(norm(x))`, then `x + mlp(norm(x))`. Returns (x, (k, v))."""
+    h, kv = _attention(rms_norm(x, p["input_layernorm"]["weight"], config.rms_norm_eps), p["self_attn"],
+                       config, cos, sin, bias, layer_cache, cache_position)
+    x = x + h
+    x = x + gated_mlp(rms_norm(x, p["post_attention_layernorm"]["weight"], config.rms_norm_eps), p["mlp"],
+                      activation(config.hidden_act))
+    return x, kv
+
+
+def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                  position_ids: Tensor | None = None, past_key_values: KVCache | None = None,
+                  cache_position: Tensor | None = None, inv_freq: Tensor | None = None, *, config=None,
+                  inputs_embeds: Tensor | None = None, output_hidden_states: bool = False):
+    """The decoder stack (`LlamaModel`). Returns `(last_hidden_state, hidden_states, cache)`.
+
+    Args:
+        params: the tree (with or without `lm_head`).
+        input_ids: `[batch, seq]` int token ids (or `inputs_embeds` `[batch, seq, hidden]`).
+        attention_mask: `[batch, keys]`, 1 for tokens to attend to, 0 for padding; `keys` is
+            `seq` without a cache and the cache length with one. Default: all ones.
+        position_ids: `[batch, seq]`; default `cache_position` (as HF, padding is not skipped).
+        past_key_values: a `KVCache` to read and write; None for a plain forward.
+        cache_position: `[seq]` int32 slots of the new tokens; default `0..seq-1`.
+        inv_freq: `[rotary_dim // 2]` float32 rotary frequencies; default from the config and
+            the positions (pass it inside jit, where positions are not known on the host).
+    """
+    config = config or params.config
+    x = embedding(input_ids, params["model"]["embed_tokens"]["weight"]) if inputs_embeds is None else inputs_embeds
+    b, s = x.shape[0], x.shape[1]
+    if cache_position is None:
+        cache_position = arange(s)
+    if position_ids is None:
+        position_ids = ops.broadcast_to(cache_position.reshape(1, s), (b, s))
+    keys = s if past_key_values is None else past_key_values.max_len
+    if attention_mask is None:
+        attention_mask = ops.ones((b, keys), ms.int32)
+    if inv_freq is None:
+        seq_len = int(position_ids.asnumpy().max()) + 1
+        freqs, scaling = rope_frequencies(config, seq_len)
+        inv_freq = Tensor(freqs)
+    else:
+        scaling = rope_frequencies(config)[1]
+    cos, sin = rope_cos_sin(position_ids, inv_freq, scaling, x.dtype)
+    bias = attention_bias(attention_mask, cache_position)
+    hidden_states = [x] if output_hidden_states else None
+    new_keys, new_values = [], []
+    for i, layer in enumerate(params["model"]["layers"]):
+        layer_cache = None if past_key_values is None else (past_key_values.keys[i], past_key_values.values[i])
+        x, (k, v) = decoder_layer(x, layer, config, cos, sin, bias, layer_cache, cache_position)
+        new_keys.append(k)
+        new_values.append(v)
+        if output_hidden_states:
+            hidden_states.append(x)
+    x = rms_norm(x, params["model"]["norm"]["weight"], config.rms_norm_eps)
+    if output_hidden_states:
+        hidden_states[-1] = x
+    cache = None if past_key_values is None else KVCache(tuple(new_keys), tuple(new_values))
+    return x, (tuple(hidden_states) if output_hidden_states else None), cache
+
+
+def lm_head(params: dict, hidden: Tensor, config) -> Tensor:
+    """Logits `[..., vocab]` from final hidden states; the embedding matrix when tied."""
+    weight = params["model"]["embed_tokens"]["weight"] if config.tie_word_embeddings else params["lm_head"]["weight"]
+    return linear(hidden, weight)
+
+
+def forward(params: dict, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+            position_ids: Tensor | None = None, past_key_values: KVCache | None = None,
+            cache_position: Tensor | None = None, inv_freq: Tensor | None = None, *, config=None,
+            inputs_embeds: Tensor | None = None, output_hidden_states: bool = False,
+            logits_to_keep: int = 0) -> CausalLMOutput:
+    """`LlamaForCausalLM`: logits `[batch, seq, vocab]` in the params' dtype.
+
+    Arguments as `model_forward`; `logits_to_keep=n > 0` computes logits for the last `n`
+    positions only (HF's argument; generation needs just the last one).
+    """
+    config = config or params.config
+    hidden, hidden_states, cache = model_forward(
+        params, input_ids, attention_mask, position_ids, past_key_values, cache_position, inv_freq,
+        config=config, inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states)
+    if logits_to_keep:
+        hidden = hidden[:, -logits_to_keep:]
+    return CausalLMOutput(lm_head(params, hidden, config), hidden_states, cache)
+
+
+def load(ref, *, dtype="auto", gguf_file: str | None = None, **hub_kwargs) -> Params:
+    """Parameters of a Llama checkpoint (directory, hub id, or `gguf_file=`), config attached.
+
+    See `msfx.params.load_params` for the arguments and the errors raised.
+    """
+    from msfx.params import load_params
+    import sys
+
+    return load_params(sys.modules[__name__], ref, dtype=dtype, gguf_file=gguf_file, **hub_kwargs)

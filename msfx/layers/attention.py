@@ -1,0 +1,63 @@
+"""Scaled dot-product attention with causal + padding masks and grouped-query heads.
+
+Follows HF's eager attention (`transformers.models.llama.modeling_llama.eager_attention_forward`):
+scores in the input dtype, masked and softmaxed in float32, cast back before `@ v`.
+"""
+from __future__ import annotations
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, ops
+
+_BMM_T = ops.BatchMatMul(transpose_b=True)
+_BMM = ops.BatchMatMul()
+_MASKED = float(np.finfo(np.float32).min)
+
+
+def arange(n: int) -> Tensor:
+    """`[n]` int32 `0..n-1` as a constant (`ops.arange` cannot be traced by `jit`)."""
+    return Tensor(np.arange(n, dtype=np.int32))
+
+
+def attention_bias(key_mask: Tensor, query_slots: Tensor, sliding_window: int | None = None) -> Tensor:
+    """Additive float32 mask `[batch, 1, 1, seq, keys]`: 0 where a query may attend, else the
+    float32 minimum (HF's convention, so fully masked rows stay finite).
+
+    Args:
+        key_mask: `[batch, keys]` int/bool, 1 for real tokens, 0 for padding.
+        query_slots: `[seq]` int, each query's index along the key axis (HF's `cache_position`);
+            a query sees keys at slots `<=` its own.
+        sliding_window: if set, a query also ignores keys `sliding_window` or more slots back.
+    """
+    keys = arange(key_mask.shape[-1]).reshape(1, -1)
+    slots = query_slots.astype(ms.int32).reshape(-1, 1)
+    allowed = keys <= slots
+    if sliding_window is not None:
+        allowed = ops.logical_and(allowed, keys > slots - sliding_window)
+    allowed = ops.logical_and(allowed.expand_dims(0), key_mask.astype(ms.bool_).expand_dims(1))
+    bias = (1.0 - allowed.astype(ms.float32)) * _MASKED
+    return bias.reshape(bias.shape[0], 1, 1, bias.shape[1], bias.shape[2])
+
+
+def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Tensor:
+    """softmax(q k^T * scale + bias) v with grouped-query heads (Ainslie et al. 2023).
+
+    Args:
+        q: `[batch, heads, seq, head_dim]`.
+        k, v: `[batch, kv_heads, keys, head_dim]`; `heads` is a multiple of `kv_heads` and query
+            head `i` reads kv head `i // (heads // kv_heads)`, as HF's `repeat_kv`.
+        bias: additive float32 mask broadcastable to `[batch, kv_heads, groups, seq, keys]`
+            (see `attention_bias`).
+        scale: usually `head_dim ** -0.5`.
+
+    Returns:
+        `[batch, heads, seq, head_dim]` in q's dtype.
+    """
+    b, h, s, d = q.shape
+    kv_heads, keys = k.shape[1], k.shape[2]
+    groups = h // kv_heads
+    # Folding the query groups into the sequence axis shares each kv head without copying it.
+    scores = _BMM_T(q.reshape(b, kv_heads, groups * s, d), k) * scale
+    scores = scores.astype(ms.float32).reshape(b, kv_heads, groups, s, keys) + bias
+    probs = ops.softmax(scores, -1).astype(q.dtype)
+    return _BMM(probs.reshape(b, kv_heads, groups * s, keys), v).reshape(b, h, s, d)

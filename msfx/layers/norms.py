@@ -1,0 +1,28 @@
+"""Normalization layers, computed in float32 as HF does and cast back to the input dtype."""
+from __future__ import annotations
+
+import mindspore as ms
+from mindspore import Tensor, ops
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm (Zhang & Sennrich 2019) as HF's `LlamaRMSNorm`.
+
+    `x` `[..., hidden]` is normalized in float32, cast back to its dtype, then scaled by
+    `weight` `[hidden]`.
+    """
+    dtype = x.dtype
+    h = x.astype(ms.float32)
+    h = h * ops.rsqrt(ops.mean(h * h, -1, keep_dims=True) + eps)
+    return weight * h.astype(dtype)
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float) -> Tensor:
+    """LayerNorm (Ba et al. 2016) over the last axis, `torch.nn.LayerNorm` semantics."""
+    dtype = x.dtype
+    h = x.astype(ms.float32)
+    mean = ops.mean(h, -1, keep_dims=True)
+    centered = h - mean
+    h = centered * ops.rsqrt(ops.mean(centered * centered, -1, keep_dims=True) + eps)
+    h = h.astype(dtype) * weight
+    return h if bias is None else h + bias

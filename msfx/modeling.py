@@ -1,0 +1,231 @@
+"""Thin `nn.Cell` wrappers with HF's class names and methods over the functional cores.
+
+A wrapper owns MindSpore `Parameter`s named exactly like the HF checkpoint keys (so
+`trainable_params()` feeds a native training loop) and a parameter tree over those same
+objects; every call goes to the architecture module's pure functions.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+from transformers import GenerationConfig
+from transformers.utils import ModelOutput
+
+from msfx.decode.generate import GenerationStats, greedy_search
+from msfx.decode.step import CompiledStep
+from msfx.params import Params, flatten, load_params, save_params, unflatten
+from msfx.params.hub import resolve_model_dir
+
+
+@dataclass
+class BaseModelOutputWithPast(ModelOutput):
+    last_hidden_state: Tensor | None = None
+    past_key_values: Any = None
+    hidden_states: tuple | None = None
+
+
+@dataclass
+class CausalLMOutputWithPast(ModelOutput):
+    loss: Tensor | None = None
+    logits: Tensor | None = None
+    past_key_values: Any = None
+    hidden_states: tuple | None = None
+
+
+@dataclass
+class SequenceClassifierOutputWithPast(ModelOutput):
+    loss: Tensor | None = None
+    logits: Tensor | None = None
+    past_key_values: Any = None
+    hidden_states: tuple | None = None
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """HF's `ForCausalLMLoss`: mean cross-entropy of `logits[:, :-1]` against `labels[:, 1:]` in
+    float32, positions labelled `ignore_index` left out. logits `[b, s, v]`, labels `[b, s]`."""
+    logits = logits[:, :-1].astype(ms.float32)
+    labels = labels[:, 1:].astype(ms.int32)
+    return masked_cross_entropy(logits, labels, ignore_index)
+
+
+def masked_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Mean cross-entropy over positions whose label is not `ignore_index`."""
+    valid = labels != ignore_index
+    safe = ops.where(valid, labels, ops.zeros_like(labels))
+    logp = ops.log_softmax(logits.astype(ms.float32), -1)
+    picked = ops.gather_elements(logp, -1, safe.expand_dims(-1)).squeeze(-1)
+    valid = valid.astype(ms.float32)
+    return -(picked * valid).sum() / valid.sum()
+
+
+def check_token_ids(input_ids, vocab_size: int) -> np.ndarray:
+    """`input_ids` as an int array `[batch, seq]`, or a ValueError naming the bad id."""
+    ids = input_ids.asnumpy() if isinstance(input_ids, Tensor) else np.asarray(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be integer [batch, seq], got {ids.dtype} {list(ids.shape)}")
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = ids.max() if ids.max() >= vocab_size else ids.min()
+        raise ValueError(f"token id {bad} in input_ids is out of range for vocab_size {vocab_size}")
+    return ids
+
+
+class PreTrainedModel(nn.Cell):
+    """Base of the HF-named wrappers: parameters, `from_pretrained`, `save_pretrained`.
+
+    Subclasses set `arch` (the architecture module) and may override `param_shapes` (the keys
+    this head owns) and `base_model_prefix` handling.
+    """
+
+    arch: ModuleType
+    base_model_prefix = "model"
+
+    def __init__(self, config, params: dict | None = None):
+        super().__init__(auto_prefix=False)
+        self.config = config
+        self.generation_config = GenerationConfig.from_model_config(config)
+        if params is None:
+            params = self.init_params(config)
+        leaves, self._param_keys = flatten(dict(params))
+        self.weights = ParameterTuple([Parameter(t, name=k) for t, k in zip(leaves, self._param_keys)])
+        self.params = Params(unflatten(list(self.weights), self._param_keys), config)
+        self._steps: dict[bool, CompiledStep] = {}
+        self.last_generation_stats = GenerationStats()
+
+    @classmethod
+    def param_shapes(cls, config) -> dict[str, tuple]:
+        return cls.arch.param_shapes(config)
+
+    @classmethod
+    def init_params(cls, config, seed: int = 0) -> Params:
+        from msfx.params.tree import unflatten_keys
+
+        full = cls.arch.init_params(config, seed)
+        flat = {k: v for k, v in _flat(full).items() if k in cls.param_shapes(config)}
+        rng = np.random.default_rng(seed + 1)
+        for key, shape in cls.param_shapes(config).items():
+            if key not in flat:
+                flat[key] = Tensor(rng.normal(0.0, config.initializer_range, shape).astype(np.float32))
+        return Params(unflatten_keys(flat), config)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, config=None, dtype="auto",
+                        revision: str | None = None, cache_dir: str | None = None, local_files_only: bool = False,
+                        token=None, gguf_file: str | None = None, **config_kwargs) -> "PreTrainedModel":
+        """Load HF weights from a local directory, a hub id or a GGUF file (`gguf_file=`).
+
+        `dtype` is "auto" (as stored; float32 for GGUF), "float32", "float16" or "bfloat16".
+        Extra keyword arguments override config attributes (e.g. `num_labels=3`), as in HF.
+
+        Raises:
+            ModelNotFoundError, CheckpointError, CorruptCheckpointError, ValueError: see
+            `msfx.params.load_params`.
+        """
+        hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+        if config is None and gguf_file is None:
+            from transformers import AutoConfig
+
+            model_dir = resolve_model_dir(pretrained_model_name_or_path, **hub)
+            if not (model_dir / "config.json").is_file():
+                raise FileNotFoundError(f"no config.json in {model_dir}")
+            config = AutoConfig.from_pretrained(model_dir, **config_kwargs)
+            pretrained_model_name_or_path = model_dir
+        params = load_params(cls.arch, pretrained_model_name_or_path, dtype=dtype, config=config, gguf_file=gguf_file,
+                             shapes=cls.param_shapes, prefix=cls.base_model_prefix, **hub)
+        model = cls(params.config, params)
+        source = Path(pretrained_model_name_or_path)
+        if gguf_file is None and (source / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(source)
+        return model
+
+    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
+        """Write `config.json`, `generation_config.json` and safetensors weights (sharded with an
+        index above `max_shard_size`) that HF PyTorch `from_pretrained` loads directly."""
+        save_params(self.state_tree(), self.config, save_directory, max_shard_size)
+        self.generation_config.save_pretrained(save_directory)
+
+    def state_tree(self) -> dict:
+        """The parameter tree keyed as this class's HF checkpoint."""
+        return dict(self.params)
+
+    def num_parameters(self) -> int:
+        return sum(int(np.prod(p.shape)) for p in self.weights)
+
+    @property
+    def dtype(self):
+        return self.weights[0].dtype
+
+    def _compiled_step(self, jit: bool) -> CompiledStep:
+        if jit not in self._steps:
+            self._steps[jit] = CompiledStep(self.arch, self.params, self.config, jit=jit)
+        return self._steps[jit]
+
+
+def _flat(tree) -> dict:
+    from msfx.params.tree import flatten_keys
+
+    return flatten_keys(dict(tree))
+
+
+class GenerationMixin:
+    """HF-style `generate` for decoder-only wrappers (greedy search over the KV cache)."""
+
+    def generate(self, input_ids=None, attention_mask=None, generation_config: GenerationConfig | None = None,
+                 streamer=None, jit: bool = True, **kwargs) -> Tensor:
+        """Greedy generation with HF's argument names.
+
+        Args:
+            input_ids: `[batch, seq]` token ids (left-pad batches); a MindSpore tensor or array.
+            attention_mask: `[batch, seq]` 1/0; default: 0 where `input_ids == pad_token_id`
+                (when pad differs from eos), else all ones, as HF infers it.
+            generation_config: defaults to the checkpoint's `generation_config.json`; keyword
+                arguments (`max_new_tokens`, `max_length`, `eos_token_id`, `pad_token_id`,
+                `do_sample`, `num_beams`, `use_cache`, ...) override it.
+            streamer: an object with `put` / `end`, e.g. `transformers.TextStreamer`.
+            jit: compile the decode step with `mindspore.jit` (False: eager); the prompt
+                always runs eagerly.
+
+        Returns:
+            int64 `[batch, seq + new_tokens]`: the prompt followed by the generated tokens.
+
+        Raises:
+            ValueError: out-of-range token ids, or a total length beyond
+                `max_position_embeddings`.
+            NotImplementedError: sampling or beam search (arriving with the generation issue).
+        """
+        config = self.generation_config if generation_config is None else generation_config
+        config = GenerationConfig.from_dict({**config.to_dict(), **kwargs})
+        if config.do_sample or (config.num_beams or 1) > 1:
+            raise NotImplementedError("msfx generate does greedy search only so far (do_sample=False, num_beams=1)")
+        ids = check_token_ids(input_ids, self.config.vocab_size)
+        eos = config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else None)
+        if attention_mask is None:
+            infer = pad is not None and pad not in eos and (ids == pad).any()
+            mask = (ids != pad).astype(np.int32) if infer else np.ones_like(ids, np.int32)
+        else:
+            mask = (attention_mask.asnumpy() if isinstance(attention_mask, Tensor) else np.asarray(attention_mask))
+            mask = mask.reshape(ids.shape).astype(np.int32)
+        if config.max_new_tokens is not None:
+            max_new = config.max_new_tokens
+        else:
+            max_new = config.max_length - ids.shape[1]
+        limit = self.config.max_position_embeddings
+        if ids.shape[1] + max_new > limit:
+            raise ValueError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new}) exceeds the model's "
+                             f"max_position_embeddings ({limit})")
+        if max_new <= 0:
+            return Tensor(ids.astype(np.int64))
+        self.last_generation_stats = GenerationStats()
+        sequences = greedy_search(self.arch, self.config, self._compiled_step(False), self._compiled_step(jit), ids,
+                                  mask, max_new, eos, pad, streamer, self.last_generation_stats)
+        return Tensor(sequences)

@@ -1,0 +1,1 @@
+"""HF-named model classes (thin wrappers over `msfx.architectures`)."""

@@ -1,0 +1,121 @@
+"""HF-named Llama classes: `LlamaModel`, `LlamaForCausalLM`, `LlamaForSequenceClassification`.
+
+Each forwards to `msfx.architectures.llama`; see `transformers.models.llama.modeling_llama`
+for the behaviour they reproduce.
+"""
+from __future__ import annotations
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, ops
+
+from msfx.architectures import llama
+from msfx.layers.basic import linear
+from msfx.modeling import (BaseModelOutputWithPast, CausalLMOutputWithPast, GenerationMixin, PreTrainedModel,
+                           SequenceClassifierOutputWithPast, causal_lm_loss, check_token_ids, masked_cross_entropy)
+
+
+def _ids(input_ids, vocab_size: int) -> Tensor | None:
+    if input_ids is None:
+        return None
+    return Tensor(check_token_ids(input_ids, vocab_size).astype(np.int32))
+
+
+def _tensor(x, dtype=ms.int32) -> Tensor | None:
+    if x is None or isinstance(x, Tensor):
+        return x
+    return Tensor(np.asarray(x)).astype(dtype)
+
+
+class _LlamaBase(PreTrainedModel):
+    arch = llama
+
+    def _backbone(self, input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states):
+        return llama.model_forward(self.params, _ids(input_ids, self.config.vocab_size), _tensor(attention_mask),
+                                   _tensor(position_ids), inputs_embeds=inputs_embeds, config=self.config,
+                                   output_hidden_states=bool(output_hidden_states))
+
+
+class LlamaModel(_LlamaBase):
+    """The bare decoder stack; outputs `last_hidden_state` `[batch, seq, hidden]`."""
+
+    @classmethod
+    def param_shapes(cls, config):
+        return {k: v for k, v in llama.param_shapes(config).items() if k.startswith("model.")}
+
+    def state_tree(self) -> dict:
+        return self.params["model"]  # HF saves the base model without the `model.` prefix
+
+    def construct(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                  output_hidden_states=None, return_dict=True, **kwargs):
+        hidden, states, _ = self._backbone(input_ids, attention_mask, position_ids, inputs_embeds,
+                                           output_hidden_states)
+        out = BaseModelOutputWithPast(last_hidden_state=hidden, hidden_states=states)
+        return out if return_dict else out.to_tuple()
+
+
+class LlamaForCausalLM(GenerationMixin, _LlamaBase):
+    """Llama with its language-model head. `logits` `[batch, seq, vocab]`; `labels` `[batch, seq]`
+    gives HF's shifted cross-entropy (`-100` ignored) as `loss`."""
+
+    def construct(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, inputs_embeds=None,
+                  output_hidden_states=None, return_dict=True, logits_to_keep: int = 0, **kwargs):
+        hidden, states, _ = self._backbone(input_ids, attention_mask, position_ids, inputs_embeds,
+                                           output_hidden_states)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = llama.lm_head(self.params, hidden, self.config)
+        loss = None if labels is None else causal_lm_loss(logits, _tensor(labels))
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=states)
+        return out if return_dict else out.to_tuple()
+
+
+class LlamaForSequenceClassification(_LlamaBase):
+    """Llama with a linear `score` head read at each row's last non-padding token
+    (`config.pad_token_id`); `logits` `[batch, num_labels]`. `labels` give HF's regression,
+    single-label or multi-label loss by `config.problem_type`."""
+
+    @classmethod
+    def param_shapes(cls, config):
+        shapes = LlamaModel.param_shapes(config)
+        shapes["score.weight"] = (config.num_labels, config.hidden_size)
+        return shapes
+
+    def construct(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, inputs_embeds=None,
+                  output_hidden_states=None, return_dict=True, **kwargs):
+        hidden, states, _ = self._backbone(input_ids, attention_mask, position_ids, inputs_embeds,
+                                           output_hidden_states)
+        logits = linear(hidden, self.params["score"]["weight"])
+        batch, seq = logits.shape[0], logits.shape[1]
+        pad = self.config.pad_token_id
+        if pad is None and batch != 1:
+            raise ValueError("cannot handle batch sizes > 1 if no padding token is defined (config.pad_token_id)")
+        if pad is None or input_ids is None:
+            last = np.full(batch, seq - 1)
+        else:
+            # HF: the rightmost token that is not padding (works for left and right padding)
+            ids = check_token_ids(input_ids, self.config.vocab_size)
+            last = np.argmax(np.arange(seq) * (ids != pad), -1)
+        pooled = logits[Tensor(np.arange(batch), ms.int32), Tensor(last.astype(np.int32))]
+        loss = None if labels is None else self._loss(pooled, _tensor(labels, None))
+        out = SequenceClassifierOutputWithPast(loss=loss, logits=pooled, hidden_states=states)
+        return out if return_dict else out.to_tuple()
+
+    def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        problem = self.config.problem_type
+        if problem is None:
+            if self.config.num_labels == 1:
+                problem = "regression"
+            elif labels.dtype in (ms.int32, ms.int64):
+                problem = "single_label_classification"
+            else:
+                problem = "multi_label_classification"
+        logits = logits.astype(ms.float32)
+        if problem == "regression":
+            target = labels.astype(ms.float32)
+            return ops.mean((logits.squeeze() - target.squeeze()) ** 2) if self.config.num_labels == 1 \
+                else ops.mean((logits - target) ** 2)
+        if problem == "single_label_classification":
+            return masked_cross_entropy(logits, labels.reshape(-1).astype(ms.int32))
+        return ops.binary_cross_entropy_with_logits(logits, labels.astype(ms.float32),
+                                                    ops.ones_like(logits), ops.ones_like(logits))

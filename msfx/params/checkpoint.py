@@ -1,0 +1,164 @@
+"""Loading checkpoints into parameter trees and saving them back, for any architecture module.
+
+An architecture module provides `MODEL_TYPE`, `CONFIG_CLASS` and `param_shapes(config)` (every
+HF key with its shape); this file turns a model reference into a validated `Params` tree.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor
+from transformers import AutoConfig
+
+from msfx.errors import CheckpointError
+from msfx.params.dtypes import STORED, dtype_name, parse_dtype, to_numpy
+from msfx.params.hub import resolve_model_dir
+from msfx.params.safetensors_io import bf16_bits_to_float32, checkpoint_files, iter_tensors, read_shapes, \
+    save_safetensors
+from msfx.params.tree import Params, flatten_keys, unflatten_keys
+
+logger = logging.getLogger(__name__)
+
+# Keys that old checkpoints carry but no model reads (HF ignores them the same way).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _check_keys(found: dict[str, tuple], expected: dict[str, tuple], source: str, prefix: str) -> list[str]:
+    """Raise on missing, unexpected or mis-shaped tensors of the base model (under `prefix.`);
+    return the head tensors the checkpoint lacks (HF initializes those freshly). Head tensors of
+    another class (`lm_head` in a base-model load) are dropped by the caller, as in HF."""
+    body = prefix + "."
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(k for k in set(found) - set(expected) if k.startswith(body))
+    mismatched = [f"{k}: checkpoint {tuple(found[k])}, model {tuple(expected[k])}"
+                  for k in sorted(set(found) & set(expected)) if tuple(found[k]) != tuple(expected[k])]
+    problems = []
+    if [k for k in missing if k.startswith(body)]:
+        problems.append(f"missing tensors: {', '.join(k for k in missing if k.startswith(body))}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected)}")
+    if mismatched:
+        problems.append(f"mis-shaped tensors: {'; '.join(mismatched)}")
+    if problems:
+        raise CheckpointError(f"{source} does not fit the model: " + " | ".join(problems))
+    return [k for k in missing if not k.startswith(body)]
+
+
+def _check_model_type(config, arch: ModuleType, source: str) -> None:
+    if config.model_type != arch.MODEL_TYPE:
+        raise CheckpointError(f"{source} is a {config.model_type!r} checkpoint; this model needs "
+                              f"{arch.MODEL_TYPE!r}")
+
+
+def _normalize(found: dict, expected: dict, config, prefix: str) -> tuple[dict, str]:
+    """Drop keys no model reads, and add the base prefix to a base-model checkpoint's keys.
+    Returns the filtered mapping and the prefix added to its keys ("" or `prefix.`)."""
+    tied_head = getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in expected
+    found = {k: v for k, v in found.items()
+             if not k.endswith(_IGNORED_SUFFIXES) and not (tied_head and k == "lm_head.weight")}
+    body = prefix + "."
+    if not any(k.startswith(body) for k in found) and any(k.startswith(body) for k in expected):
+        return {body + k: v for k, v in found.items()}, body
+    return found, ""
+
+
+def _fresh_heads(flat: dict, missing_heads: list[str], expected: dict, config, target) -> None:
+    if missing_heads:
+        logger.warning("newly initialized (not in the checkpoint): %s", ", ".join(missing_heads))
+    rng = np.random.default_rng(0)
+    std = getattr(config, "initializer_range", 0.02)
+    for key in missing_heads:
+        value = np.zeros(expected[key], np.float32) if key.endswith(".bias") else \
+            rng.normal(0.0, std, expected[key]).astype(np.float32)
+        flat[key] = Tensor(value).astype(target or ms.float32)
+
+
+def load_params(arch: ModuleType, ref: str | os.PathLike, *, dtype="auto", config=None, gguf_file: str | None = None,
+                shapes: Callable[[Any], dict] | None = None, prefix: str = "model", revision: str | None = None,
+                cache_dir: str | None = None, local_files_only: bool = False, token=None) -> Params:
+    """Load a checkpoint into a `Params` tree for architecture module `arch`.
+
+    Args:
+        ref: local directory or hub id (see `resolve_model_dir`).
+        dtype: "auto" (each tensor's stored dtype; float32 for GGUF), "float32", "float16",
+            "bfloat16".
+        config: an HF config to use instead of the checkpoint's `config.json`.
+        gguf_file: a GGUF file name inside `ref` (or a path) to load instead of safetensors.
+        shapes: `config -> {key: shape}` of the tensors to load; default `arch.param_shapes`
+            (a wrapper class passes its own, e.g. without `lm_head`).
+        prefix: the base model's key prefix; a checkpoint saved without it still loads.
+
+    Raises:
+        ModelNotFoundError: `ref` cannot be resolved.
+        CheckpointError: wrong architecture, or missing/unexpected/mis-shaped tensors (all named).
+        CorruptCheckpointError: a truncated or malformed weights file.
+        ValueError: an unknown dtype.
+    """
+    target = parse_dtype(dtype)
+    shapes = shapes or arch.param_shapes
+    if gguf_file is not None:
+        return _load_gguf(arch, ref, gguf_file, target, shapes, prefix, revision, cache_dir, local_files_only, token)
+    model_dir = resolve_model_dir(ref, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                                  token=token)
+    if config is None:
+        if not (model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"no config.json in {model_dir}")
+        config = AutoConfig.from_pretrained(model_dir)
+    _check_model_type(config, arch, str(ref))
+    files = checkpoint_files(model_dir)
+    expected = shapes(config)
+    found = read_shapes(files)
+    normalized, added = _normalize(found, expected, config, prefix)
+    missing_heads = _check_keys(normalized, expected, str(ref), prefix)
+    flat = {}
+    for name, array, stored in iter_tensors(files):
+        name = added + name
+        if name not in expected:
+            continue
+        if stored == "BF16" and target in (None, ms.bfloat16):
+            # bits -> float32 is exact; MindSpore then narrows back to the same bfloat16 values
+            flat[name] = Tensor(bf16_bits_to_float32(array)).astype(ms.bfloat16)
+            continue
+        array = bf16_bits_to_float32(array) if stored == "BF16" else np.array(array)
+        flat[name] = Tensor(array).astype(target or STORED.get(stored, ms.float32))
+    _fresh_heads(flat, missing_heads, expected, config, target)
+    return Params(unflatten_keys(flat), config)
+
+
+def _load_gguf(arch, ref, gguf_file, target, shapes, prefix, revision, cache_dir, local_files_only, token) -> Params:
+    from msfx.params.gguf import gguf_config, gguf_state_dict, read_gguf
+
+    path = Path(gguf_file)
+    if not path.is_file():
+        path = resolve_model_dir(ref, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                                 token=token, gguf_file=gguf_file) / gguf_file
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {gguf_file!r} not found in {ref}")
+    reader = read_gguf(str(path))
+    config = gguf_config(reader)
+    _check_model_type(config, arch, str(path))
+    expected = shapes(config)
+    state, _ = _normalize(gguf_state_dict(reader, config), expected, config, prefix)
+    missing_heads = _check_keys({k: v.shape for k, v in state.items()}, expected, str(path), prefix)
+    flat = {k: Tensor(v).astype(target or ms.float32) for k, v in state.items() if k in expected}
+    _fresh_heads(flat, missing_heads, expected, config, target)
+    return Params(unflatten_keys(flat), config)
+
+
+def save_params(params: dict, config, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
+    """Write `config.json` and the tree as HF safetensors (sharded above `max_shard_size`), so
+    that `transformers` (PyTorch) `from_pretrained` loads it with no missing or unexpected keys."""
+    save_directory = Path(save_directory)
+    flat = flatten_keys(dict(params))
+    arrays = {name: to_numpy(tensor) for name, tensor in flat.items()}
+    save_safetensors(arrays, save_directory, max_shard_size)
+    config = copy.deepcopy(config)
+    config.dtype = dtype_name(next(iter(flat.values())).dtype)
+    config.save_pretrained(save_directory)
