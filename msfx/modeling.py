@@ -20,6 +20,7 @@ from transformers.utils import ModelOutput
 
 from msfx.decode.generate import GenerationStats, greedy_search
 from msfx.decode.step import CompiledStep
+from msfx.layers.basic import lacks_bf16_kernels
 from msfx.params import Params, flatten, load_params, save_params, unflatten
 from msfx.params.hub import resolve_model_dir
 
@@ -27,24 +28,27 @@ from msfx.params.hub import resolve_model_dir
 @dataclass
 class BaseModelOutputWithPast(ModelOutput):
     last_hidden_state: Tensor | None = None
-    past_key_values: Any = None
+    cache: Any = None
     hidden_states: tuple | None = None
+    attentions: tuple | None = None
 
 
 @dataclass
 class CausalLMOutputWithPast(ModelOutput):
     loss: Tensor | None = None
     logits: Tensor | None = None
-    past_key_values: Any = None
+    cache: Any = None
     hidden_states: tuple | None = None
+    attentions: tuple | None = None
 
 
 @dataclass
 class SequenceClassifierOutputWithPast(ModelOutput):
     loss: Tensor | None = None
     logits: Tensor | None = None
-    past_key_values: Any = None
+    cache: Any = None
     hidden_states: tuple | None = None
+    attentions: tuple | None = None
 
 
 def causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
@@ -179,7 +183,7 @@ class GenerationMixin:
     """HF-style `generate` for decoder-only wrappers (greedy search over the KV cache)."""
 
     def generate(self, input_ids=None, attention_mask=None, generation_config: GenerationConfig | None = None,
-                 streamer=None, jit: bool = True, **kwargs) -> Tensor:
+                 streamer=None, jit: bool = True, **kwargs) -> np.ndarray:
         """Greedy generation with HF's argument names.
 
         Args:
@@ -191,10 +195,12 @@ class GenerationMixin:
                 `do_sample`, `num_beams`, `use_cache`, ...) override it.
             streamer: an object with `put` / `end`, e.g. `transformers.TextStreamer`.
             jit: compile the decode step with `mindspore.jit` (False: eager); the prompt
-                always runs eagerly.
+                always runs eagerly, and so does everything for bfloat16 on CPU.
 
         Returns:
-            int64 `[batch, seq + new_tokens]`: the prompt followed by the generated tokens.
+            int64 numpy `[batch, seq + new_tokens]`: the prompt followed by the generated
+            tokens. (HF returns a torch LongTensor; `transformers` tokenizers decode numpy
+            arrays but not MindSpore tensors, so `tokenizer.batch_decode(ids)` works as in HF.)
 
         Raises:
             ValueError: out-of-range token ids, or a total length beyond
@@ -224,8 +230,9 @@ class GenerationMixin:
             raise ValueError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new}) exceeds the model's "
                              f"max_position_embeddings ({limit})")
         if max_new <= 0:
-            return Tensor(ids.astype(np.int64))
+            return ids.astype(np.int64)
         self.last_generation_stats = GenerationStats()
-        sequences = greedy_search(self.arch, self.config, self._compiled_step(False), self._compiled_step(jit), ids,
-                                  mask, max_new, eos, pad, streamer, self.last_generation_stats)
-        return Tensor(sequences)
+        # MindSpore 2.10's CPU graph compiler has no bfloat16 kernels at all (not even Reshape)
+        jit = jit and not lacks_bf16_kernels(self.weights[0])
+        return greedy_search(self.arch, self.config, self._compiled_step(False), self._compiled_step(jit), ids,
+                             mask, max_new, eos, pad, streamer, self.last_generation_stats)

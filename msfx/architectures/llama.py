@@ -27,12 +27,12 @@ CONFIG_CLASS = LlamaConfig
 
 class CausalLMOutput(NamedTuple):
     """`logits` `[batch, seq, vocab]`; `hidden_states`: embeddings then each layer's output
-    (the last one final-normed), each `[batch, seq, hidden]`, or None; `past_key_values`: the
+    (the last one final-normed), each `[batch, seq, hidden]`, or None; `cache`: the
     updated cache, or None when none was passed."""
 
     logits: Tensor | None
     hidden_states: tuple[Tensor, ...] | None
-    past_key_values: KVCache | None
+    cache: KVCache | None
 
 
 def head_dim(config) -> int:
@@ -109,7 +109,7 @@ def decoder_layer(x, p, config, cos, sin, bias, layer_cache=None, cache_position
 
 
 def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                  position_ids: Tensor | None = None, past_key_values: KVCache | None = None,
+                  position_ids: Tensor | None = None, cache: KVCache | None = None,
                   cache_position: Tensor | None = None, inv_freq: Tensor | None = None, *, config=None,
                   inputs_embeds: Tensor | None = None, output_hidden_states: bool = False):
     """The decoder stack (`LlamaModel`). Returns `(last_hidden_state, hidden_states, cache)`.
@@ -120,7 +120,8 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
         attention_mask: `[batch, keys]`, 1 for tokens to attend to, 0 for padding; `keys` is
             `seq` without a cache and the cache length with one. Default: all ones.
         position_ids: `[batch, seq]`; default `cache_position` (as HF, padding is not skipped).
-        past_key_values: a `KVCache` to read and write; None for a plain forward.
+        cache: a `KVCache` to read and write (HF's `cache`, formerly `past_key_values`); None
+            for a plain forward.
         cache_position: `[seq]` int32 slots of the new tokens; default `0..seq-1`.
         inv_freq: `[rotary_dim // 2]` float32 rotary frequencies; default from the config and
             the positions (pass it inside jit, where positions are not known on the host).
@@ -132,7 +133,7 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
         cache_position = arange(s)
     if position_ids is None:
         position_ids = ops.broadcast_to(cache_position.reshape(1, s), (b, s))
-    keys = s if past_key_values is None else past_key_values.max_len
+    keys = s if cache is None else cache.max_len
     if attention_mask is None:
         attention_mask = ops.ones((b, keys), ms.int32)
     if inv_freq is None:
@@ -146,7 +147,7 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
     hidden_states = [x] if output_hidden_states else None
     new_keys, new_values = [], []
     for i, layer in enumerate(params["model"]["layers"]):
-        layer_cache = None if past_key_values is None else (past_key_values.keys[i], past_key_values.values[i])
+        layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
         x, (k, v) = decoder_layer(x, layer, config, cos, sin, bias, layer_cache, cache_position)
         new_keys.append(k)
         new_values.append(v)
@@ -155,8 +156,8 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
     x = rms_norm(x, params["model"]["norm"]["weight"], config.rms_norm_eps)
     if output_hidden_states:
         hidden_states[-1] = x
-    cache = None if past_key_values is None else KVCache(tuple(new_keys), tuple(new_values))
-    return x, (tuple(hidden_states) if output_hidden_states else None), cache
+    new_cache = None if cache is None else KVCache(tuple(new_keys), tuple(new_values))
+    return x, (tuple(hidden_states) if output_hidden_states else None), new_cache
 
 
 def lm_head(params: dict, hidden: Tensor, config) -> Tensor:
@@ -166,7 +167,7 @@ def lm_head(params: dict, hidden: Tensor, config) -> Tensor:
 
 
 def forward(params: dict, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-            position_ids: Tensor | None = None, past_key_values: KVCache | None = None,
+            position_ids: Tensor | None = None, cache: KVCache | None = None,
             cache_position: Tensor | None = None, inv_freq: Tensor | None = None, *, config=None,
             inputs_embeds: Tensor | None = None, output_hidden_states: bool = False,
             logits_to_keep: int = 0) -> CausalLMOutput:
@@ -177,7 +178,7 @@ def forward(params: dict, input_ids: Tensor | None = None, attention_mask: Tenso
     """
     config = config or params.config
     hidden, hidden_states, cache = model_forward(
-        params, input_ids, attention_mask, position_ids, past_key_values, cache_position, inv_freq,
+        params, input_ids, attention_mask, position_ids, cache, cache_position, inv_freq,
         config=config, inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states)
     if logits_to_keep:
         hidden = hidden[:, -logits_to_keep:]

@@ -11,6 +11,8 @@ from typing import NamedTuple
 import mindspore as ms
 from mindspore import Tensor, ops
 
+from msfx.layers.basic import lacks_bf16_kernels
+
 
 class KVCache(NamedTuple):
     """Per-layer key and value buffers, each `[batch, kv_heads, max_len, head_dim]`."""
@@ -42,4 +44,7 @@ def write_cache(buffer: Tensor, new: Tensor, cache_position: Tensor) -> Tensor:
     """`buffer` `[b, h, max_len, d]` with `new` `[b, h, seq, d]` written at slots `cache_position` `[seq]`."""
     b, h, s, d = new.shape
     index = ops.broadcast_to(cache_position.astype(ms.int32).reshape(1, 1, s, 1), (b, h, s, d))
+    if lacks_bf16_kernels(buffer):  # exact: bfloat16 values round-trip through float32
+        return ops.tensor_scatter_elements(buffer.astype(ms.float32), index, new.astype(ms.float32),
+                                           axis=2).astype(buffer.dtype)
     return ops.tensor_scatter_elements(buffer, index, new.astype(buffer.dtype), axis=2)

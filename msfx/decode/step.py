@@ -70,7 +70,7 @@ class CompiledStep:
             tree = unflatten(leaves[:self._n], self._keys)
             out = arch.forward(tree, input_ids, attention_mask, position_ids, KVCache.from_leaves(leaves[self._n:]),
                                cache_position, inv_freq, config=config, logits_to_keep=1)
-            return (out.logits[:, -1], *out.past_key_values.leaves())
+            return (out.logits[:, -1], *out.cache.leaves())
 
         self._fn = ms.jit(step, capture_mode="trace") if jit else step
 

@@ -9,6 +9,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, ops
 
+from msfx.layers.basic import lacks_bf16_kernels
+
 _BMM_T = ops.BatchMatMul(transpose_b=True)
 _BMM = ops.BatchMatMul()
 _MASKED = float(np.finfo(np.float32).min)
@@ -57,7 +59,13 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, 
     kv_heads, keys = k.shape[1], k.shape[2]
     groups = h // kv_heads
     # Folding the query groups into the sequence axis shares each kv head without copying it.
-    scores = _BMM_T(q.reshape(b, kv_heads, groups * s, d), k) * scale
+    scores = _bmm(_BMM_T, q.reshape(b, kv_heads, groups * s, d), k) * scale
     scores = scores.astype(ms.float32).reshape(b, kv_heads, groups, s, keys) + bias
     probs = ops.softmax(scores, -1).astype(q.dtype)
-    return _BMM(probs.reshape(b, kv_heads, groups * s, keys), v).reshape(b, h, s, d)
+    return _bmm(_BMM, probs.reshape(b, kv_heads, groups * s, keys), v).reshape(b, h, s, d)
+
+
+def _bmm(op, a: Tensor, b: Tensor) -> Tensor:
+    if lacks_bf16_kernels(a):  # float32 product rounded to bfloat16 (see `lacks_bf16_kernels`)
+        return op(a.astype(ms.float32), b.astype(ms.float32)).astype(a.dtype)
+    return op(a, b)

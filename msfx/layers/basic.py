@@ -4,10 +4,19 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import mindspore as ms
 from mindspore import Tensor, ops
 
 
 _MATMUL_T = ops.MatMul(transpose_b=True)
+
+
+def lacks_bf16_kernels(x: Tensor) -> bool:
+    """True for a bfloat16 `x` on MindSpore's CPU backend, whose kernels (2.10) have no bfloat16
+    MatMul, BatchMatMul, Gather, SiLU or TensorScatterElements. There those ops compute in
+    float32 and round the result to bfloat16, as PyTorch's CPU bfloat16 kernels do. (Eager only:
+    the CPU graph compiler lacks even a bfloat16 Reshape, so `jit` steps cannot run bf16 there.)"""
+    return x.dtype == ms.bfloat16 and ms.get_context("device_target") == "CPU"
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -18,12 +27,18 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     5 ms against 0.3 ms for a [1, 576] x [576, 1536] product on CPU (measured, MindSpore 2.10).
     Shapes: x `[..., in]` -> `[..., out]`.
     """
+    if lacks_bf16_kernels(x):
+        y = _MATMUL_T(x.reshape(-1, x.shape[-1]).astype(ms.float32), weight.astype(ms.float32))
+        y = y if bias is None else y + bias.astype(ms.float32)  # one rounding, as torch's addmm
+        return y.astype(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
     y = _MATMUL_T(x.reshape(-1, x.shape[-1]), weight).reshape(*x.shape[:-1], weight.shape[0])
     return y if bias is None else y + bias
 
 
 def embedding(ids: Tensor, weight: Tensor) -> Tensor:
     """Rows of `weight` `[vocab, hidden]` for integer `ids` `[...]` -> `[..., hidden]`."""
+    if lacks_bf16_kernels(weight):  # exact; `Tensor.view(int16)` would avoid the copy but cannot be traced
+        return ops.gather(weight.astype(ms.float32), ids, 0).astype(weight.dtype)
     return ops.gather(weight, ids, 0)
 
 
@@ -51,7 +66,8 @@ def activation(name: str) -> Callable[[Tensor], Tensor]:
     """
     if name not in ACT2FN:
         raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACT2FN)}")
-    return ACT2FN[name]
+    fn = ACT2FN[name]
+    return lambda x: fn(x.astype(ms.float32)).astype(x.dtype) if lacks_bf16_kernels(x) else fn(x)
 
 
 def gated_mlp(x: Tensor, p: dict, act: Callable[[Tensor], Tensor]) -> Tensor:

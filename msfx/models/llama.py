@@ -22,9 +22,11 @@ def _ids(input_ids, vocab_size: int) -> Tensor | None:
 
 
 def _tensor(x, dtype=ms.int32) -> Tensor | None:
+    """`x` as a Tensor of `dtype`; `dtype=None` keeps the array's own (labels: int or float)."""
     if x is None or isinstance(x, Tensor):
         return x
-    return Tensor(np.asarray(x)).astype(dtype)
+    x = Tensor(np.asarray(x))
+    return x if dtype is None else x.astype(dtype)
 
 
 class _LlamaBase(PreTrainedModel):
@@ -96,7 +98,9 @@ class LlamaForSequenceClassification(_LlamaBase):
             # HF: the rightmost token that is not padding (works for left and right padding)
             ids = check_token_ids(input_ids, self.config.vocab_size)
             last = np.argmax(np.arange(seq) * (ids != pad), -1)
-        pooled = logits[Tensor(np.arange(batch), ms.int32), Tensor(last.astype(np.int32))]
+        # float32 for the pick: MindSpore's CPU backend has no bfloat16 Gather (exact either way)
+        pooled = logits.astype(ms.float32)[Tensor(np.arange(batch), ms.int32), Tensor(last.astype(np.int32))]
+        pooled = pooled.astype(logits.dtype)
         loss = None if labels is None else self._loss(pooled, _tensor(labels, None))
         out = SequenceClassifierOutputWithPast(loss=loss, logits=pooled, hidden_states=states)
         return out if return_dict else out.to_tuple()

@@ -54,12 +54,18 @@ def _read_header(path: Path) -> tuple[dict, int]:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CorruptCheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from e
     start = 8 + length
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(f"{path}: safetensors header is not a JSON object")
     header.pop("__metadata__", None)
     for name, info in header.items():
-        begin, end = info["data_offsets"]
-        if info["dtype"] not in _NUMPY_DTYPES:
-            raise CorruptCheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        expected = math.prod(info["shape"]) * np.dtype(_NUMPY_DTYPES[info["dtype"]]).itemsize
+        try:
+            (begin, end), dtype, count = info["data_offsets"], str(info["dtype"]), math.prod(info["shape"])
+        except (TypeError, KeyError, ValueError) as e:
+            raise CorruptCheckpointError(f"{path}: malformed safetensors header entry for tensor {name!r}: "
+                                         f"{info!r}") from e
+        if dtype not in _NUMPY_DTYPES:
+            raise CorruptCheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+        expected = count * np.dtype(_NUMPY_DTYPES[dtype]).itemsize
         if end - begin != expected or start + end > size:
             raise CorruptCheckpointError(f"{path}: truncated safetensors file: tensor {name!r} needs bytes "
                                          f"{start + begin}..{start + end}, file has {size}")
