@@ -54,7 +54,7 @@ def run_torch(model, ids, mask, new_tokens):
 def run_msfx(model, ids, mask, new_tokens, jit):
     kwargs = dict(input_ids=tensor(ids), attention_mask=tensor(mask), do_sample=False, eos_token_id=[],
                   pad_token_id=0, jit=jit)
-    model.generate(max_new_tokens=2, **kwargs)  # compiles the decode step for this shape
+    model.generate(max_new_tokens=new_tokens, **kwargs)  # compiles the decode step for this cache length
     out = model.generate(max_new_tokens=new_tokens, **kwargs)
     s = model.last_generation_stats
     return out, s.prefill_seconds, s.decode_seconds * (new_tokens - 1) / max(len(s.step_times), 1)

@@ -88,3 +88,38 @@ def test_main_job_command():
                              "--max-new-tokens", "24", "--eager"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Paris" in result.stdout
+
+
+@pytest.mark.slow
+def test_readme_quick_tour_on_smollm2(tmp_path, torch_model):
+    """The README's quick tour, as written, on SmolLM2 exported by `msfx export`; the tokens
+    equal HF + PyTorch running the same code on the same directory."""
+    import torch
+    from mindspore import tensor
+    from transformers import AutoTokenizer
+
+    from msfx import LlamaForCausalLM
+    from msfx.cli import main
+
+    path = str(tmp_path / "smollm2")
+    assert main(["export", "--output", path]) == 0
+    model = LlamaForCausalLM.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.pad_token = tokenizer.eos_token
+    inputs = tokenizer(["A list of colors: red, blue", "Portugal is"], padding=True, return_tensors="np")
+    outputs = model(tensor(inputs.input_ids))
+    generated_ids = model.generate(input_ids=tensor(inputs.input_ids), max_new_tokens=30,
+                                   use_cache=True, do_sample=False)
+    texts = tokenizer.batch_decode(generated_ids, skip_special_tokens=True)
+
+    import transformers
+
+    reference = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected_logits = reference(torch.tensor(inputs.input_ids)).logits.numpy()
+        expected = reference.generate(input_ids=torch.tensor(inputs.input_ids), max_new_tokens=30, use_cache=True,
+                                      do_sample=False).numpy()
+    assert np.abs(outputs.logits.asnumpy() - expected_logits).max() <= 5e-4
+    np.testing.assert_array_equal(generated_ids, expected)
+    assert texts == tokenizer.batch_decode(expected, skip_special_tokens=True)
+    assert texts[0].startswith("A list of colors: red, blue")

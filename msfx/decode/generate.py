@@ -78,7 +78,7 @@ def greedy_search(arch: ModuleType, config, prefill: CompiledStep, step: Compile
     unfinished = np.ones(batch, bool)
     next_positions = position_ids[:, -1:] + 1
     for i in range(max_new_tokens):
-        tokens = np.argmax(logits.astype(ms.float32).asnumpy(), -1)
+        tokens = np.argmax(logits.asnumpy(), -1)
         now = time.perf_counter()
         if i == 0:
             stats.prefill_seconds = now - start
