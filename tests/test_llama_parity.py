@@ -12,7 +12,6 @@ Run with `-s` to see the table of measured max abs diffs printed at the end of t
 """
 from __future__ import annotations
 
-import threading
 import types
 
 import mindspore as ms
@@ -26,6 +25,7 @@ import msfx
 from msfx import KVCache, LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel
 from msfx.architectures import llama as llama_arch
 from msfx.decode.generate import left_padding_positions
+from msfx.decode.step import call_in_fresh_thread
 from msfx.layers.rotary import rope_frequencies
 from msfx.params import flatten, unflatten
 
@@ -100,25 +100,6 @@ def randomize_biases(model, path, seed: int = 0) -> None:
             p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
     if biases:
         model.save_pretrained(path)
-
-
-def in_fresh_thread(fn, *args):
-    """`mindspore.jit` trace mode walks `inspect.stack()`, which fails under `python -m pytest`
-    (frozen runpy frames have no source); a fresh thread's stack holds only this call."""
-    result = {}
-
-    def target():
-        try:
-            result["value"] = fn(*args)
-        except BaseException as e:  # re-raised below
-            result["error"] = e
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    thread.join()
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
 
 
 def hf_with_rope(model, rope_parameters: dict):
@@ -298,8 +279,8 @@ def test_functional_forward_equals_wrapper_and_jit_trace_equals_eager(hf_llama):
     compiled = ms.jit(logits_fn, capture_mode="trace")
     args = (ms_ids(ids), Tensor(mask.astype(np.int32)), inv_freq, *leaves)
     reference = msfx.llama.forward(params, ms_ids(ids), Tensor(mask.astype(np.int32))).logits
-    first = in_fresh_thread(compiled, *args)   # traces and compiles
-    second = in_fresh_thread(compiled, *args)  # runs the compiled graph
+    first = call_in_fresh_thread(compiled, *args)   # traces and compiles
+    second = call_in_fresh_thread(compiled, *args)  # runs the compiled graph
     real = mask.astype(bool)
     check_close("jit trace (1st call) vs eager", first, reference, 1e-5)
     check_close("jit trace (2nd call) vs eager", second, reference, 1e-5)

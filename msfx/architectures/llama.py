@@ -7,6 +7,7 @@ passed as `config=`.
 """
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple
 
 import mindspore as ms
@@ -19,6 +20,7 @@ from msfx.layers.attention import arange, attention_bias, scaled_dot_product_att
 from msfx.layers.basic import activation, embedding, gated_mlp, linear
 from msfx.layers.norms import rms_norm
 from msfx.layers.rotary import apply_rotary, rope_cos_sin, rope_frequencies
+from msfx.params import load_params
 from msfx.params.tree import Params, unflatten_keys
 
 MODEL_TYPE = "llama"
@@ -63,12 +65,13 @@ def param_shapes(config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def init_params(config, seed: int = 0, dtype=ms.float32) -> Params:
+def init_params(config, seed: int = 0, dtype=ms.float32, shapes: dict | None = None) -> Params:
     """Random parameters as HF's `_init_weights`: normal(0, `initializer_range`) matrices,
-    zero biases, unit norm weights."""
+    zero biases, unit norm weights. `shapes` (default `param_shapes(config)`) picks the keys,
+    e.g. a classification head's."""
     rng = np.random.default_rng(seed)
     flat = {}
-    for key, shape in param_shapes(config).items():
+    for key, shape in (shapes or param_shapes(config)).items():
         if key.endswith("norm.weight"):
             value = np.ones(shape, np.float32)
         elif key.endswith(".bias"):
@@ -190,7 +193,4 @@ def load(ref, *, dtype="auto", gguf_file: str | None = None, **hub_kwargs) -> Pa
 
     See `msfx.params.load_params` for the arguments and the errors raised.
     """
-    from msfx.params import load_params
-    import sys
-
     return load_params(sys.modules[__name__], ref, dtype=dtype, gguf_file=gguf_file, **hub_kwargs)

@@ -39,7 +39,7 @@ def _cheap_tensor_repr():
             cls.__str__, cls.__repr__ = str_, repr_
 
 
-def _in_fresh_thread(fn, args):
+def call_in_fresh_thread(fn, *args):
     """Run `fn(*args)` on a new thread. Trace-mode compilation walks `inspect.stack()` and
     fails on frames without source (`python -m` runs under frozen `runpy`); a fresh thread's
     stack holds only this call."""
@@ -89,6 +89,6 @@ class CompiledStep:
             if signature in self.signatures:
                 logits, *leaves = self._fn(*args)
             else:
-                logits, *leaves = _in_fresh_thread(self._fn, args)
+                logits, *leaves = call_in_fresh_thread(self._fn, *args)
                 self.signatures.add(signature)
         return logits, KVCache.from_leaves(leaves)
