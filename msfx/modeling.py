@@ -18,7 +18,9 @@ from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from transformers import AutoConfig, GenerationConfig
 from transformers.utils import ModelOutput
 
-from msfx.decode.generate import GenerationStats, greedy_search
+from msfx.decode.generate import GenerationStats, decode_loop
+from msfx.decode.processors import build_logits_processors
+from msfx.decode.sampling import make_rng
 from msfx.decode.step import CompiledStep
 from msfx.layers.basic import lacks_bf16_kernels
 from msfx.params import Params, flatten, load_params, save_params, unflatten
@@ -165,22 +167,37 @@ class PreTrainedModel(nn.Cell):
 
 
 class GenerationMixin:
-    """HF-style `generate` for decoder-only wrappers (greedy search over the KV cache)."""
+    """HF-style `generate` for decoder-only wrappers (greedy search or sampling over the KV cache)."""
 
     def generate(self, input_ids=None, attention_mask=None, generation_config: GenerationConfig | None = None,
-                 streamer=None, jit: bool = True, **kwargs) -> np.ndarray:
-        """Greedy generation with HF's argument names.
+                 streamer=None, jit: bool = True, *, logits_processor=None, stopping_criteria=None,
+                 seed: int | None = None, **kwargs) -> np.ndarray:
+        """Greedy or multinomial-sampling generation with HF's argument names.
 
         Args:
             input_ids: `[batch, seq]` token ids (left-pad batches); a MindSpore tensor or array.
             attention_mask: `[batch, seq]` 1/0; default: 0 where `input_ids == pad_token_id`
                 (when pad differs from eos), else all ones, as HF infers it.
             generation_config: defaults to the checkpoint's `generation_config.json`; keyword
-                arguments (`max_new_tokens`, `max_length`, `eos_token_id`, `pad_token_id`,
-                `do_sample`, `num_beams`, `use_cache`, ...) override it.
+                arguments override it and unset values fall back to the checkpoint's, then to
+                HF's global defaults (e.g. `top_k=50`, 20 new tokens), as in HF. Supported:
+                `max_new_tokens`, `max_length`, `min_new_tokens`, `min_length`, `max_time`,
+                `eos_token_id`, `pad_token_id`, `do_sample`, `temperature`, `top_k`, `top_p`,
+                `min_p`, `typical_p`, `epsilon_cutoff`, `eta_cutoff`, `repetition_penalty`,
+                `no_repeat_ngram_size`, `bad_words_ids`, `sequence_bias`, `suppress_tokens`,
+                `begin_suppress_tokens`, `forced_bos_token_id`, `forced_eos_token_id`,
+                `remove_invalid_values`, `renormalize_logits`, `use_cache`, ...
             streamer: an object with `put` / `end`, e.g. `transformers.TextStreamer`.
             jit: compile the decode step with `mindspore.jit` (False: eager); the prompt
                 always runs eagerly, and so does everything for bfloat16 on CPU.
+            logits_processor: numpy callables `(input_ids [batch, cur_len], scores [batch, vocab])
+                -> scores` (e.g. `msfx.decode.processors` classes), merged with the built-in
+                ones as HF merges its `logits_processor=` (HF's torch processors do not apply).
+            stopping_criteria: callables `(input_ids, scores) -> bool or bool [batch]` on numpy
+                arrays (`scores`: this step's processed scores, where HF passes its tuple of
+                scores or None); a row stops once one returns True for it.
+            seed: the sampling seed (msfx's addition); default: MindSpore's global seed
+                (`mindspore.set_seed`), else fresh entropy. A seed reproduces the same samples.
 
         Returns:
             int64 numpy `[batch, seq + new_tokens]`: the prompt followed by the generated
@@ -188,14 +205,21 @@ class GenerationMixin:
             arrays but not MindSpore tensors, so `tokenizer.batch_decode(ids)` works as in HF.)
 
         Raises:
-            ValueError: out-of-range token ids, or a total length beyond
-                `max_position_embeddings`.
-            NotImplementedError: sampling or beam search (arriving with the generation issue).
+            ValueError: out-of-range token ids, a total length beyond `max_position_embeddings`,
+                or an invalid processor argument (as HF raises it).
+            NotImplementedError: beam search (`num_beams > 1`), or an option whose logits
+                processor msfx lacks (`top_h`, `guidance_scale`, `stop_strings`, ...).
         """
-        config = self.generation_config if generation_config is None else generation_config
-        config = GenerationConfig.from_dict({**config.to_dict(), **kwargs})
-        if config.do_sample or (config.num_beams or 1) > 1:
-            raise NotImplementedError("msfx generate does greedy search only so far (do_sample=False, num_beams=1)")
+        base = self.generation_config if generation_config is None else generation_config
+        merged = base.to_dict()
+        if generation_config is not None:  # unset values fall back to the checkpoint's, then to HF's defaults
+            merged.update({k: v for k, v in self.generation_config.to_dict().items() if merged.get(k) is None})
+        default_max_length = kwargs.get("max_length") is None and merged.get("max_length") is None
+        merged.update({k: v for k, v in GenerationConfig._get_default_generation_params().items()
+                       if merged.get(k) is None})
+        config = GenerationConfig.from_dict({**merged, **kwargs})
+        if (config.num_beams or 1) > 1:
+            raise NotImplementedError("msfx generate does not do beam search yet (num_beams=1 only)")
         ids = check_token_ids(input_ids, self.config.vocab_size)
         eos = config.eos_token_id
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -206,18 +230,28 @@ class GenerationMixin:
         else:
             mask = (attention_mask.asnumpy() if isinstance(attention_mask, Tensor) else np.asarray(attention_mask))
             mask = mask.reshape(ids.shape).astype(np.int32)
+        limit = self.config.max_position_embeddings
         if config.max_new_tokens is not None:
             max_new = config.max_new_tokens
+        elif default_max_length:  # HF: 20 new tokens by default, within max_position_embeddings
+            max_new = min(config.max_length + ids.shape[1], limit) - ids.shape[1]
         else:
             max_new = config.max_length - ids.shape[1]
-        limit = self.config.max_position_embeddings
         if ids.shape[1] + max_new > limit:
             raise ValueError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new}) exceeds the model's "
                              f"max_position_embeddings ({limit})")
+        # HF's prepared lengths (`_prepare_generated_length`): absolute, prompt included
+        config.max_length = ids.shape[1] + max_new
+        if config.min_new_tokens is not None:
+            config.min_length = config.min_new_tokens + ids.shape[1]
+        processors = build_logits_processors(config, ids.shape[1], logits_processor, attention_mask=mask)
         if max_new <= 0:
             return ids.astype(np.int64)
         self.last_generation_stats = GenerationStats()
         # MindSpore 2.10's CPU graph compiler has no bfloat16 kernels at all (not even Reshape)
         jit = jit and not lacks_bf16_kernels(self.weights[0])
-        return greedy_search(self.arch, self.config, self._compiled_step(False), self._compiled_step(jit), ids,
-                             mask, max_new, eos, pad, streamer, self.last_generation_stats)
+        return decode_loop(self.arch, self.config, self._compiled_step(False), self._compiled_step(jit), ids,
+                           mask, max_new, eos, pad, streamer, self.last_generation_stats,
+                           logits_processor=processors, do_sample=bool(config.do_sample),
+                           rng=make_rng(seed) if config.do_sample else None,
+                           stopping_criteria=stopping_criteria, max_time=config.max_time)

@@ -83,7 +83,7 @@ def init_params(config, seed: int = 0, dtype=ms.float32, shapes: dict | None = N
 
 
 def _attention(x, p, config, cos, sin, bias, layer_cache, cache_position):
-    b, s, _ = x.shape
+    b, s = cos.shape[0], cos.shape[2]
     d = head_dim(config)
 
     def project(name, heads):
@@ -97,12 +97,15 @@ def _attention(x, p, config, cos, sin, bias, layer_cache, cache_position):
         k = write_cache(layer_cache[0], k, cache_position)
         v = write_cache(layer_cache[1], v, cache_position)
     out = scaled_dot_product_attention(q, k, v, bias, d ** -0.5)
-    out = out.transpose(0, 2, 1, 3).reshape(b, s, -1)
+    out = out.transpose(0, 2, 1, 3).reshape(b * s, -1)
     return linear(out, p["o_proj"]["weight"], p["o_proj"].get("bias")), (k, v)
 
 
 def decoder_layer(x, p, config, cos, sin, bias, layer_cache=None, cache_position=None):
-    """One pre-norm block: `x + attn(norm(x))`, then `x + mlp(norm(x))`. Returns (x, (k, v))."""
+    """One pre-norm block: `x + attn(norm(x))`, then `x + mlp(norm(x))`. Returns (x, (k, v)).
+
+    `x` is `[batch * seq, hidden]`: kept 2-D through the stack so each linear is one matmul.
+    """
     h, kv = _attention(rms_norm(x, p["input_layernorm"]["weight"], config.rms_norm_eps), p["self_attn"],
                        config, cos, sin, bias, layer_cache, cache_position)
     x = x + h
@@ -148,6 +151,7 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
     cos, sin = rope_cos_sin(position_ids, inv_freq, scaling, x.dtype)
     bias = attention_bias(attention_mask, cache_position)
     hidden_states = [x] if output_hidden_states else None
+    x = x.reshape(b * s, -1)
     new_keys, new_values = [], []
     for i, layer in enumerate(params["model"]["layers"]):
         layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
@@ -155,8 +159,8 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
         new_keys.append(k)
         new_values.append(v)
         if output_hidden_states:
-            hidden_states.append(x)
-    x = rms_norm(x, params["model"]["norm"]["weight"], config.rms_norm_eps)
+            hidden_states.append(x.reshape(b, s, -1))
+    x = rms_norm(x, params["model"]["norm"]["weight"], config.rms_norm_eps).reshape(b, s, -1)
     if output_hidden_states:
         hidden_states[-1] = x
     new_cache = None if cache is None else KVCache(tuple(new_keys), tuple(new_values))

@@ -47,4 +47,5 @@ def write_cache(buffer: Tensor, new: Tensor, cache_position: Tensor) -> Tensor:
     if lacks_bf16_kernels(buffer):  # exact: bfloat16 values round-trip through float32
         return ops.tensor_scatter_elements(buffer.astype(ms.float32), index, new.astype(ms.float32),
                                            axis=2).astype(buffer.dtype)
-    return ops.tensor_scatter_elements(buffer, index, new.astype(buffer.dtype), axis=2)
+    new = new if new.dtype == buffer.dtype else new.astype(buffer.dtype)
+    return ops.tensor_scatter_elements(buffer, index, new, axis=2)

@@ -1,4 +1,4 @@
-"""Greedy decoding over an explicit KV cache (HF `GenerationMixin._sample` with `do_sample=False`).
+"""Greedy or sampled decoding over an explicit KV cache (HF `GenerationMixin._sample`).
 
 The loop runs on the host; each step is one call of a `CompiledStep` (or its eager twin).
 The cache length is the prompt plus new tokens rounded up to `CACHE_BUCKET`, so prompts of
@@ -15,6 +15,7 @@ import numpy as np
 from mindspore import Tensor
 
 from msfx.decode.cache import KVCache
+from msfx.decode.sampling import make_rng, sample_tokens
 from msfx.decode.step import CompiledStep
 from msfx.layers.rotary import rope_frequencies
 
@@ -23,7 +24,7 @@ CACHE_BUCKET = 64
 
 @dataclass
 class GenerationStats:
-    """Timings of the last `greedy_search` call, in seconds and tokens."""
+    """Timings of the last `decode_loop` call, in seconds and tokens."""
 
     prompt_tokens: int = 0
     new_tokens: int = 0
@@ -44,17 +45,32 @@ def _inv_freq(config, position_ids: np.ndarray, constant: Tensor | None) -> Tens
     return Tensor(rope_frequencies(config, int(position_ids.max()) + 1)[0])
 
 
-def greedy_search(arch: ModuleType, config, prefill: CompiledStep, step: CompiledStep, input_ids: np.ndarray, attention_mask: np.ndarray,
-                  max_new_tokens: int, eos_token_id: list[int], pad_token_id: int | None, streamer=None,
-                  stats: GenerationStats | None = None) -> np.ndarray:
-    """Greedy continuation of `input_ids` `[batch, seq]` (left-padded, `attention_mask` 0 on pads).
+def decode_loop(arch: ModuleType, config, prefill: CompiledStep, step: CompiledStep, input_ids: np.ndarray,
+                attention_mask: np.ndarray, max_new_tokens: int, eos_token_id: list[int], pad_token_id: int | None,
+                streamer=None, stats: GenerationStats | None = None, *, logits_processor=None,
+                do_sample: bool = False, rng: np.random.Generator | None = None, stopping_criteria=None,
+                max_time: float | None = None) -> np.ndarray:
+    """Greedy or sampled continuation of `input_ids` `[batch, seq]` (left-padded, `attention_mask` 0 on pads),
+    HF's `GenerationMixin._sample`.
 
+    Each step's last logits (float32 numpy `[batch, vocab]`) go through `logits_processor`
+    (`(sequences, scores) -> scores`, e.g. a `msfx.decode.processors.LogitsProcessorList`), then
+    the next token is their argmax, or with `do_sample` a draw from their softmax with `rng`.
     Returns int64 `[batch, seq + new]`, `new <= max_new_tokens`: generation stops when every row
-    has produced one of `eos_token_id`; finished rows continue with `pad_token_id`, as in HF.
+    has finished, i.e. produced one of `eos_token_id` or been stopped by a `stopping_criteria`
+    callable `(sequences int64 [batch, cur_len], scores [batch, vocab]) -> bool or bool [batch]`,
+    or once `max_time` seconds have passed since the call began. As in HF, when there is an eos
+    (or a criterion with an `eos_token_id` attribute), finished rows continue with `pad_token_id`.
     `streamer` (e.g. `transformers.TextStreamer`) gets the prompt, then each new token column.
     `prefill` runs the prompt and `step` each new token; an eager prefill skips compiling a
     graph per prompt length, which costs more than it saves for one call.
     """
+    began = time.perf_counter()
+    stopping_criteria = list(stopping_criteria or [])
+    pads_finished = pad_token_id is not None and (bool(eos_token_id) or any(hasattr(c, "eos_token_id")
+                                                                             for c in stopping_criteria))
+    if do_sample and rng is None:
+        rng = make_rng()
     batch, prompt_len = input_ids.shape
     max_len = -(-(prompt_len + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
     d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -78,19 +94,26 @@ def greedy_search(arch: ModuleType, config, prefill: CompiledStep, step: Compile
     unfinished = np.ones(batch, bool)
     next_positions = position_ids[:, -1:] + 1
     for i in range(max_new_tokens):
-        tokens = np.argmax(logits.asnumpy(), -1)
+        scores = logits.asnumpy()
+        if logits_processor:
+            scores = logits_processor(sequences, scores)
+        tokens = sample_tokens(scores, rng) if do_sample else np.argmax(scores, -1)
         now = time.perf_counter()
         if i == 0:
             stats.prefill_seconds = now - start
         else:
             stats.step_times.append(now - start)
         start = now
-        if pad_token_id is not None:
+        if pads_finished:
             tokens = np.where(unfinished, tokens, pad_token_id)
         sequences = np.concatenate([sequences, tokens[:, None]], 1)
         if streamer is not None:
             streamer.put(tokens)
         unfinished &= ~np.isin(tokens, eos_token_id)
+        for criterion in stopping_criteria:
+            unfinished &= ~np.broadcast_to(np.asarray(criterion(sequences, scores), bool), unfinished.shape)
+        if max_time is not None and time.perf_counter() - began > max_time:
+            unfinished[:] = False
         if not unfinished.any() or i == max_new_tokens - 1:
             break
         slot = prompt_len + i
@@ -102,3 +125,4 @@ def greedy_search(arch: ModuleType, config, prefill: CompiledStep, step: Compile
     stats.new_tokens = sequences.shape[1] - prompt_len
     stats.decode_seconds = float(sum(stats.step_times))
     return sequences
+

@@ -60,8 +60,11 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, 
     groups = h // kv_heads
     # Folding the query groups into the sequence axis shares each kv head without copying it.
     scores = _bmm(_BMM_T, q.reshape(b, kv_heads, groups * s, d), k) * scale
-    scores = scores.astype(ms.float32).reshape(b, kv_heads, groups, s, keys) + bias
-    probs = ops.softmax(scores, -1).astype(q.dtype)
+    if scores.dtype != ms.float32:
+        scores = scores.astype(ms.float32)
+    probs = ops.softmax(scores.reshape(b, kv_heads, groups, s, keys) + bias, -1)
+    if q.dtype != ms.float32:
+        probs = probs.astype(q.dtype)
     return _bmm(_BMM, probs.reshape(b, kv_heads, groups * s, keys), v).reshape(b, h, s, d)
 
 

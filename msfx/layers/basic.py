@@ -31,7 +31,10 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         y = _MATMUL_T(x.reshape(-1, x.shape[-1]).astype(ms.float32), weight.astype(ms.float32))
         y = y if bias is None else y + bias.astype(ms.float32)  # one rounding, as torch's addmm
         return y.astype(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
-    y = _MATMUL_T(x.reshape(-1, x.shape[-1]), weight).reshape(*x.shape[:-1], weight.shape[0])
+    if x.ndim == 2:  # the decoder keeps activations 2-D: no reshapes around each product
+        y = _MATMUL_T(x, weight)
+    else:
+        y = _MATMUL_T(x.reshape(-1, x.shape[-1]), weight).reshape(*x.shape[:-1], weight.shape[0])
     return y if bias is None else y + bias
 
 

@@ -114,11 +114,12 @@ def rope_frequencies(config, seq_len: int = 0) -> tuple[np.ndarray, float]:
 
 
 def rope_cos_sin(position_ids: Tensor, inv_freq: Tensor, scaling: float, dtype) -> tuple[Tensor, Tensor]:
-    """cos and sin tables `[batch, seq, rotary_dim]` for `position_ids` `[batch, seq]`.
+    """cos and sin tables `[batch, 1, seq, rotary_dim]` (broadcast over heads) for
+    `position_ids` `[batch, seq]`.
 
     Computed in float32 and cast to `dtype`, as HF's `LlamaRotaryEmbedding.forward`.
     """
-    freqs = position_ids.astype(ms.float32).expand_dims(-1) * inv_freq.astype(ms.float32)
+    freqs = position_ids.astype(ms.float32).reshape(position_ids.shape[0], 1, -1, 1) * inv_freq.astype(ms.float32)
     emb = ops.concat((freqs, freqs), -1)
     return (ops.cos(emb) * scaling).astype(dtype), (ops.sin(emb) * scaling).astype(dtype)
 
@@ -129,12 +130,12 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate `x` `[batch, heads, seq, head_dim]` by cos/sin `[batch, seq, rotary_dim]`.
+    """Rotate `x` `[batch, heads, seq, head_dim]` by cos/sin `[batch, 1, seq, rotary_dim]`
+    (from `rope_cos_sin`).
 
     With a partial rotary factor only the first `rotary_dim` channels rotate (HF's GPT-NeoX /
     Phi convention); the rest pass through.
     """
-    cos, sin = cos.expand_dims(1), sin.expand_dims(1)
     rot = cos.shape[-1]
     if rot == x.shape[-1]:
         return x * cos + _rotate_half(x) * sin
