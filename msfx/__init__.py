@@ -3,7 +3,13 @@
 Swap the import (`from msfx import LlamaForCausalLM`) and keep the `transformers` tokenizer and
 config. Research code calls the functional cores directly: `msfx.llama.forward(params, ids)`.
 """
-import mindspore as _ms
+import os as _os
+
+# MindSpore's C++ log prints ~120 graph-analyzer warnings while compiling a decode step, in the
+# middle of streamed text; keep errors only unless the user set a level (before the import).
+_os.environ.setdefault("GLOG_v", "3")
+
+import mindspore as _ms  # noqa: E402
 
 if _ms.get_context("device_target") == "CPU":
     # Synchronous kernel launch: eager CPU steps ran ~10x faster (2.6 s -> 0.2 s per SmolLM2

@@ -24,6 +24,8 @@ def _load(args):
         return LlamaForCausalLM.from_pretrained(model_dir, dtype=args.dtype), AutoTokenizer.from_pretrained(model_dir)
     path = Path(args.gguf_file)
     if not path.is_file():
+        if args.model is None:
+            sys.exit(f"msfx: GGUF file {args.gguf_file!r} not found (give a path, or --model with the file inside)")
         path = resolve_model_dir(args.model, gguf_file=args.gguf_file) / args.gguf_file
     model = LlamaForCausalLM.from_pretrained(path.parent, gguf_file=str(path), dtype=args.dtype)
     return model, gguf_tokenizer(read_gguf(str(path)))
@@ -40,13 +42,16 @@ def generate(args) -> int:
     else:
         ids = tokenizer(args.prompt)["input_ids"]
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    model.generate(input_ids=np.asarray([ids]), max_new_tokens=args.max_new_tokens, do_sample=False,
-                   streamer=streamer, jit=not args.eager)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed) \
+        if args.do_sample else {}
+    model.generate(input_ids=np.asarray([ids], np.int64), max_new_tokens=args.max_new_tokens,
+                   do_sample=args.do_sample, streamer=streamer, jit=not args.eager, **sampling)
     s = model.last_generation_stats
     prefill = s.prompt_tokens / s.prefill_seconds if s.prefill_seconds else 0.0
     decode = len(s.step_times) / s.decode_seconds if s.decode_seconds else 0.0
+    compile_note = f" (plus {s.compile_seconds:.1f} s compiling the decode step)" if s.compile_seconds else ""
     print(f"[msfx] prompt tokens: {s.prompt_tokens}, new tokens: {s.new_tokens}, "
-          f"prefill: {prefill:.1f} tokens/s, decode: {decode:.1f} tokens/s", file=sys.stderr)
+          f"prefill: {prefill:.1f} tokens/s, decode: {decode:.1f} tokens/s{compile_note}", file=sys.stderr)
     return 0
 
 
@@ -57,6 +62,13 @@ def export(args) -> int:
     tokenizer.save_pretrained(args.output)
     print(f"saved {model.num_parameters():,} parameters and the tokenizer to {args.output}")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -72,7 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     gen = sub.add_parser("generate", help="generate text from a prompt (greedy)")
     _add_model_args(gen)
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=50)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible output)")
     gen.add_argument("--no-chat", action="store_true", help="do not apply the tokenizer's chat template")
     gen.add_argument("--eager", action="store_true", help="run without mindspore.jit")
     gen.set_defaults(run=generate)

@@ -6,6 +6,7 @@ objects; every call goes to the architecture module's pure functions.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ from msfx.decode.step import CompiledStep
 from msfx.layers.basic import lacks_bf16_kernels
 from msfx.params import Params, flatten, load_params, save_params, unflatten
 from msfx.params.hub import resolve_model_dir
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -71,11 +74,18 @@ def masked_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -10
     return -(picked * valid).sum() / valid.sum()
 
 
+def _dtype_from_torch_spelling(dtype):
+    """`torch_dtype=` values (`torch.float16` or a string) as msfx's `dtype` strings."""
+    return str(dtype).removeprefix("torch.")
+
+
 def check_token_ids(input_ids, vocab_size: int) -> np.ndarray:
     """`input_ids` as an int array `[batch, seq]`, or a ValueError naming the bad id."""
     ids = input_ids.asnumpy() if isinstance(input_ids, Tensor) else np.asarray(input_ids)
     if ids.ndim == 1:
         ids = ids[None]
+    if ids.ndim == 2 and ids.shape[1] == 0:
+        raise ValueError("input_ids is empty (sequence length 0): give at least one token")
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"input_ids must be integer [batch, seq], got {ids.dtype} {list(ids.shape)}")
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
@@ -128,6 +138,8 @@ class PreTrainedModel(nn.Cell):
             ModelNotFoundError, CheckpointError, CorruptCheckpointError, ValueError: see
             `msfx.params.load_params`.
         """
+        if "torch_dtype" in config_kwargs:  # HF's older spelling
+            dtype = _dtype_from_torch_spelling(config_kwargs.pop("torch_dtype"))
         hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
         if config is None and gguf_file is None:
             model_dir = resolve_model_dir(pretrained_model_name_or_path, **hub)
@@ -164,6 +176,10 @@ class PreTrainedModel(nn.Cell):
         if jit not in self._steps:
             self._steps[jit] = CompiledStep(self.arch, self.params, self.config, jit=jit)
         return self._steps[jit]
+
+
+# keyword arguments `generate` accepts besides GenerationConfig fields (HF's model kwargs)
+_MODEL_KWARGS = {"use_cache", "output_attentions", "output_hidden_states", "return_dict"}
 
 
 class GenerationMixin:
@@ -217,6 +233,10 @@ class GenerationMixin:
         default_max_length = kwargs.get("max_length") is None and merged.get("max_length") is None
         merged.update({k: v for k, v in GenerationConfig._get_default_generation_params().items()
                        if merged.get(k) is None})
+        unused = sorted(set(kwargs) - set(merged) - _MODEL_KWARGS)
+        if unused:
+            raise ValueError(f"The following `model_kwargs` are not used by the model: {unused} "
+                             "(note: typos in the generate arguments will also show up in this list)")
         config = GenerationConfig.from_dict({**merged, **kwargs})
         if (config.num_beams or 1) > 1:
             raise NotImplementedError("msfx generate does not do beam search yet (num_beams=1 only)")
@@ -227,9 +247,17 @@ class GenerationMixin:
         if attention_mask is None:
             infer = pad is not None and pad not in eos and (ids == pad).any()
             mask = (ids != pad).astype(np.int32) if infer else np.ones_like(ids, np.int32)
+            if pad is not None and pad in eos and ids.shape[0] > 1 and (ids == pad).any():
+                logger.warning("The attention mask is not set and cannot be inferred from input because pad token "
+                               "is same as eos token. Pass `attention_mask` to obtain reliable results.")
         else:
             mask = (attention_mask.asnumpy() if isinstance(attention_mask, Tensor) else np.asarray(attention_mask))
-            mask = mask.reshape(ids.shape).astype(np.int32)
+            if mask.shape != ids.shape:
+                raise ValueError(f"attention_mask has shape {list(mask.shape)}; input_ids has {list(ids.shape)}")
+            mask = mask.astype(np.int32)
+        if pad is not None and ids.shape[0] > 1 and (ids[:, -1] == pad).any():
+            logger.warning("A decoder-only architecture is being used, but right-padding was detected! For correct "
+                           "generation results, please set `padding_side='left'` when initializing the tokenizer.")
         limit = self.config.max_position_embeddings
         if config.max_new_tokens is not None:
             max_new = config.max_new_tokens
@@ -237,6 +265,9 @@ class GenerationMixin:
             max_new = min(config.max_length + ids.shape[1], limit) - ids.shape[1]
         else:
             max_new = config.max_length - ids.shape[1]
+        if max_new <= 0 and config.max_new_tokens is None:
+            raise ValueError(f"Input length of input_ids is {ids.shape[1]}, but `max_length` is set to "
+                             f"{config.max_length}: increase `max_length` or set `max_new_tokens`")
         if ids.shape[1] + max_new > limit:
             raise ValueError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new}) exceeds the model's "
                              f"max_position_embeddings ({limit})")

@@ -114,10 +114,44 @@ def decoder_layer(x, p, config, cos, sin, bias, layer_cache=None, cache_position
     return x, kv
 
 
+def _config_of(params) -> LlamaConfig:
+    config = getattr(params, "config", None)
+    if config is None:
+        raise ValueError("params carry no config: pass config=..., or use params from msfx.llama.load / init_params")
+    return config
+
+
+def _check_inputs(config, input_ids, inputs_embeds, attention_mask, position_ids, cache, check_ids) -> None:
+    """Shape and dtype checks (static, so they also run while `jit` traces); with `check_ids`,
+    also the token id range (a host sync)."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+    if input_ids is not None:
+        if not isinstance(input_ids, Tensor) or input_ids.ndim != 2 or input_ids.dtype not in (ms.int32, ms.int64):
+            kind = f"{input_ids.dtype} {list(input_ids.shape)}" if isinstance(input_ids, Tensor) else type(input_ids)
+            raise ValueError(f"input_ids must be an int32/int64 mindspore Tensor [batch, seq], got {kind}")
+        b, s = input_ids.shape
+        if check_ids and input_ids.size:
+            ids = input_ids.asnumpy()
+            if ids.min() < 0 or ids.max() >= config.vocab_size:
+                bad = ids.max() if ids.max() >= config.vocab_size else ids.min()
+                raise ValueError(f"token id {bad} in input_ids is out of range for vocab_size {config.vocab_size}")
+    else:
+        b, s = inputs_embeds.shape[0], inputs_embeds.shape[1]
+    if s == 0:
+        raise ValueError("the input sequence is empty (length 0)")
+    keys = s if cache is None else cache.max_len
+    if attention_mask is not None and tuple(attention_mask.shape) != (b, keys):
+        raise ValueError(f"attention_mask has shape {list(attention_mask.shape)}, expected [batch, keys] = "
+                         f"[{b}, {keys}] ({'the cache length' if cache is not None else 'the sequence length'})")
+    if position_ids is not None and tuple(position_ids.shape) not in ((b, s), (1, s)):
+        raise ValueError(f"position_ids has shape {list(position_ids.shape)}, expected [{b}, {s}] or [1, {s}]")
+
+
 def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                   position_ids: Tensor | None = None, cache: KVCache | None = None,
                   cache_position: Tensor | None = None, inv_freq: Tensor | None = None, *, config=None,
-                  inputs_embeds: Tensor | None = None, output_hidden_states: bool = False):
+                  inputs_embeds: Tensor | None = None, output_hidden_states: bool = False, check_ids: bool = True):
     """The decoder stack (`LlamaModel`). Returns `(last_hidden_state, hidden_states, cache)`.
 
     Args:
@@ -131,8 +165,15 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
         cache_position: `[seq]` int32 slots of the new tokens; default `0..seq-1`.
         inv_freq: `[rotary_dim // 2]` float32 rotary frequencies; default from the config and
             the positions (pass it inside jit, where positions are not known on the host).
+        check_ids: check that every id is in `[0, vocab_size)` (reads the ids on the host;
+            compiled steps pass False and generation checks the prompt once).
+
+    Raises:
+        ValueError: no config, missing/both of `input_ids`/`inputs_embeds`, non-integer or
+            out-of-range ids, an empty sequence, or mis-shaped `attention_mask`/`position_ids`.
     """
-    config = config or params.config
+    config = config or _config_of(params)
+    _check_inputs(config, input_ids, inputs_embeds, attention_mask, position_ids, cache, check_ids)
     x = embedding(input_ids, params["model"]["embed_tokens"]["weight"]) if inputs_embeds is None else inputs_embeds
     b, s = x.shape[0], x.shape[1]
     if cache_position is None:
@@ -177,16 +218,16 @@ def forward(params: dict, input_ids: Tensor | None = None, attention_mask: Tenso
             position_ids: Tensor | None = None, cache: KVCache | None = None,
             cache_position: Tensor | None = None, inv_freq: Tensor | None = None, *, config=None,
             inputs_embeds: Tensor | None = None, output_hidden_states: bool = False,
-            logits_to_keep: int = 0) -> CausalLMOutput:
+            logits_to_keep: int = 0, check_ids: bool = True) -> CausalLMOutput:
     """`LlamaForCausalLM`: logits `[batch, seq, vocab]` in the params' dtype.
 
     Arguments as `model_forward`; `logits_to_keep=n > 0` computes logits for the last `n`
     positions only (HF's argument; generation needs just the last one).
     """
-    config = config or params.config
+    config = config or _config_of(params)
     hidden, hidden_states, cache = model_forward(
         params, input_ids, attention_mask, position_ids, cache, cache_position, inv_freq,
-        config=config, inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states)
+        config=config, inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states, check_ids=check_ids)
     if logits_to_keep:
         hidden = hidden[:, -logits_to_keep:]
     return CausalLMOutput(lm_head(params, hidden, config), hidden_states, cache)

@@ -30,13 +30,15 @@ class GenerationStats:
     new_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    compile_seconds: float = 0.0
     step_times: list = field(default_factory=list)
 
 
 def left_padding_positions(attention_mask: np.ndarray) -> np.ndarray:
-    """HF's generation positions: `cumsum(mask) - 1`, with 1 on padding slots."""
+    """HF's generation positions (`_prepare_position_ids_for_generation`): `cumsum(mask) - 1`,
+    with 0 on padding slots."""
     positions = np.cumsum(attention_mask, -1) - 1
-    return np.where(attention_mask == 0, 1, positions).astype(np.int32)
+    return np.where(attention_mask == 0, 0, positions).astype(np.int32)
 
 
 def _inv_freq(config, position_ids: np.ndarray, constant: Tensor | None) -> Tensor:
@@ -92,7 +94,8 @@ def decode_loop(arch: ModuleType, config, prefill: CompiledStep, step: CompiledS
                          Tensor(np.arange(prompt_len, dtype=np.int32)), _inv_freq(config, position_ids, constant), cache)
     sequences = input_ids.astype(np.int64)
     unfinished = np.ones(batch, bool)
-    next_positions = position_ids[:, -1:] + 1
+    next_positions = position_ids[:, -1:] + 1  # HF 5.x: each new token at the last position + 1
+    compiles = step.compiles
     for i in range(max_new_tokens):
         scores = logits.asnumpy()
         if logits_processor:
@@ -101,6 +104,9 @@ def decode_loop(arch: ModuleType, config, prefill: CompiledStep, step: CompiledS
         now = time.perf_counter()
         if i == 0:
             stats.prefill_seconds = now - start
+        elif step.compiles > compiles:  # this step built its graph: time it apart from decoding
+            stats.compile_seconds += now - start
+            compiles = step.compiles
         else:
             stats.step_times.append(now - start)
         start = now

@@ -12,6 +12,7 @@ made the following steps 2-4x slower (measured, MindSpore 2.10 CPU).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 from types import ModuleType
 
@@ -59,6 +60,9 @@ def call_in_fresh_thread(fn, *args):
     return result["value"]
 
 
+_STEP_IDS = itertools.count()
+
+
 class CompiledStep:
     """The architecture's `forward` (last-position logits + cache) compiled with `mindspore.jit`.
 
@@ -66,16 +70,20 @@ class CompiledStep:
     """
 
     def __init__(self, arch: ModuleType, params: dict, config, jit: bool = True):
-        self.leaves, self._keys = flatten(dict(params))
-        self._n = len(self.leaves)
+        self.leaves, keys = flatten(dict(params))
+        n = len(self.leaves)
         self.signatures: set = set()
 
         def step(input_ids, attention_mask, position_ids, cache_position, inv_freq, *leaves):
-            tree = unflatten(leaves[:self._n], self._keys)
-            out = arch.forward(tree, input_ids, attention_mask, position_ids, KVCache.from_leaves(leaves[self._n:]),
-                               cache_position, inv_freq, config=config, logits_to_keep=1)
+            tree = unflatten(leaves[:n], keys)
+            out = arch.forward(tree, input_ids, attention_mask, position_ids, KVCache.from_leaves(leaves[n:]),
+                               cache_position, inv_freq, config=config, logits_to_keep=1, check_ids=False)
             return (out.logits[:, -1].astype(ms.float32), *out.cache.leaves())
 
+        # Trace-mode jit caches graphs under the function's name and id(): once a step is freed,
+        # a new closure can get the same id and silently run the old graph with the old config's
+        # constants (seen in the test suite). A unique name per step keeps the keys apart.
+        step.__name__ = step.__qualname__ = f"msfx_step_{next(_STEP_IDS)}"
         self._fn = ms.jit(step, capture_mode="trace") if jit else step
 
     @property

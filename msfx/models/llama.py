@@ -35,7 +35,7 @@ class _LlamaBase(PreTrainedModel):
     def _backbone(self, input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states):
         return llama.model_forward(self.params, _ids(input_ids, self.config.vocab_size), _tensor(attention_mask),
                                    _tensor(position_ids), inputs_embeds=inputs_embeds, config=self.config,
-                                   output_hidden_states=bool(output_hidden_states))
+                                   output_hidden_states=bool(output_hidden_states), check_ids=False)
 
 
 class LlamaModel(_LlamaBase):

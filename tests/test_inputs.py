@@ -1,0 +1,77 @@
+"""Bad inputs to the functional core and to `generate` get specific errors, as in HF."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from mindspore import Tensor, tensor
+
+import msfx
+from msfx import LlamaForCausalLM
+
+from conftest import random_ids
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from conftest import make_hf_llama
+
+    torch_model, path = make_hf_llama(tmp_path_factory.mktemp("tiny"))
+    return torch_model, path, msfx.llama.load(path), LlamaForCausalLM.from_pretrained(path)
+
+
+@pytest.mark.parametrize("ids, message", [
+    (np.array([[5, 6]]), "mindspore Tensor"),
+    (Tensor(np.array([[5.0, 6.0]], np.float32)), "int32/int64"),
+    (Tensor(np.array([[[5, 6]]], np.int64)), r"\[batch, seq\]"),
+    (Tensor(np.zeros((1, 0), np.int64)), "empty"),
+    (Tensor(np.array([[5, -1]], np.int64)), "token id -1"),
+    (Tensor(np.array([[5, 99]], np.int64)), "token id 99"),
+])
+def test_functional_forward_rejects_bad_ids(tiny, ids, message):
+    with pytest.raises(ValueError, match=message):
+        msfx.llama.forward(tiny[2], ids)
+
+
+def test_functional_forward_shape_checks(tiny):
+    params, ids = tiny[2], tensor(random_ids(2, 6))
+    with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
+        msfx.llama.forward(params)
+    with pytest.raises(ValueError, match=r"attention_mask has shape \[2, 5\]"):
+        msfx.llama.forward(params, ids, tensor(np.ones((2, 5), np.int32)))
+    with pytest.raises(ValueError, match=r"position_ids has shape \[1, 5\]"):
+        msfx.llama.forward(params, ids, position_ids=tensor(np.arange(5)[None]))
+    with pytest.raises(ValueError, match="pass config="):
+        msfx.llama.forward(dict(params), ids)
+    assert msfx.llama.forward(dict(params), ids, config=params.config).logits.shape == (2, 6, 99)
+
+
+def test_generate_rejects_what_hf_rejects(tiny):
+    model, ids = tiny[3], tensor(random_ids(1, 8))
+    with pytest.raises(ValueError, match=r"not used by the model: \['temperatur'\]"):
+        model.generate(input_ids=ids, max_new_tokens=2, temperatur=0.5)
+    with pytest.raises(ValueError, match=r"attention_mask has shape \[8, 1\]"):
+        model.generate(input_ids=ids, attention_mask=np.ones((8, 1)), max_new_tokens=2)
+    with pytest.raises(ValueError, match="`max_length` is set to 4"):
+        model.generate(input_ids=ids, max_length=4)
+    with pytest.raises(ValueError, match="empty"):
+        model.generate(input_ids=np.zeros((1, 0), np.int64), max_new_tokens=2)
+
+
+def test_torch_dtype_spelling_is_honoured(tiny):
+    assert LlamaForCausalLM.from_pretrained(tiny[1], torch_dtype=torch.float16).dtype == msfx.llama.ms.float16
+
+
+def test_right_padded_batch_matches_hf(tiny):
+    """With right padding HF 5.x puts pad slots at position 0 and each new token at the last
+    position + 1; msfx does the same (so row 1's tokens follow a position-0 pad)."""
+    torch_model, _, _, model = tiny
+    ids = random_ids(2, 7, seed=3)
+    mask = np.ones_like(ids)
+    mask[1, 4:] = 0
+    ids[1, 4:] = 0
+    with torch.no_grad():
+        expected = torch_model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=6,
+                                        do_sample=False).numpy()
+    got = model.generate(input_ids=tensor(ids), attention_mask=tensor(mask), max_new_tokens=6, jit=False)
+    np.testing.assert_array_equal(got, expected)
