@@ -281,7 +281,7 @@ class GenerationMixin:
         self.last_generation_stats = GenerationStats()
         # MindSpore 2.10's CPU graph compiler has no bfloat16 kernels at all (not even Reshape)
         jit = jit and not lacks_bf16_kernels(self.weights[0])
-        return decode_loop(self.arch, self.config, self._compiled_step(False), self._compiled_step(jit), ids,
+        return decode_loop(self.config, self._compiled_step(False), self._compiled_step(jit), ids,
                            mask, max_new, eos, pad, streamer, self.last_generation_stats,
                            logits_processor=processors, do_sample=bool(config.do_sample),
                            rng=make_rng(seed) if config.do_sample else None,

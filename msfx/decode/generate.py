@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from types import ModuleType
 
-import mindspore as ms
 import numpy as np
 from mindspore import Tensor
 
@@ -47,7 +45,7 @@ def _inv_freq(config, position_ids: np.ndarray, constant: Tensor | None) -> Tens
     return Tensor(rope_frequencies(config, int(position_ids.max()) + 1)[0])
 
 
-def decode_loop(arch: ModuleType, config, prefill: CompiledStep, step: CompiledStep, input_ids: np.ndarray,
+def decode_loop(config, prefill: CompiledStep, step: CompiledStep, input_ids: np.ndarray,
                 attention_mask: np.ndarray, max_new_tokens: int, eos_token_id: list[int], pad_token_id: int | None,
                 streamer=None, stats: GenerationStats | None = None, *, logits_processor=None,
                 do_sample: bool = False, rng: np.random.Generator | None = None, stopping_criteria=None,
