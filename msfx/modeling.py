@@ -56,6 +56,23 @@ class SequenceClassifierOutputWithPast(ModelOutput):
     attentions: tuple | None = None
 
 
+@dataclass
+class GenerateDecoderOnlyOutput(ModelOutput):
+    """`generate(..., return_dict_in_generate=True)`'s result (HF's `GenerateDecoderOnlyOutput`, numpy).
+
+    `sequences`: int64 `[batch, seq + new_tokens]`; `scores` (with `output_scores=True`) and
+    `logits` (with `output_logits=True`): one float32 `[batch, vocab]` array per generated step,
+    the processed scores the token was picked from and the raw logits; None when not requested.
+    """
+
+    sequences: np.ndarray | None = None
+    scores: tuple | None = None
+    logits: tuple | None = None
+    attentions: tuple | None = None
+    hidden_states: tuple | None = None
+    cache: Any = None
+
+
 def causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
     """HF's `ForCausalLMLoss`: mean cross-entropy of `logits[:, :-1]` against `labels[:, 1:]` in
     float32, positions labelled `ignore_index` left out. logits `[b, s, v]`, labels `[b, s]`."""
@@ -187,7 +204,7 @@ class GenerationMixin:
 
     def generate(self, input_ids=None, attention_mask=None, generation_config: GenerationConfig | None = None,
                  streamer=None, jit: bool = True, *, logits_processor=None, stopping_criteria=None,
-                 seed: int | None = None, **kwargs) -> np.ndarray:
+                 seed: int | None = None, **kwargs) -> np.ndarray | GenerateDecoderOnlyOutput:
         """Greedy or multinomial-sampling generation with HF's argument names.
 
         Args:
@@ -202,7 +219,8 @@ class GenerationMixin:
                 `min_p`, `typical_p`, `epsilon_cutoff`, `eta_cutoff`, `repetition_penalty`,
                 `no_repeat_ngram_size`, `bad_words_ids`, `sequence_bias`, `suppress_tokens`,
                 `begin_suppress_tokens`, `forced_bos_token_id`, `forced_eos_token_id`,
-                `remove_invalid_values`, `renormalize_logits`, `use_cache`, ...
+                `remove_invalid_values`, `renormalize_logits`, `use_cache`,
+                `return_dict_in_generate` with `output_scores` / `output_logits`, ...
             streamer: an object with `put` / `end`, e.g. `transformers.TextStreamer`.
             jit: compile the decode step with `mindspore.jit` (False: eager); the prompt
                 always runs eagerly, and so does everything for bfloat16 on CPU.
@@ -219,12 +237,16 @@ class GenerationMixin:
             int64 numpy `[batch, seq + new_tokens]`: the prompt followed by the generated
             tokens. (HF returns a torch LongTensor; `transformers` tokenizers decode numpy
             arrays but not MindSpore tensors, so `tokenizer.batch_decode(ids)` works as in HF.)
+            With `return_dict_in_generate=True`: a `GenerateDecoderOnlyOutput` holding those
+            `sequences`, and per-step `scores` / `logits` tuples if `output_scores` /
+            `output_logits` (else None).
 
         Raises:
             ValueError: out-of-range token ids, a total length beyond `max_position_embeddings`,
                 or an invalid processor argument (as HF raises it).
             NotImplementedError: beam search (`num_beams > 1`), or an option whose logits
-                processor msfx lacks (`top_h`, `guidance_scale`, `stop_strings`, ...).
+                processor msfx lacks (`top_h`, `guidance_scale`, `stop_strings`, ...), or
+                `output_attentions` / `output_hidden_states` with `return_dict_in_generate`.
         """
         base = self.generation_config if generation_config is None else generation_config
         merged = base.to_dict()
@@ -240,6 +262,10 @@ class GenerationMixin:
         config = GenerationConfig.from_dict({**merged, **kwargs})
         if (config.num_beams or 1) > 1:
             raise NotImplementedError("msfx generate does not do beam search yet (num_beams=1 only)")
+        as_dict = bool(config.return_dict_in_generate)
+        if as_dict and (config.output_attentions or config.output_hidden_states):
+            raise NotImplementedError("msfx generate does not return attentions or hidden states yet "
+                                      "(return_dict_in_generate supports output_scores and output_logits)")
         ids = check_token_ids(input_ids, self.config.vocab_size)
         eos = config.eos_token_id
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -276,13 +302,21 @@ class GenerationMixin:
         if config.min_new_tokens is not None:
             config.min_length = config.min_new_tokens + ids.shape[1]
         processors = build_logits_processors(config, ids.shape[1], logits_processor, attention_mask=mask)
+        scores = [] if as_dict and config.output_scores else None
+        logits = [] if as_dict and config.output_logits else None
         if max_new <= 0:
-            return ids.astype(np.int64)
-        self.last_generation_stats = GenerationStats()
-        # MindSpore 2.10's CPU graph compiler has no bfloat16 kernels at all (not even Reshape)
-        jit = jit and not lacks_bf16_kernels(self.weights[0])
-        return decode_loop(self.config, self._compiled_step(False), self._compiled_step(jit), ids,
-                           mask, max_new, eos, pad, streamer, self.last_generation_stats,
-                           logits_processor=processors, do_sample=bool(config.do_sample),
-                           rng=make_rng(seed) if config.do_sample else None,
-                           stopping_criteria=stopping_criteria, max_time=config.max_time)
+            sequences = ids.astype(np.int64)
+        else:
+            self.last_generation_stats = GenerationStats()
+            # MindSpore 2.10's CPU graph compiler has no bfloat16 kernels at all (not even Reshape)
+            jit = jit and not lacks_bf16_kernels(self.weights[0])
+            sequences = decode_loop(self.config, self._compiled_step(False), self._compiled_step(jit), ids,
+                                    mask, max_new, eos, pad, streamer, self.last_generation_stats,
+                                    logits_processor=processors, do_sample=bool(config.do_sample),
+                                    rng=make_rng(seed) if config.do_sample else None,
+                                    stopping_criteria=stopping_criteria, max_time=config.max_time,
+                                    scores_out=scores, logits_out=logits)
+        if not as_dict:
+            return sequences
+        return GenerateDecoderOnlyOutput(sequences=sequences, scores=None if scores is None else tuple(scores),
+                                         logits=None if logits is None else tuple(logits))

@@ -49,7 +49,8 @@ def decode_loop(config, prefill: CompiledStep, step: CompiledStep, input_ids: np
                 attention_mask: np.ndarray, max_new_tokens: int, eos_token_id: list[int], pad_token_id: int | None,
                 streamer=None, stats: GenerationStats | None = None, *, logits_processor=None,
                 do_sample: bool = False, rng: np.random.Generator | None = None, stopping_criteria=None,
-                max_time: float | None = None) -> np.ndarray:
+                max_time: float | None = None, scores_out: list | None = None,
+                logits_out: list | None = None) -> np.ndarray:
     """Greedy or sampled continuation of `input_ids` `[batch, seq]` (left-padded, `attention_mask` 0 on pads),
     HF's `GenerationMixin._sample`.
 
@@ -62,6 +63,8 @@ def decode_loop(config, prefill: CompiledStep, step: CompiledStep, input_ids: np
     or once `max_time` seconds have passed since the call began. As in HF, when there is an eos
     (or a criterion with an `eos_token_id` attribute), finished rows continue with `pad_token_id`.
     `streamer` (e.g. `transformers.TextStreamer`) gets the prompt, then each new token column.
+    `scores_out` / `logits_out`, when given, get each step's processed scores / a copy of its raw
+    logits appended (HF's `output_scores` / `output_logits`); nothing is kept otherwise.
     `prefill` runs the prompt and `step` each new token; an eager prefill skips compiling a
     graph per prompt length, which costs more than it saves for one call.
     """
@@ -96,8 +99,12 @@ def decode_loop(config, prefill: CompiledStep, step: CompiledStep, input_ids: np
     compiles = step.compiles
     for i in range(max_new_tokens):
         scores = logits.asnumpy()
+        if logits_out is not None:
+            logits_out.append(scores.copy())  # a processor may edit its input in place
         if logits_processor:
             scores = logits_processor(sequences, scores)
+        if scores_out is not None:
+            scores_out.append(scores)
         tokens = sample_tokens(scores, rng) if do_sample else np.argmax(scores, -1)
         now = time.perf_counter()
         if i == 0:
