@@ -16,14 +16,14 @@ from typing import Any
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
-from transformers import AutoConfig, GenerationConfig
+from transformers import GenerationConfig
 from transformers.utils import ModelOutput
 
 from msfx.decode.generate import GenerationStats, decode_loop
 from msfx.decode.processors import build_logits_processors
 from msfx.decode.sampling import make_rng
 from msfx.decode.step import CompiledStep
-from msfx.layers.basic import lacks_bf16_kernels
+from msfx.layers.basic import check_token_ids, lacks_bf16_kernels
 from msfx.params import Params, flatten, load_params, save_params, unflatten
 from msfx.params.hub import resolve_model_dir
 
@@ -96,21 +96,6 @@ def _dtype_from_torch_spelling(dtype):
     return str(dtype).removeprefix("torch.")
 
 
-def check_token_ids(input_ids, vocab_size: int) -> np.ndarray:
-    """`input_ids` as an int array `[batch, seq]`, or a ValueError naming the bad id."""
-    ids = input_ids.asnumpy() if isinstance(input_ids, Tensor) else np.asarray(input_ids)
-    if ids.ndim == 1:
-        ids = ids[None]
-    if ids.ndim == 2 and ids.shape[1] == 0:
-        raise ValueError("input_ids is empty (sequence length 0): give at least one token")
-    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"input_ids must be integer [batch, seq], got {ids.dtype} {list(ids.shape)}")
-    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-        bad = ids.max() if ids.max() >= vocab_size else ids.min()
-        raise ValueError(f"token id {bad} in input_ids is out of range for vocab_size {vocab_size}")
-    return ids
-
-
 class PreTrainedModel(nn.Cell):
     """Base of the HF-named wrappers: parameters, `from_pretrained`, `save_pretrained`.
 
@@ -158,14 +143,10 @@ class PreTrainedModel(nn.Cell):
         if "torch_dtype" in config_kwargs:  # HF's older spelling
             dtype = _dtype_from_torch_spelling(config_kwargs.pop("torch_dtype"))
         hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
-        if config is None and gguf_file is None:
-            model_dir = resolve_model_dir(pretrained_model_name_or_path, **hub)
-            if not (model_dir / "config.json").is_file():
-                raise FileNotFoundError(f"no config.json in {model_dir}")
-            config = AutoConfig.from_pretrained(model_dir, **config_kwargs)
-            pretrained_model_name_or_path = model_dir
+        if gguf_file is None:  # resolved once: the generation config is read from the same directory
+            pretrained_model_name_or_path = resolve_model_dir(pretrained_model_name_or_path, **hub)
         params = load_params(cls.arch, pretrained_model_name_or_path, dtype=dtype, config=config, gguf_file=gguf_file,
-                             shapes=cls.param_shapes, prefix=cls.base_model_prefix, **hub)
+                             shapes=cls.param_shapes, prefix=cls.base_model_prefix, config_kwargs=config_kwargs, **hub)
         model = cls(params.config, params)
         source = Path(pretrained_model_name_or_path)
         if gguf_file is None and (source / "generation_config.json").is_file():

@@ -40,3 +40,13 @@ def hf_llama(tmp_path):
 
 def random_ids(batch: int, seq: int, vocab: int = TINY["vocab_size"], seed: int = 0, low: int = 3) -> np.ndarray:
     return np.random.default_rng(seed).integers(low, vocab, (batch, seq))
+
+
+def left_padded(batch: int, seq: int, pads, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Random ids with `pads[i]` pad tokens on the left of row i, and the attention mask."""
+    ids = random_ids(batch, seq, seed=seed)
+    mask = np.ones_like(ids, dtype=np.int64)
+    for row, n in enumerate(pads):
+        ids[row, :n] = TINY["pad_token_id"]
+        mask[row, :n] = 0
+    return ids, mask

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import TINY, random_ids
+from conftest import TINY, left_padded
 
 from msfx import LlamaForCausalLM
 from msfx.modeling import GenerateDecoderOnlyOutput
@@ -29,14 +29,6 @@ def tiny(tmp_path_factory):
     return torch_model, LlamaForCausalLM.from_pretrained(path)
 
 
-def left_padded_batch() -> tuple[np.ndarray, np.ndarray]:
-    ids = random_ids(3, PROMPT, seed=2)
-    mask = np.ones_like(ids)
-    for row, n in enumerate([0, 2, 4]):
-        ids[row, :n], mask[row, :n] = PAD, 0
-    return ids, mask
-
-
 def assert_close_with_inf(actual: np.ndarray, expected: np.ndarray, tol: float = 1e-4) -> None:
     assert actual.dtype == np.float32 and actual.shape == expected.shape
     np.testing.assert_array_equal(np.isneginf(actual), np.isneginf(expected))
@@ -49,7 +41,7 @@ def assert_close_with_inf(actual: np.ndarray, expected: np.ndarray, tol: float =
 @pytest.mark.parametrize("jit", [False, True])
 def test_return_dict_scores_and_logits_match_hf(tiny, jit):
     torch_model, model = tiny
-    ids, mask = left_padded_batch()
+    ids, mask = left_padded(3, PROMPT, [0, 2, 4], seed=2)
     # suppress_tokens puts -inf in the processed scores (but not in the raw logits)
     kwargs = dict(max_new_tokens=NEW, do_sample=False, repetition_penalty=1.2, suppress_tokens=[5],
                   return_dict_in_generate=True, output_scores=True, output_logits=True)
@@ -74,7 +66,7 @@ def test_return_dict_scores_and_logits_match_hf(tiny, jit):
 
 def test_return_dict_defaults(tiny):
     _, model = tiny
-    ids, mask = left_padded_batch()
+    ids, mask = left_padded(3, PROMPT, [0, 2, 4], seed=2)
     plain = model.generate(ids, attention_mask=mask, jit=False, max_new_tokens=4)
     assert isinstance(plain, np.ndarray)
     only_seq = model.generate(ids, attention_mask=mask, jit=False, max_new_tokens=4, return_dict_in_generate=True)
@@ -127,7 +119,7 @@ def test_text_iterator_streamer_in_a_thread(tiny):
 
 def test_custom_streamer_gets_prompt_then_each_column_then_end(tiny):
     _, model = tiny
-    ids, mask = left_padded_batch()
+    ids, mask = left_padded(3, PROMPT, [0, 2, 4], seed=2)
 
     class Recorder:
         def __init__(self):

@@ -23,7 +23,7 @@ from msfx import LlamaForCausalLM
 from msfx.decode.processors import LogitsProcessorList, build_logits_processors
 from msfx.decode.sampling import make_rng, sample_tokens
 
-from conftest import TINY, random_ids
+from conftest import TINY, left_padded
 
 ms_seed = importlib.import_module("mindspore.common.seed")  # the module (`mindspore.common.seed` is also a function)
 PAD = TINY["pad_token_id"]
@@ -193,15 +193,6 @@ def test_build_logits_processors_follows_hf_order_and_sampling_rule():
 PROMPT, NEW = 8, 12
 
 
-def prompts() -> tuple[np.ndarray, np.ndarray]:
-    """Three rows, left-padded by 0, 2 and 4 (seed 2: n-gram bans and the repetition penalty bite)."""
-    ids = random_ids(3, PROMPT, seed=2)
-    mask = np.ones_like(ids)
-    for row, n in enumerate([0, 2, 4]):
-        ids[row, :n], mask[row, :n] = PAD, 0
-    return ids, mask
-
-
 def hf_generate(torch_model, ids, mask, **kwargs) -> np.ndarray:
     kwargs.setdefault("max_new_tokens", NEW)
     kwargs.setdefault("do_sample", False)
@@ -212,7 +203,7 @@ def hf_generate(torch_model, ids, mask, **kwargs) -> np.ndarray:
 @pytest.fixture
 def tiny(hf_llama):
     torch_model, path = hf_llama()
-    ids, mask = prompts()
+    ids, mask = left_padded(3, PROMPT, [0, 2, 4], seed=2)  # seed 2: n-gram bans and the repetition penalty bite
     # the greedy reference without eos: its tokens pick the eos / bad-word cases below
     return torch_model, LlamaForCausalLM.from_pretrained(path), ids, mask, hf_generate(torch_model, ids, mask,
                                                                                         eos_token_id=None)

@@ -29,7 +29,7 @@ from msfx.decode.step import call_in_fresh_thread
 from msfx.layers.rotary import rope_frequencies
 from msfx.params import flatten, unflatten
 
-from conftest import TINY, random_ids
+from conftest import TINY, left_padded, random_ids
 
 TOL = 1e-4          # float32 max abs diff against torch
 LOSS_RTOL = 1e-5    # float32 loss, relative
@@ -78,16 +78,6 @@ def hf_run(model, ids, attention_mask=None, **kwargs):
     with torch.no_grad():
         mask = None if attention_mask is None else torch.tensor(attention_mask)
         return model(torch.tensor(ids), attention_mask=mask, **kwargs)
-
-
-def left_padded(batch: int, seq: int, pads, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Random ids with `pads[i]` pad tokens on the left of row i, and the attention mask."""
-    ids = random_ids(batch, seq, seed=seed)
-    mask = np.ones_like(ids, dtype=np.int64)
-    for row, n in enumerate(pads):
-        ids[row, :n] = PAD
-        mask[row, :n] = 0
-    return ids, mask
 
 
 def randomize_biases(model, path, seed: int = 0) -> None:

@@ -17,7 +17,7 @@ from transformers import LlamaConfig
 
 from msfx.decode.cache import KVCache, write_cache
 from msfx.layers.attention import arange, attention_bias, scaled_dot_product_attention
-from msfx.layers.basic import activation, embedding, gated_mlp, linear
+from msfx.layers.basic import activation, check_token_ids, embedding, gated_mlp, linear
 from msfx.layers.norms import rms_norm
 from msfx.layers.rotary import apply_rotary, rope_cos_sin, rope_frequencies
 from msfx.params import load_params
@@ -131,11 +131,8 @@ def _check_inputs(config, input_ids, inputs_embeds, attention_mask, position_ids
             kind = f"{input_ids.dtype} {list(input_ids.shape)}" if isinstance(input_ids, Tensor) else type(input_ids)
             raise ValueError(f"input_ids must be an int32/int64 mindspore Tensor [batch, seq], got {kind}")
         b, s = input_ids.shape
-        if check_ids and input_ids.size:
-            ids = input_ids.asnumpy()
-            if ids.min() < 0 or ids.max() >= config.vocab_size:
-                bad = ids.max() if ids.max() >= config.vocab_size else ids.min()
-                raise ValueError(f"token id {bad} in input_ids is out of range for vocab_size {config.vocab_size}")
+        if check_ids:
+            check_token_ids(input_ids, config.vocab_size)
     else:
         b, s = inputs_embeds.shape[0], inputs_embeds.shape[1]
     if s == 0:

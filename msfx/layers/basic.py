@@ -5,6 +5,7 @@ import math
 from typing import Callable
 
 import mindspore as ms
+import numpy as np
 from mindspore import Tensor, ops
 
 
@@ -36,6 +37,26 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     else:
         y = _MATMUL_T(x.reshape(-1, x.shape[-1]), weight).reshape(*x.shape[:-1], weight.shape[0])
     return y if bias is None else y + bias
+
+
+def check_token_ids(input_ids, vocab_size: int) -> np.ndarray:
+    """`input_ids` (Tensor or array; 1-D taken as one row) as an int numpy array `[batch, seq]`.
+
+    Raises:
+        ValueError: an empty sequence, a non-integer or non-2-D input, or an id outside
+            `[0, vocab_size)` (named).
+    """
+    ids = input_ids.asnumpy() if isinstance(input_ids, Tensor) else np.asarray(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim == 2 and ids.shape[1] == 0:
+        raise ValueError("input_ids is empty (sequence length 0): give at least one token")
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be integer [batch, seq], got {ids.dtype} {list(ids.shape)}")
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = ids.max() if ids.max() >= vocab_size else ids.min()
+        raise ValueError(f"token id {bad} in input_ids is out of range for vocab_size {vocab_size}")
+    return ids
 
 
 def embedding(ids: Tensor, weight: Tensor) -> Tensor:

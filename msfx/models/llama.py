@@ -10,9 +10,9 @@ import numpy as np
 from mindspore import Tensor, ops
 
 from msfx.architectures import llama
-from msfx.layers.basic import linear
+from msfx.layers.basic import check_token_ids, linear
 from msfx.modeling import (BaseModelOutputWithPast, CausalLMOutputWithPast, GenerationMixin, PreTrainedModel,
-                           SequenceClassifierOutputWithPast, causal_lm_loss, check_token_ids, masked_cross_entropy)
+                           SequenceClassifierOutputWithPast, causal_lm_loss, masked_cross_entropy)
 
 
 def _ids(input_ids, vocab_size: int) -> Tensor | None:

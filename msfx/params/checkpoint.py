@@ -81,8 +81,9 @@ def _fresh_heads(flat: dict, missing_heads: list[str], expected: dict, config, t
 
 
 def load_params(arch: ModuleType, ref: str | os.PathLike, *, dtype="auto", config=None, gguf_file: str | None = None,
-                shapes: Callable[[Any], dict] | None = None, prefix: str = "model", revision: str | None = None,
-                cache_dir: str | None = None, local_files_only: bool = False, token=None) -> Params:
+                shapes: Callable[[Any], dict] | None = None, prefix: str = "model", config_kwargs: dict | None = None,
+                revision: str | None = None, cache_dir: str | None = None, local_files_only: bool = False,
+                token=None) -> Params:
     """Load a checkpoint into a `Params` tree for architecture module `arch`.
 
     Args:
@@ -94,6 +95,7 @@ def load_params(arch: ModuleType, ref: str | os.PathLike, *, dtype="auto", confi
         shapes: `config -> {key: shape}` of the tensors to load; default `arch.param_shapes`
             (a wrapper class passes its own, e.g. without `lm_head`).
         prefix: the base model's key prefix; a checkpoint saved without it still loads.
+        config_kwargs: config attributes to override when reading `config.json` (`num_labels=3`).
 
     Raises:
         ModelNotFoundError: `ref` cannot be resolved.
@@ -110,7 +112,7 @@ def load_params(arch: ModuleType, ref: str | os.PathLike, *, dtype="auto", confi
     if config is None:
         if not (model_dir / "config.json").is_file():
             raise FileNotFoundError(f"no config.json in {model_dir}")
-        config = AutoConfig.from_pretrained(model_dir)
+        config = AutoConfig.from_pretrained(model_dir, **(config_kwargs or {}))
     _check_model_type(config, arch, str(ref))
     files = checkpoint_files(model_dir)
     expected = shapes(config)
