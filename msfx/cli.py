@@ -45,7 +45,7 @@ def generate(args) -> int:
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed) \
         if args.do_sample else {}
     model.generate(input_ids=np.asarray([ids], np.int64), max_new_tokens=args.max_new_tokens,
-                   do_sample=args.do_sample, streamer=streamer, jit=not args.eager, **sampling)
+                   do_sample=args.do_sample, streamer=streamer, jit=False if args.eager else "decode", **sampling)
     s = model.last_generation_stats
     prefill = s.prompt_tokens / s.prefill_seconds if s.prefill_seconds else 0.0
     decode = len(s.step_times) / s.decode_seconds if s.decode_seconds else 0.0

@@ -16,7 +16,7 @@ import transformers
 from conftest import TINY, left_padded
 
 from msfx import LlamaForCausalLM
-from msfx.modeling import GenerateDecoderOnlyOutput
+from msfx.generation import GenerateDecoderOnlyOutput
 
 PAD, PROMPT, NEW = TINY["pad_token_id"], 8, 10
 

@@ -319,8 +319,6 @@ def test_top_k_1_sampling_is_greedy_and_seeds_reproduce(tiny, monkeypatch):
     np.testing.assert_array_equal(_ours_generate(model, ids, mask, **hot), first)
     monkeypatch.setattr(ms_seed, "_GLOBAL_SEED", None)  # fresh entropy each call
     assert (_ours_generate(model, ids, mask, **hot) != _ours_generate(model, ids, mask, **hot)).any()
-    with pytest.raises(NotImplementedError, match="beam"):
-        _ours_generate(model, ids, mask, num_beams=2)
 
 
 def test_sampling_defaults_apply_hf_top_k_50():

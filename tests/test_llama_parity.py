@@ -319,13 +319,13 @@ def test_kv_cache_generate_matches_hf_and_cached_logits_match_full_forward(hf_ll
     jitted = to_np(model.generate(ms_ids(ids), attention_mask=mask, max_new_tokens=max_new, jit=True))
     np.testing.assert_array_equal(jitted, expected)
     step = model._compiled_step(True)
-    assert step.compiles == 1
-    assert len(calls) == 2  # the eager prefill + one trace of the decode step for all new - 1 steps
+    assert step.compiles == 2
+    assert len(calls) == 2  # one trace of the prefill (prompt bucket) + one of the decode step for all steps
     calls.clear()
     eager = to_np(model.generate(ms_ids(ids), attention_mask=mask, max_new_tokens=max_new, jit=False))
     np.testing.assert_array_equal(eager, expected)
     assert len(calls) == new  # eager: prefill + new - 1 steps
-    # a longer prompt in the same cache bucket reuses the compiled decode step: no recompile
+    # a longer prompt in the same prompt and cache buckets reuses both graphs: no recompile
     calls.clear()
     longer, longer_mask = left_padded(3, prompt + 3, pads=[1, 0, 4], seed=6)
     with torch.no_grad():
@@ -333,7 +333,11 @@ def test_kv_cache_generate_matches_hf_and_cached_logits_match_full_forward(hf_ll
                                          max_new_tokens=max_new, do_sample=False)
     again = to_np(model.generate(ms_ids(longer), attention_mask=longer_mask, max_new_tokens=max_new, jit=True))
     np.testing.assert_array_equal(again, hf_longer.numpy())
-    assert step.compiles == 1 and len(calls) == 1  # prefill only; the step was not traced again
+    assert step.compiles == 2 and len(calls) == 0
+    # jit="decode": an eager prefill (one call) and the same compiled decode step
+    again = to_np(model.generate(ms_ids(longer), attention_mask=longer_mask, max_new_tokens=max_new, jit="decode"))
+    np.testing.assert_array_equal(again, hf_longer.numpy())
+    assert step.compiles == 2 and len(calls) == 1
 
     # The functional API over an explicit cache, as msfx.decode.generate does: prefill, then one
     # token per step with cache_position (its slot), position_ids (padding skipped) and the

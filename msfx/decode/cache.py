@@ -21,7 +21,8 @@ class KVCache(NamedTuple):
     values: tuple[Tensor, ...]
 
     @classmethod
-    def init(cls, num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype=ms.float32) -> "KVCache":
+    def init(cls, num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
+             dtype=ms.float32) -> "KVCache":
         """Zero-filled buffers for `num_layers` layers."""
         shape = (batch, kv_heads, max_len, head_dim)
         return cls(tuple(ops.zeros(shape, dtype) for _ in range(num_layers)),
@@ -49,3 +50,14 @@ def write_cache(buffer: Tensor, new: Tensor, cache_position: Tensor) -> Tensor:
                                            axis=2).astype(buffer.dtype)
     new = new if new.dtype == buffer.dtype else new.astype(buffer.dtype)
     return ops.tensor_scatter_elements(buffer, index, new, axis=2)
+
+
+def reorder_cache(cache: KVCache, beam_idx: Tensor) -> KVCache:
+    """`cache` with its batch rows gathered by `beam_idx` (int `[batch]`, source row per output row):
+    beam search's per-step reordering (HF `Cache.reorder_cache`)."""
+    def gather(buffer: Tensor) -> Tensor:
+        if lacks_bf16_kernels(buffer):  # exact: bfloat16 values round-trip through float32
+            return ops.gather(buffer.astype(ms.float32), beam_idx, 0).astype(buffer.dtype)
+        return ops.gather(buffer, beam_idx, 0)
+
+    return KVCache(tuple(gather(k) for k in cache.keys), tuple(gather(v) for v in cache.values))

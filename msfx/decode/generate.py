@@ -1,8 +1,11 @@
 """Greedy or sampled decoding over an explicit KV cache (HF `GenerationMixin._sample`).
 
 The loop runs on the host; each step is one call of a `CompiledStep` (or its eager twin).
-The cache length is the prompt plus new tokens rounded up to `CACHE_BUCKET`, so prompts of
-similar length share compiled graphs.
+Compiled graphs are keyed by shape, so shapes are bucketed: the cache holds the prompt plus the
+new tokens rounded up to `CACHE_BUCKET` slots, and a compiled prefill left-pads the prompt
+(masked) to a multiple of `PREFILL_BUCKET` tokens. One decode graph then serves every step of a
+generation and every prompt whose cache rounds to the same length; one prefill graph every
+prompt in the same bucket.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from msfx.decode.step import CompiledStep
 from msfx.layers.rotary import rope_frequencies
 
 CACHE_BUCKET = 64
+PREFILL_BUCKET = 32
 
 
 @dataclass
@@ -39,20 +43,103 @@ def left_padding_positions(attention_mask: np.ndarray) -> np.ndarray:
     return np.where(attention_mask == 0, 0, positions).astype(np.int32)
 
 
-def _inv_freq(config, position_ids: np.ndarray, constant: Tensor | None) -> Tensor:
-    if constant is not None:
-        return constant
-    return Tensor(rope_frequencies(config, int(position_ids.max()) + 1)[0])
+class DecodeState:
+    """One generation's model-side state: the KV cache, the key mask over its slots, the next
+    positions, and the rope frequencies; runs the prompt (`prefill`) and each new token (`step`).
+
+    `input_ids` / `attention_mask`: `[batch, prompt]` numpy (left-padded, mask 0 on pads). With
+    `prefill_bucket`, the prompt is left-padded further (masked, so the logits do not change) to a
+    multiple of it, for a compiled prefill. The cache holds the prompt plus `max_new_tokens`
+    slots, rounded up to `CACHE_BUCKET`.
+    """
+
+    def __init__(self, config, prefill: CompiledStep, step: CompiledStep, input_ids: np.ndarray,
+                 attention_mask: np.ndarray, max_new_tokens: int, prefill_bucket: int | None = None):
+        self.config, self._prefill, self._step = config, prefill, step
+        if prefill_bucket:
+            extra = -input_ids.shape[1] % prefill_bucket
+            input_ids = np.pad(input_ids, ((0, 0), (extra, 0)))
+            attention_mask = np.pad(attention_mask, ((0, 0), (extra, 0)))
+        self.input_ids = input_ids
+        batch, self.prompt_len = input_ids.shape
+        max_len = -(-(self.prompt_len + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
+        d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.cache = KVCache.init(config.num_hidden_layers, batch, config.num_key_value_heads, max_len, d,
+                                  prefill.leaves[0].dtype)
+        key_mask = np.ones((batch, max_len), np.int32)
+        key_mask[:, :self.prompt_len] = attention_mask
+        self.key_mask = Tensor(key_mask)
+        rope_type = config.rope_parameters.get("rope_type", "default")
+        # dynamic and longrope frequencies depend on the length reached: computed per call
+        self._inv_freq = None if rope_type in ("dynamic", "longrope") else Tensor(rope_frequencies(config)[0])
+        self.position_ids = left_padding_positions(attention_mask)
+        self.slot = 0
+
+    @property
+    def compiles(self) -> int:
+        """Graphs the prefill and decode steps have compiled so far."""
+        steps = {id(s): s for s in (self._prefill, self._step)}
+        return sum(s.compiles for s in steps.values())
+
+    def _frequencies(self, position_ids: np.ndarray) -> Tensor:
+        if self._inv_freq is not None:
+            return self._inv_freq
+        return Tensor(rope_frequencies(self.config, int(position_ids.max()) + 1)[0])
+
+    def prefill(self) -> Tensor:
+        """The prompt's last-position logits, float32 `[batch, vocab]`; fills the cache."""
+        positions = self.position_ids
+        logits, self.cache = self._prefill(Tensor(self.input_ids.astype(np.int32)), self.key_mask, Tensor(positions),
+                                           Tensor(np.arange(self.prompt_len, dtype=np.int32)),
+                                           self._frequencies(positions), self.cache)
+        self.position_ids, self.slot = positions[:, -1:] + 1, self.prompt_len  # HF 5.x: last position + 1
+        return logits
+
+    def step(self, tokens: np.ndarray, beam_idx: np.ndarray | None = None) -> Tensor:
+        """Logits float32 `[batch, vocab]` after `tokens` (int `[batch]`), written to the next cache slot.
+        `beam_idx` (int `[batch]`): first reorder the cache rows (beam search)."""
+        positions = self.position_ids
+        logits, self.cache = self._step(Tensor(tokens[:, None].astype(np.int32)), self.key_mask, Tensor(positions),
+                                        Tensor(np.array([self.slot], np.int32)), self._frequencies(positions),
+                                        self.cache, None if beam_idx is None else Tensor(beam_idx.astype(np.int32)))
+        self.position_ids, self.slot = positions + 1, self.slot + 1
+        return logits
 
 
-def decode_loop(config, prefill: CompiledStep, step: CompiledStep, input_ids: np.ndarray,
-                attention_mask: np.ndarray, max_new_tokens: int, eos_token_id: list[int], pad_token_id: int | None,
-                streamer=None, stats: GenerationStats | None = None, *, logits_processor=None,
-                do_sample: bool = False, rng: np.random.Generator | None = None, stopping_criteria=None,
-                max_time: float | None = None, scores_out: list | None = None,
+class StepTimer:
+    """Splits wall time between the prefill, graph compiles and decode steps into `stats`. A call
+    that compiled a graph counts as compile time (a compiling prefill leaves `prefill_seconds` 0)."""
+
+    def __init__(self, stats: GenerationStats, state: DecodeState):
+        self.stats, self._step, self._compiles = stats, state, state.compiles
+        self._first, self._start = True, time.perf_counter()
+
+    def lap(self) -> None:
+        now = time.perf_counter()
+        if self._step.compiles > self._compiles:  # this call built its graph: time it apart
+            self.stats.compile_seconds += now - self._start
+            self._compiles = self._step.compiles
+        elif self._first:
+            self.stats.prefill_seconds = now - self._start
+        else:
+            self.stats.step_times.append(now - self._start)
+        self._first = False
+        self._start = now
+
+    def finish(self, new_tokens: int) -> None:
+        self.stats.new_tokens = new_tokens
+        self.stats.decode_seconds = float(sum(self.stats.step_times))
+
+
+def decode_loop(state: DecodeState, input_ids: np.ndarray, max_new_tokens: int, eos_token_id: list[int],
+                pad_token_id: int | None, streamer=None, stats: GenerationStats | None = None, *,
+                logits_processor=None, do_sample: bool = False, rng: np.random.Generator | None = None,
+                stopping_criteria=None, max_time: float | None = None, scores_out: list | None = None,
                 logits_out: list | None = None) -> np.ndarray:
-    """Greedy or sampled continuation of `input_ids` `[batch, seq]` (left-padded, `attention_mask` 0 on pads),
-    HF's `GenerationMixin._sample`.
+    """Greedy or sampled continuation of `input_ids` `[batch, seq]`, HF's `GenerationMixin._sample`.
+
+    `state` runs the model: its `prefill()` gives the logits after the prompt, its
+    `step(tokens)` those after each new token (a `DecodeState`, or an encoder-decoder's).
 
     Each step's last logits (float32 numpy `[batch, vocab]`) go through `logits_processor`
     (`(sequences, scores) -> scores`, e.g. a `msfx.decode.processors.LogitsProcessorList`), then
@@ -65,8 +152,6 @@ def decode_loop(config, prefill: CompiledStep, step: CompiledStep, input_ids: np
     `streamer` (e.g. `transformers.TextStreamer`) gets the prompt, then each new token column.
     `scores_out` / `logits_out`, when given, get each step's processed scores / a copy of its raw
     logits appended (HF's `output_scores` / `output_logits`); nothing is kept otherwise.
-    `prefill` runs the prompt and `step` each new token; an eager prefill skips compiling a
-    graph per prompt length, which costs more than it saves for one call.
     """
     began = time.perf_counter()
     stopping_criteria = list(stopping_criteria or [])
@@ -75,28 +160,12 @@ def decode_loop(config, prefill: CompiledStep, step: CompiledStep, input_ids: np
     if do_sample and rng is None:
         rng = make_rng()
     batch, prompt_len = input_ids.shape
-    max_len = -(-(prompt_len + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
-    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    dtype = prefill.leaves[0].dtype
-    cache = KVCache.init(config.num_hidden_layers, batch, config.num_key_value_heads, max_len, d, dtype)
-    key_mask = np.ones((batch, max_len), np.int32)
-    key_mask[:, :prompt_len] = attention_mask
-    key_mask = Tensor(key_mask)
-    rope_type = config.rope_parameters.get("rope_type", "default")
-    constant = None if rope_type in ("dynamic", "longrope") else Tensor(rope_frequencies(config)[0])
-    stats = stats if stats is not None else GenerationStats()
-    stats.prompt_tokens = int(attention_mask.sum())
-
     if streamer is not None:
         streamer.put(input_ids)
-    position_ids = left_padding_positions(attention_mask)
-    start = time.perf_counter()
-    logits, cache = prefill(Tensor(input_ids.astype(np.int32)), key_mask, Tensor(position_ids),
-                         Tensor(np.arange(prompt_len, dtype=np.int32)), _inv_freq(config, position_ids, constant), cache)
+    timer = StepTimer(stats if stats is not None else GenerationStats(), state)
+    logits = state.prefill()
     sequences = input_ids.astype(np.int64)
     unfinished = np.ones(batch, bool)
-    next_positions = position_ids[:, -1:] + 1  # HF 5.x: each new token at the last position + 1
-    compiles = step.compiles
     for i in range(max_new_tokens):
         scores = logits.asnumpy()
         if logits_out is not None:
@@ -106,15 +175,7 @@ def decode_loop(config, prefill: CompiledStep, step: CompiledStep, input_ids: np
         if scores_out is not None:
             scores_out.append(scores)
         tokens = sample_tokens(scores, rng) if do_sample else np.argmax(scores, -1)
-        now = time.perf_counter()
-        if i == 0:
-            stats.prefill_seconds = now - start
-        elif step.compiles > compiles:  # this step built its graph: time it apart from decoding
-            stats.compile_seconds += now - start
-            compiles = step.compiles
-        else:
-            stats.step_times.append(now - start)
-        start = now
+        timer.lap()
         if pads_finished:
             tokens = np.where(unfinished, tokens, pad_token_id)
         sequences = np.concatenate([sequences, tokens[:, None]], 1)
@@ -127,13 +188,8 @@ def decode_loop(config, prefill: CompiledStep, step: CompiledStep, input_ids: np
             unfinished[:] = False
         if not unfinished.any() or i == max_new_tokens - 1:
             break
-        slot = prompt_len + i
-        logits, cache = step(Tensor(tokens[:, None].astype(np.int32)), key_mask, Tensor(next_positions),
-                             Tensor(np.array([slot], np.int32)), _inv_freq(config, next_positions, constant), cache)
-        next_positions = next_positions + 1
+        logits = state.step(tokens)
     if streamer is not None:
         streamer.end()
-    stats.new_tokens = sequences.shape[1] - prompt_len
-    stats.decode_seconds = float(sum(stats.step_times))
+    timer.finish(sequences.shape[1] - prompt_len)
     return sequences
-

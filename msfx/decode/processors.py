@@ -506,7 +506,6 @@ UNSUPPORTED = {  # generation options whose processors msfx does not implement: 
     "encoder_no_repeat_ngram_size": lambda v: v is not None and v > 0,
     "exponential_decay_length_penalty": lambda v: v is not None,
     "watermarking_config": lambda v: v is not None,
-    "stop_strings": lambda v: v is not None,
 }
 
 

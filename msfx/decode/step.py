@@ -20,7 +20,7 @@ import mindspore as ms
 from mindspore import Parameter
 from mindspore.common.tensor import Tensor
 
-from msfx.decode.cache import KVCache
+from msfx.decode.cache import KVCache, reorder_cache
 from msfx.params.tree import flatten, unflatten
 
 
@@ -66,7 +66,9 @@ _STEP_IDS = itertools.count()
 class CompiledStep:
     """The architecture's `forward` (last-position logits + cache) compiled with `mindspore.jit`.
 
-    `compiles` counts the distinct input signatures seen, i.e. the graphs built.
+    Called with `beam_idx` (int32 `[batch]`), the step first gathers the cache rows by it (beam
+    search's reordering), inside the same graph. `compiles` counts the distinct input signatures
+    seen, i.e. the graphs built.
     """
 
     def __init__(self, arch: ModuleType, params: dict, config, jit: bool = True):
@@ -80,23 +82,35 @@ class CompiledStep:
                                cache_position, inv_freq, config=config, logits_to_keep=1, check_ids=False)
             return (out.logits[:, -1].astype(ms.float32), *out.cache.leaves())
 
+        def reordered_step(beam_idx, input_ids, attention_mask, position_ids, cache_position, inv_freq, *leaves):
+            cache = reorder_cache(KVCache.from_leaves(leaves[n:]), beam_idx)
+            return step(input_ids, attention_mask, position_ids, cache_position, inv_freq, *leaves[:n],
+                        *cache.leaves())
+
         # Trace-mode jit caches graphs under the function's name and id(): once a step is freed,
         # a new closure can get the same id and silently run the old graph with the old config's
         # constants (seen in the test suite). A unique name per step keeps the keys apart.
-        step.__name__ = step.__qualname__ = f"msfx_step_{next(_STEP_IDS)}"
+        for fn in (step, reordered_step):
+            fn.__name__ = fn.__qualname__ = f"msfx_{fn.__name__}_{next(_STEP_IDS)}"
         self._fn = ms.jit(step, capture_mode="trace") if jit else step
+        self._reordered_fn = ms.jit(reordered_step, capture_mode="trace") if jit else reordered_step
 
     @property
     def compiles(self) -> int:
         return len(self.signatures)
 
-    def __call__(self, input_ids, attention_mask, position_ids, cache_position, inv_freq, cache: KVCache):
-        signature = (tuple(input_ids.shape), tuple(attention_mask.shape), tuple(cache.keys[0].shape))
+    def __call__(self, input_ids, attention_mask, position_ids, cache_position, inv_freq, cache: KVCache,
+                 beam_idx: Tensor | None = None):
+        signature = (tuple(input_ids.shape), tuple(attention_mask.shape), tuple(cache.keys[0].shape),
+                     beam_idx is not None)
         args = (input_ids, attention_mask, position_ids, cache_position, inv_freq, *self.leaves, *cache.leaves())
+        fn = self._fn
+        if beam_idx is not None:
+            fn, args = self._reordered_fn, (beam_idx, *args)
         with _cheap_tensor_repr():
             if signature in self.signatures:
-                logits, *leaves = self._fn(*args)
+                logits, *leaves = fn(*args)
             else:
-                logits, *leaves = call_in_fresh_thread(self._fn, *args)
+                logits, *leaves = call_in_fresh_thread(fn, *args)
                 self.signatures.add(signature)
         return logits, KVCache.from_leaves(leaves)

@@ -11,7 +11,8 @@ from mindspore import Tensor, ops
 
 from msfx.architectures import llama
 from msfx.layers.basic import check_token_ids, linear
-from msfx.modeling import (BaseModelOutputWithPast, CausalLMOutputWithPast, GenerationMixin, PreTrainedModel,
+from msfx.generation import GenerationMixin
+from msfx.modeling import (BaseModelOutputWithPast, CausalLMOutputWithPast, PreTrainedModel,
                            SequenceClassifierOutputWithPast, causal_lm_loss, masked_cross_entropy)
 
 

@@ -1,0 +1,317 @@
+"""HF's `generate` for the wrappers: argument handling and dispatch to `msfx.decode`'s loops.
+
+Follows `transformers.GenerationMixin.generate` (5.x): the generation config is merged from the
+call, the checkpoint's `generation_config.json` and HF's defaults; special tokens, attention
+mask, lengths, logits processors and stopping criteria are prepared as HF prepares them; then
+greedy/sampling (`decode_loop`) or beam search (`beam_search`) runs over an explicit KV cache.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from mindspore import Tensor
+from transformers import GenerationConfig
+from transformers.utils import ModelOutput
+
+from msfx.decode.generate import PREFILL_BUCKET, DecodeState, GenerationStats, decode_loop
+from msfx.decode.processors import build_logits_processors
+from msfx.decode.sampling import make_rng
+from msfx.decode.search import beam_search
+from msfx.decode.stopping import StopStringCriteria
+from msfx.layers.basic import check_token_ids, lacks_bf16_kernels
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerateDecoderOnlyOutput(ModelOutput):
+    """`generate(..., return_dict_in_generate=True)`'s result (HF's `GenerateDecoderOnlyOutput`, numpy).
+
+    `sequences`: int64 `[batch, seq + new_tokens]`; `scores` (with `output_scores=True`) and
+    `logits` (with `output_logits=True`): one float32 `[batch, vocab]` array per generated step,
+    the processed scores the token was picked from and the raw logits; None when not requested.
+    """
+
+    sequences: np.ndarray | None = None
+    scores: tuple | None = None
+    logits: tuple | None = None
+    attentions: tuple | None = None
+    hidden_states: tuple | None = None
+    cache: Any = None
+
+
+@dataclass
+class GenerateBeamDecoderOnlyOutput(ModelOutput):
+    """`generate(..., num_beams>1, return_dict_in_generate=True)`'s result (HF's
+    `GenerateBeamDecoderOnlyOutput`, numpy).
+
+    `sequences`: int64 `[batch * num_return_sequences, seq + new_tokens]`, best first per row;
+    `sequences_scores` (with `output_scores=True`): float32 `[batch * num_return_sequences]`, the
+    length-penalized sum of the tokens' log-probs; `scores` (with `output_scores=True`) and
+    `logits` (with `output_logits=True`): one float32 `[batch * num_beams, vocab]` array per step,
+    the processed log-probs and the raw logits; `beam_indices`: int32 `[batch *
+    num_return_sequences, new_tokens]`, the beam row each token came from (-1 after the end).
+    """
+
+    sequences: np.ndarray | None = None
+    sequences_scores: np.ndarray | None = None
+    scores: tuple | None = None
+    logits: tuple | None = None
+    beam_indices: np.ndarray | None = None
+    attentions: tuple | None = None
+    hidden_states: tuple | None = None
+    cache: Any = None
+
+
+@dataclass
+class GenerateEncoderDecoderOutput(ModelOutput):
+    """HF's `GenerateEncoderDecoderOutput` (numpy): as `GenerateDecoderOnlyOutput`, `sequences` being
+    the decoder's tokens (`decoder_start_token_id` first)."""
+
+    sequences: np.ndarray | None = None
+    scores: tuple | None = None
+    logits: tuple | None = None
+    encoder_attentions: tuple | None = None
+    encoder_hidden_states: tuple | None = None
+    decoder_attentions: tuple | None = None
+    cross_attentions: tuple | None = None
+    decoder_hidden_states: tuple | None = None
+    cache: Any = None
+
+
+@dataclass
+class GenerateBeamEncoderDecoderOutput(ModelOutput):
+    """HF's `GenerateBeamEncoderDecoderOutput` (numpy): as `GenerateBeamDecoderOnlyOutput`, `sequences`
+    being the decoder's tokens (`decoder_start_token_id` first)."""
+
+    sequences: np.ndarray | None = None
+    sequences_scores: np.ndarray | None = None
+    scores: tuple | None = None
+    logits: tuple | None = None
+    beam_indices: np.ndarray | None = None
+    encoder_attentions: tuple | None = None
+    encoder_hidden_states: tuple | None = None
+    decoder_attentions: tuple | None = None
+    cross_attentions: tuple | None = None
+    decoder_hidden_states: tuple | None = None
+    cache: Any = None
+
+
+# keyword arguments `generate` accepts besides GenerationConfig fields (HF's model kwargs)
+_MODEL_KWARGS = {"use_cache", "output_attentions", "output_hidden_states", "return_dict"}
+
+
+def _as_array(x) -> np.ndarray:
+    return x.asnumpy() if isinstance(x, Tensor) else np.asarray(x)
+
+
+def _as_tuple(values: list | None) -> tuple | None:
+    return None if values is None else tuple(values)
+
+
+class GenerationMixin:
+    """HF-style `generate` for the wrappers: greedy search, sampling and beam search over the KV cache.
+
+    A wrapper provides `config`, `generation_config`, `_compiled_step(jit)` and may override
+    `_decode_state` (e.g. an encoder-decoder runs its encoder there, once).
+    """
+
+    def generate(self, input_ids=None, attention_mask=None, generation_config: GenerationConfig | None = None,
+                 streamer=None, jit: bool | str = True, *, logits_processor=None, stopping_criteria=None,
+                 tokenizer=None, seed: int | None = None,
+                 **kwargs) -> np.ndarray | GenerateDecoderOnlyOutput | GenerateBeamDecoderOnlyOutput:
+        """Greedy, multinomial-sampling or beam-search generation with HF's argument names.
+
+        Args:
+            input_ids: `[batch, seq]` token ids (left-pad batches); a MindSpore tensor or array.
+            attention_mask: `[batch, seq]` 1/0; default: 0 where `input_ids == pad_token_id`
+                (when pad differs from eos), else all ones, as HF infers it.
+            generation_config: defaults to the checkpoint's `generation_config.json`; keyword
+                arguments override it and unset values fall back to the checkpoint's, then to
+                HF's global defaults (e.g. `top_k=50`, 20 new tokens), as in HF. Supported:
+                `max_new_tokens`, `max_length`, `min_new_tokens`, `min_length`, `max_time`,
+                `stop_strings`, `eos_token_id`, `pad_token_id`, `do_sample`, `temperature`,
+                `top_k`, `top_p`, `min_p`, `typical_p`, `epsilon_cutoff`, `eta_cutoff`,
+                `repetition_penalty`, `no_repeat_ngram_size`, `bad_words_ids`, `sequence_bias`,
+                `suppress_tokens`, `begin_suppress_tokens`, `forced_bos_token_id`,
+                `forced_eos_token_id`, `remove_invalid_values`, `renormalize_logits`,
+                `num_beams`, `length_penalty`, `early_stopping`, `num_return_sequences`,
+                `use_cache`, `return_dict_in_generate` with `output_scores` / `output_logits`.
+            streamer: an object with `put` / `end`, e.g. `transformers.TextStreamer` (not with beams).
+            jit: True compiles the prompt's forward and the decode step with `mindspore.jit`
+                (one graph per shape bucket, see `msfx.decode.generate`); "decode" compiles only
+                the decode step (for a single prompt, compiling its graph costs more than it
+                saves); False runs eagerly. bfloat16 on CPU always runs eagerly.
+            logits_processor: numpy callables `(input_ids [batch, cur_len], scores [batch, vocab])
+                -> scores` (e.g. `msfx.decode.processors` classes), merged with the built-in
+                ones as HF merges its `logits_processor=` (HF's torch processors do not apply).
+            stopping_criteria: callables `(input_ids, scores) -> bool or bool [batch]` on numpy
+                arrays (`scores`: this step's processed scores, where HF passes its tuple of
+                scores or None; None in beam search); a row stops once one returns True for it.
+            tokenizer: the model's tokenizer, needed for `stop_strings` (as in HF).
+            seed: the sampling seed (msfx's addition); default: MindSpore's global seed
+                (`mindspore.set_seed`), else fresh entropy. A seed reproduces the same samples.
+
+        Returns:
+            int64 numpy `[batch * num_return_sequences, seq + new_tokens]`: the prompt followed
+            by the generated tokens. (HF returns a torch LongTensor; `transformers` tokenizers
+            decode numpy arrays but not MindSpore tensors, so `tokenizer.batch_decode(ids)` works
+            as in HF.) With `return_dict_in_generate=True`: a `GenerateDecoderOnlyOutput`, or for
+            beam search a `GenerateBeamDecoderOnlyOutput` (HF's fields, numpy arrays).
+
+        Raises:
+            ValueError: out-of-range token ids, a total length beyond `max_position_embeddings`,
+                `num_return_sequences` above `num_beams` (or above 1 for greedy), a streamer
+                with beam search, `stop_strings` without `tokenizer`, an unknown keyword, or an
+                invalid processor argument (as HF raises them).
+            NotImplementedError: an option whose logits processor msfx lacks (`top_h`,
+                `guidance_scale`, ...), or `output_attentions` / `output_hidden_states` with
+                `return_dict_in_generate`.
+        """
+        config, default_max_length = self._merge_generation_config(generation_config, kwargs)
+        num_beams = config.num_beams or 1
+        as_dict = bool(config.return_dict_in_generate)
+        if as_dict and (config.output_attentions or config.output_hidden_states):
+            raise NotImplementedError("msfx generate does not return attentions or hidden states yet "
+                                      "(return_dict_in_generate supports output_scores and output_logits)")
+        if streamer is not None and num_beams > 1:
+            raise ValueError("`streamer` cannot be used with beam search (yet!). Make sure that `num_beams` is "
+                             "set to 1.")
+        ids = check_token_ids(input_ids, self.config.vocab_size)
+        eos = config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        pad = config.pad_token_id
+        if pad is None and eos:
+            if attention_mask is None and ids.shape[0] > 1:
+                logger.warning("The attention mask and the pad token id were not set, with a batched input. As a "
+                               "consequence, you may observe unexpected behavior. Please pass your input's "
+                               "`attention_mask` to obtain reliable results.")
+            pad = eos[0]
+        mask = self._attention_mask(ids, attention_mask, pad, eos)
+        encoder_inputs = None
+        if self.config.is_encoder_decoder:  # the prompt feeds the encoder; the decoder starts from one token
+            start = config.decoder_start_token_id if config.decoder_start_token_id is not None else config.bos_token_id
+            if start is None:
+                raise ValueError("`decoder_start_token_id` or `bos_token_id` has to be defined for encoder-decoder "
+                                 "generation.")
+            encoder_inputs = (ids, mask)
+            ids, mask = np.full((ids.shape[0], 1), start, np.int64), np.ones((ids.shape[0], 1), np.int32)
+        max_new = self._max_new_tokens(config, ids.shape[1], default_max_length)
+        # HF's prepared lengths (`_prepare_generated_length`): absolute, prompt included
+        config.max_length = ids.shape[1] + max_new
+        if config.min_new_tokens is not None:
+            config.min_length = config.min_new_tokens + ids.shape[1]
+        criteria = list(stopping_criteria or [])
+        if config.stop_strings is not None:
+            if tokenizer is None:
+                raise ValueError("There are one or more stop strings, either in the arguments to `generate` or in "
+                                 "the model's generation config, but we could not locate a tokenizer. When generating "
+                                 "with stop strings, you must pass the model's tokenizer to the `tokenizer` argument "
+                                 "of `generate`.")
+            criteria.append(StopStringCriteria(tokenizer, config.stop_strings))
+        scores = [] if as_dict and config.output_scores else None
+        logits = [] if as_dict and config.output_logits else None
+        copies = max(num_beams, config.num_return_sequences or 1)  # HF's `_expand_inputs_for_generation`
+        ids, mask = np.repeat(ids, copies, 0), np.repeat(mask, copies, 0)
+        if encoder_inputs is not None:
+            encoder_inputs = tuple(np.repeat(x, copies, 0) for x in encoder_inputs)
+        processors = build_logits_processors(config, ids.shape[1], logits_processor, attention_mask=mask)
+        enc_dec = bool(self.config.is_encoder_decoder)
+        output_class = GenerateEncoderDecoderOutput if enc_dec else GenerateDecoderOnlyOutput
+        if max_new <= 0:
+            return output_class(sequences=ids.astype(np.int64)) if as_dict else ids.astype(np.int64)
+
+        self.last_generation_stats = stats = GenerationStats(prompt_tokens=int(mask.sum()) // copies)
+        state = self._decode_state(ids, mask, max_new, jit, encoder_inputs)
+        loop_args = dict(logits_processor=processors, stopping_criteria=criteria, max_time=config.max_time,
+                         do_sample=bool(config.do_sample), rng=make_rng(seed) if config.do_sample else None,
+                         stats=stats, scores_out=scores, logits_out=logits)
+        if num_beams == 1:
+            sequences = decode_loop(state, ids, max_new, eos, pad, streamer, **loop_args)
+            if not as_dict:
+                return sequences
+            return output_class(sequences=sequences, scores=_as_tuple(scores), logits=_as_tuple(logits))
+        result = beam_search(state, ids, max_new, eos, pad, num_beams=num_beams, length_penalty=config.length_penalty,
+                             early_stopping=config.early_stopping,
+                             num_return_sequences=config.num_return_sequences or 1, **loop_args)
+        if not as_dict:
+            return result.sequences
+        output_class = GenerateBeamEncoderDecoderOutput if enc_dec else GenerateBeamDecoderOnlyOutput
+        return output_class(
+            sequences=result.sequences, sequences_scores=result.sequences_scores if config.output_scores else None,
+            scores=_as_tuple(scores), logits=_as_tuple(logits), beam_indices=result.beam_indices)
+
+    def _decode_state(self, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int, jit: bool | str,
+                      encoder_inputs: tuple[np.ndarray, np.ndarray] | None = None) -> DecodeState:
+        """The model side of one generation over `input_ids` / `attention_mask` `[batch, seq]` (already
+        repeated per beam / returned sequence). An encoder-decoder wrapper overrides this: it gets
+        the encoder's `(input_ids, attention_mask)` as `encoder_inputs`, runs the encoder once,
+        and decodes from `input_ids` (the `decoder_start_token_id` column)."""
+        # MindSpore 2.10's CPU graph compiler has no bfloat16 kernels at all (not even Reshape)
+        if lacks_bf16_kernels(self.weights[0]):
+            jit = False
+        step = self._compiled_step(bool(jit))
+        prefill = step if jit is True else self._compiled_step(False)
+        return DecodeState(self.config, prefill, step, input_ids, attention_mask, max_new_tokens,
+                           prefill_bucket=PREFILL_BUCKET if jit is True else None)
+
+    def _merge_generation_config(self, generation_config: GenerationConfig | None,
+                                 kwargs: dict) -> tuple[GenerationConfig, bool]:
+        """HF's `_prepare_generation_config`: the call's config (default: the checkpoint's), its
+        unset values from the checkpoint's, then from HF's global defaults, then `kwargs` on top.
+        Also returns whether `max_length` came only from the defaults."""
+        base = self.generation_config if generation_config is None else generation_config
+        merged = base.to_dict()
+        if generation_config is not None:
+            merged.update({k: v for k, v in self.generation_config.to_dict().items() if merged.get(k) is None})
+        default_max_length = kwargs.get("max_length") is None and merged.get("max_length") is None
+        merged.update({k: v for k, v in GenerationConfig._get_default_generation_params().items()
+                       if merged.get(k) is None})
+        unused = sorted(set(kwargs) - set(merged) - _MODEL_KWARGS)
+        if unused:
+            raise ValueError(f"The following `model_kwargs` are not used by the model: {unused} "
+                             "(note: typos in the generate arguments will also show up in this list)")
+        return GenerationConfig.from_dict({**merged, **kwargs}), default_max_length  # validates, as HF
+
+    def _attention_mask(self, ids: np.ndarray, attention_mask, pad: int | None, eos: list[int]) -> np.ndarray:
+        """The given mask (checked), or HF's inferred one (`_prepare_attention_mask_for_generation`)."""
+        if attention_mask is None:
+            infer = pad is not None and pad not in eos and (ids == pad).any()
+            mask = (ids != pad).astype(np.int32) if infer else np.ones_like(ids, np.int32)
+            if pad is not None and pad in eos and ids.shape[0] > 1 and (ids == pad).any():
+                logger.warning("The attention mask is not set and cannot be inferred from input because pad token "
+                               "is same as eos token. Pass `attention_mask` to obtain reliable results.")
+        else:
+            mask = _as_array(attention_mask)
+            if mask.shape != ids.shape:
+                raise ValueError(f"attention_mask has shape {list(mask.shape)}; input_ids has {list(ids.shape)}")
+            mask = mask.astype(np.int32)
+        right_padded = pad is not None and ids.shape[0] > 1 and (ids[:, -1] == pad).any()
+        if right_padded and not self.config.is_encoder_decoder:
+            logger.warning("A decoder-only architecture is being used, but right-padding was detected! For correct "
+                           "generation results, please set `padding_side='left'` when initializing the tokenizer.")
+        return mask
+
+    def _max_new_tokens(self, config: GenerationConfig, prompt_len: int, default_max_length: bool) -> int:
+        """New tokens to generate from `max_new_tokens` / `max_length`, as HF counts them.
+
+        Raises:
+            ValueError: `max_length` not above the prompt, or a total beyond the model's positions.
+        """
+        limit = getattr(self.config, "max_position_embeddings", None) or float("inf")  # none for relative positions
+        if config.max_new_tokens is not None:
+            max_new = config.max_new_tokens
+        elif default_max_length:  # HF: 20 new tokens by default, within max_position_embeddings
+            max_new = min(config.max_length + prompt_len, limit) - prompt_len
+        else:
+            max_new = config.max_length - prompt_len
+        if max_new <= 0 and config.max_new_tokens is None:
+            raise ValueError(f"Input length of input_ids is {prompt_len}, but `max_length` is set to "
+                             f"{config.max_length}: increase `max_length` or set `max_new_tokens`")
+        if prompt_len + max_new > limit:
+            raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new}) exceeds the model's "
+                             f"max_position_embeddings ({limit})")
+        return max_new
