@@ -75,3 +75,35 @@ def test_right_padded_batch_matches_hf(tiny):
                                         do_sample=False).numpy()
     got = model.generate(input_ids=tensor(ids), attention_mask=tensor(mask), max_new_tokens=6, jit=False)
     np.testing.assert_array_equal(got, expected)
+
+
+def test_generate_length_beyond_max_position_embeddings_is_refused(tiny):
+    model, ids = tiny[3], random_ids(1, 8)
+    with pytest.raises(ValueError, match=r"prompt \(8 tokens\) \+ max_new_tokens \(121\) exceeds the model's "
+                                         r"max_position_embeddings \(128\)"):
+        model.generate(input_ids=ids, max_new_tokens=121)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model.generate(input_ids=ids, max_length=200, num_beams=2)
+    # HF's default length (20 new tokens) is capped at max_position_embeddings, not refused
+    assert model.generate(input_ids=random_ids(1, 120), jit=False).shape == (1, 128)
+
+
+@pytest.mark.parametrize("eos, num_beams", [(2, 1), (None, 1), (None, 3), (2, 3)])
+def test_padded_batch_without_pad_token_follows_hf(tiny, eos, num_beams):
+    """No pad_token_id anywhere: HF pads finished rows with eos[0] (with eos) or, in beam search
+    without eos, fills with -1; msfx gives the same sequences."""
+    torch_model, path = tiny[0], tiny[1]
+    model = LlamaForCausalLM.from_pretrained(path)
+    ids = random_ids(3, 6, seed=9)
+    mask = np.ones_like(ids)
+    mask[1, :2] = mask[2, :4] = 0
+    kwargs = dict(max_new_tokens=8, do_sample=False, num_beams=num_beams, eos_token_id=eos, pad_token_id=None)
+    model.generation_config.pad_token_id = None
+    saved = torch_model.generation_config.pad_token_id
+    torch_model.generation_config.pad_token_id = None
+    try:
+        with torch.no_grad():
+            expected = torch_model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), **kwargs).numpy()
+    finally:
+        torch_model.generation_config.pad_token_id = saved
+    np.testing.assert_array_equal(model.generate(ids, attention_mask=mask, jit=False, **kwargs), expected)
