@@ -19,9 +19,14 @@ if _ms.get_context("device_target") == "CPU":
 from msfx.architectures import llama  # noqa: E402
 from msfx.decode.cache import KVCache  # noqa: E402
 from msfx.errors import CheckpointError, CorruptCheckpointError, ModelNotFoundError  # noqa: E402
+from msfx.models.auto import (AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM,  # noqa: E402
+                              AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoModelForTextEncoding,
+                              AutoModelForZeroShotImageClassification)
 from msfx.models.llama import LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "CorruptCheckpointError", "KVCache", "LlamaForCausalLM",
+__all__ = ["AutoModel", "AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModelForSeq2SeqLM",
+           "AutoModelForSequenceClassification", "AutoModelForTextEncoding", "AutoModelForZeroShotImageClassification",
+           "CheckpointError", "CorruptCheckpointError", "KVCache", "LlamaForCausalLM",
            "LlamaForSequenceClassification", "LlamaModel", "ModelNotFoundError", "llama"]

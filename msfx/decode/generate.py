@@ -43,6 +43,16 @@ def left_padding_positions(attention_mask: np.ndarray) -> np.ndarray:
     return np.where(attention_mask == 0, 0, positions).astype(np.int32)
 
 
+def new_cache(config, batch: int, max_len: int, dtype) -> KVCache:
+    """Zeroed `KVCache` for a decoder with HF's standard attention config attributes
+    (`num_hidden_layers`, `num_key_value_heads` or `num_attention_heads`, `head_dim` or
+    `hidden_size // num_attention_heads`)."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    d = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return KVCache.init(config.num_hidden_layers, batch, kv_heads, max_len, d, dtype)
+
+
 class DecodeState:
     """One generation's model-side state: the KV cache, the key mask over its slots, the next
     positions, and the rope frequencies; runs the prompt (`prefill`) and each new token (`step`).
@@ -63,15 +73,16 @@ class DecodeState:
         self.input_ids = input_ids
         batch, self.prompt_len = input_ids.shape
         max_len = -(-(self.prompt_len + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
-        d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.cache = KVCache.init(config.num_hidden_layers, batch, config.num_key_value_heads, max_len, d,
-                                  prefill.leaves[0].dtype)
+        self.cache = new_cache(config, batch, max_len, prefill.leaves[0].dtype)
         key_mask = np.ones((batch, max_len), np.int32)
         key_mask[:, :self.prompt_len] = attention_mask
         self.key_mask = Tensor(key_mask)
-        rope_type = config.rope_parameters.get("rope_type", "default")
-        # dynamic and longrope frequencies depend on the length reached: computed per call
-        self._inv_freq = None if rope_type in ("dynamic", "longrope") else Tensor(rope_frequencies(config)[0])
+        rope = getattr(config, "rope_parameters", None)
+        if rope is None:  # learned or relative positions: the steps take (and ignore) a placeholder
+            self._inv_freq = Tensor(np.zeros(1, np.float32))
+        else:  # dynamic and longrope frequencies depend on the length reached: computed per call
+            dynamic = rope.get("rope_type", "default") in ("dynamic", "longrope")
+            self._inv_freq = None if dynamic else Tensor(rope_frequencies(config)[0])
         self.position_ids = left_padding_positions(attention_mask)
         self.slot = 0
 

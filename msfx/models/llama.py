@@ -1,7 +1,8 @@
 """HF-named Llama classes: `LlamaModel`, `LlamaForCausalLM`, `LlamaForSequenceClassification`.
 
-Each forwards to `msfx.architectures.llama`; see `transformers.models.llama.modeling_llama`
-for the behaviour they reproduce.
+Each forwards to its `arch` module (`msfx.architectures.llama`; the Llama-like families
+subclass these with their own); see `transformers.models.llama.modeling_llama` for the
+behaviour they reproduce.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ class _LlamaBase(PreTrainedModel):
     arch = llama
 
     def _backbone(self, input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states):
-        return llama.model_forward(self.params, _ids(input_ids, self.config.vocab_size), _tensor(attention_mask),
+        return self.arch.model_forward(self.params, _ids(input_ids, self.config.vocab_size), _tensor(attention_mask),
                                    _tensor(position_ids), inputs_embeds=inputs_embeds, config=self.config,
                                    output_hidden_states=bool(output_hidden_states), check_ids=False)
 
@@ -44,7 +45,7 @@ class LlamaModel(_LlamaBase):
 
     @classmethod
     def param_shapes(cls, config):
-        return {k: v for k, v in llama.param_shapes(config).items() if k.startswith("model.")}
+        return {k: v for k, v in cls.arch.param_shapes(config).items() if k.startswith("model.")}
 
     def state_tree(self) -> dict:
         return self.params["model"]  # HF saves the base model without the `model.` prefix
@@ -67,7 +68,7 @@ class LlamaForCausalLM(GenerationMixin, _LlamaBase):
                                            output_hidden_states)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        logits = llama.lm_head(self.params, hidden, self.config)
+        logits = self.arch.lm_head(self.params, hidden, self.config)
         loss = None if labels is None else causal_lm_loss(logits, _tensor(labels))
         out = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=states)
         return out if return_dict else out.to_tuple()
@@ -80,7 +81,7 @@ class LlamaForSequenceClassification(_LlamaBase):
 
     @classmethod
     def param_shapes(cls, config):
-        shapes = LlamaModel.param_shapes(config)
+        shapes = {k: v for k, v in cls.arch.param_shapes(config).items() if k.startswith("model.")}
         shapes["score.weight"] = (config.num_labels, config.hidden_size)
         return shapes
 

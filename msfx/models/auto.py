@@ -1,0 +1,115 @@
+"""HF's Auto classes (`AutoModelForCausalLM`, ...) over msfx's families.
+
+One registry, `FAMILIES` (model_type -> the module with that family's HF-named classes); which
+class an Auto class picks for a model_type comes from transformers' own auto mappings (e.g.
+`gpt2` -> `GPT2LMHeadModel` for `AutoModelForCausalLM`), so adding a family is one line here.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+from transformers import AutoConfig
+from transformers.models.auto import modeling_auto as hf_auto
+
+from msfx.params.hub import resolve_model_dir
+
+FAMILIES: dict[str, str] = {
+    "llama": "msfx.models.llama",
+}
+
+_HUB_KEYS = ("revision", "cache_dir", "local_files_only", "token")
+
+
+def supported_classes() -> dict[str, dict[str, str]]:
+    """Auto class name -> {model_type: msfx class name} for every class msfx provides."""
+    table = {}
+    for auto in AUTO_CLASSES:
+        table[auto.__name__] = {model_type: name for model_type in FAMILIES
+                                if (name := auto._class_name(model_type)) is not None}
+    return table
+
+
+class _AutoModel:
+    """Base of the Auto classes: `from_pretrained` / `from_config` dispatch on `config.model_type`."""
+
+    _mapping: dict[str, str]  # transformers' model_type -> class name for this task
+
+    def __init__(self, *args, **kwargs):
+        raise EnvironmentError(f"{type(self).__name__} is designed to be instantiated using "
+                               f"`{type(self).__name__}.from_pretrained(...)` or `.from_config(config)`")
+
+    @classmethod
+    def _class_name(cls, model_type: str) -> str | None:
+        name = cls._mapping.get(model_type)
+        if name is None:
+            return None
+        module = importlib.import_module(FAMILIES[model_type])
+        return name if hasattr(module, name) else None
+
+    @classmethod
+    def model_class(cls, config):
+        """The msfx class for `config` (a transformers config).
+
+        Raises:
+            ValueError: a model_type msfx does not support, or one without a class for this task.
+        """
+        model_type = config.model_type
+        if model_type not in FAMILIES:
+            raise ValueError(f"msfx does not support model_type {model_type!r} (in {cls.__name__}); "
+                             f"supported model types: {', '.join(sorted(FAMILIES))}")
+        name = cls._class_name(model_type)
+        if name is None:
+            supported = sorted(t for t in FAMILIES if cls._class_name(t) is not None)
+            raise ValueError(f"{cls.__name__} has no class for model_type {model_type!r} in msfx; model types "
+                             f"it supports: {', '.join(supported) or 'none'}")
+        return getattr(importlib.import_module(FAMILIES[model_type]), name)
+
+    @classmethod
+    def from_config(cls, config, **kwargs):
+        """A randomly initialized model of the class `config` selects (HF's `from_config`)."""
+        return cls.model_class(config)(config, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, config=None,
+                        gguf_file: str | None = None, **kwargs):
+        """Load with the class the checkpoint's config selects; arguments as the class's `from_pretrained`.
+
+        Raises:
+            ValueError: see `model_class`; and the loading errors of `PreTrainedModel.from_pretrained`.
+        """
+        if config is None:
+            hub = {k: kwargs[k] for k in _HUB_KEYS if k in kwargs}
+            if gguf_file is not None:
+                from msfx.params.gguf import gguf_config, read_gguf
+                directory = resolve_model_dir(pretrained_model_name_or_path, gguf_file=gguf_file, **hub)
+                config = gguf_config(read_gguf(os.path.join(directory, gguf_file)))
+                kwargs["config"] = config
+            else:
+                directory = resolve_model_dir(pretrained_model_name_or_path, **hub)
+                config = AutoConfig.from_pretrained(directory)
+                pretrained_model_name_or_path = directory
+        else:
+            kwargs["config"] = config
+        return cls.model_class(config).from_pretrained(pretrained_model_name_or_path, *args, gguf_file=gguf_file,
+                                                       **kwargs)
+
+
+def _auto(name: str, mapping: dict[str, str]) -> type:
+    doc = (f"HF's `{name}`: `{name}.from_pretrained(ref)` returns the msfx class transformers maps the "
+           "checkpoint's `model_type` to for this task.")
+    return type(name, (_AutoModel,), {"_mapping": mapping, "__doc__": doc, "__module__": __name__})
+
+
+AutoModel = _auto("AutoModel", hf_auto.MODEL_MAPPING_NAMES)
+AutoModelForCausalLM = _auto("AutoModelForCausalLM", hf_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+AutoModelForSeq2SeqLM = _auto("AutoModelForSeq2SeqLM", hf_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
+AutoModelForSequenceClassification = _auto("AutoModelForSequenceClassification",
+                                           hf_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
+AutoModelForMaskedLM = _auto("AutoModelForMaskedLM", hf_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+AutoModelForTextEncoding = _auto("AutoModelForTextEncoding", hf_auto.MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES)
+AutoModelForZeroShotImageClassification = _auto("AutoModelForZeroShotImageClassification",
+                                                hf_auto.MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES)
+
+AUTO_CLASSES = (AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
+                AutoModelForMaskedLM, AutoModelForTextEncoding, AutoModelForZeroShotImageClassification)
