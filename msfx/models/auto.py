@@ -1,8 +1,10 @@
 """HF's Auto classes (`AutoModelForCausalLM`, ...) over msfx's families.
 
-One registry, `FAMILIES` (model_type -> the module with that family's HF-named classes); which
-class an Auto class picks for a model_type comes from transformers' own auto mappings (e.g.
-`gpt2` -> `GPT2LMHeadModel` for `AutoModelForCausalLM`), so adding a family is one line here.
+One registry, `FAMILIES` (model_type -> the module with that family's HF-named classes); each
+such module lists its classes by Auto class in `AUTO_CLASSES` (the names transformers' auto
+mappings use, e.g. `gpt2` -> `GPT2LMHeadModel` for `AutoModelForCausalLM`; a test checks them
+against transformers'), so adding a family is one line here. (transformers' mappings themselves
+need torch to import.)
 """
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ import importlib
 import os
 
 from transformers import AutoConfig
-from transformers.models.auto import modeling_auto as hf_auto
 
 from msfx.params.hub import resolve_model_dir
 
@@ -33,19 +34,14 @@ def supported_classes() -> dict[str, dict[str, str]]:
 class _AutoModel:
     """Base of the Auto classes: `from_pretrained` / `from_config` dispatch on `config.model_type`."""
 
-    _mapping: dict[str, str]  # transformers' model_type -> class name for this task
-
     def __init__(self, *args, **kwargs):
         raise EnvironmentError(f"{type(self).__name__} is designed to be instantiated using "
                                f"`{type(self).__name__}.from_pretrained(...)` or `.from_config(config)`")
 
     @classmethod
     def _class_name(cls, model_type: str) -> str | None:
-        name = cls._mapping.get(model_type)
-        if name is None:
-            return None
-        module = importlib.import_module(FAMILIES[model_type])
-        return name if hasattr(module, name) else None
+        model_class = getattr(importlib.import_module(FAMILIES[model_type]), "AUTO_CLASSES", {}).get(cls.__name__)
+        return None if model_class is None else model_class.__name__
 
     @classmethod
     def model_class(cls, config):
@@ -95,21 +91,19 @@ class _AutoModel:
                                                        **kwargs)
 
 
-def _auto(name: str, mapping: dict[str, str]) -> type:
-    doc = (f"HF's `{name}`: `{name}.from_pretrained(ref)` returns the msfx class transformers maps the "
-           "checkpoint's `model_type` to for this task.")
-    return type(name, (_AutoModel,), {"_mapping": mapping, "__doc__": doc, "__module__": __name__})
+def _auto(name: str) -> type:
+    doc = (f"HF's `{name}`: `{name}.from_pretrained(ref)` returns the msfx class for the checkpoint's "
+           "`model_type` and this task.")
+    return type(name, (_AutoModel,), {"__doc__": doc, "__module__": __name__})
 
 
-AutoModel = _auto("AutoModel", hf_auto.MODEL_MAPPING_NAMES)
-AutoModelForCausalLM = _auto("AutoModelForCausalLM", hf_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
-AutoModelForSeq2SeqLM = _auto("AutoModelForSeq2SeqLM", hf_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
-AutoModelForSequenceClassification = _auto("AutoModelForSequenceClassification",
-                                           hf_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
-AutoModelForMaskedLM = _auto("AutoModelForMaskedLM", hf_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES)
-AutoModelForTextEncoding = _auto("AutoModelForTextEncoding", hf_auto.MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES)
-AutoModelForZeroShotImageClassification = _auto("AutoModelForZeroShotImageClassification",
-                                                hf_auto.MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES)
+AutoModel = _auto("AutoModel")
+AutoModelForCausalLM = _auto("AutoModelForCausalLM")
+AutoModelForSeq2SeqLM = _auto("AutoModelForSeq2SeqLM")
+AutoModelForSequenceClassification = _auto("AutoModelForSequenceClassification")
+AutoModelForMaskedLM = _auto("AutoModelForMaskedLM")
+AutoModelForTextEncoding = _auto("AutoModelForTextEncoding")
+AutoModelForZeroShotImageClassification = _auto("AutoModelForZeroShotImageClassification")
 
 AUTO_CLASSES = (AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
                 AutoModelForMaskedLM, AutoModelForTextEncoding, AutoModelForZeroShotImageClassification)

@@ -125,3 +125,7 @@ class LlamaForSequenceClassification(_LlamaBase):
             return masked_cross_entropy(logits, labels.reshape(-1).astype(ms.int32))
         return ops.binary_cross_entropy_with_logits(logits, labels.astype(ms.float32),
                                                     ops.ones_like(logits), ops.ones_like(logits))
+
+
+AUTO_CLASSES = {"AutoModel": LlamaModel, "AutoModelForCausalLM": LlamaForCausalLM,
+                "AutoModelForSequenceClassification": LlamaForSequenceClassification}
