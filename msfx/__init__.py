@@ -16,17 +16,24 @@ if _ms.get_context("device_target") == "CPU":
     # token, measured with MindSpore 2.10); compiled steps are unaffected.
     _ms.runtime.launch_blocking()
 
-from msfx.architectures import llama  # noqa: E402
+from msfx.architectures import llama, mistral, phi3, qwen2, qwen3  # noqa: E402
 from msfx.decode.cache import KVCache  # noqa: E402
 from msfx.errors import CheckpointError, CorruptCheckpointError, ModelNotFoundError  # noqa: E402
 from msfx.models.auto import (AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM,  # noqa: E402
                               AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoModelForTextEncoding,
                               AutoModelForZeroShotImageClassification)
 from msfx.models.llama import LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel  # noqa: E402
+from msfx.models.mistral import MistralForCausalLM, MistralForSequenceClassification, MistralModel  # noqa: E402
+from msfx.models.phi3 import Phi3ForCausalLM, Phi3ForSequenceClassification, Phi3Model  # noqa: E402
+from msfx.models.qwen2 import Qwen2ForCausalLM, Qwen2ForSequenceClassification, Qwen2Model  # noqa: E402
+from msfx.models.qwen3 import Qwen3ForCausalLM, Qwen3ForSequenceClassification, Qwen3Model  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["AutoModel", "AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModelForSeq2SeqLM",
            "AutoModelForSequenceClassification", "AutoModelForTextEncoding", "AutoModelForZeroShotImageClassification",
            "CheckpointError", "CorruptCheckpointError", "KVCache", "LlamaForCausalLM",
-           "LlamaForSequenceClassification", "LlamaModel", "ModelNotFoundError", "llama"]
+           "LlamaForSequenceClassification", "LlamaModel", "MistralForCausalLM", "MistralForSequenceClassification",
+           "MistralModel", "Phi3ForCausalLM", "Phi3ForSequenceClassification", "Phi3Model", "Qwen2ForCausalLM",
+           "Qwen2ForSequenceClassification", "Qwen2Model", "Qwen3ForCausalLM", "Qwen3ForSequenceClassification",
+           "Qwen3Model", "ModelNotFoundError", "llama", "mistral", "phi3", "qwen2", "qwen3"]

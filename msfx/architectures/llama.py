@@ -1,14 +1,17 @@
-"""Llama (Touvron et al. 2023) as pure functions over a parameter tree.
+"""Llama (Touvron et al. 2023) as pure functions over a parameter tree, and the Llama-like families.
 
 Follows `transformers.models.llama.modeling_llama`. Parameters are keyed like the HF checkpoint:
 `params["model"]["layers"][i]["self_attn"]["q_proj"]["weight"]`. The config is a
 `transformers.LlamaConfig`, carried by the tree from `load` / `init_params` (`params.config`) or
 passed as `config=`.
+
+Families that differ from Llama by a few switches (Qwen2, Qwen3, Mistral, Phi-3) reuse these
+functions: their module registers a `DecoderSpec` for its `model_type` in `SPECS`.
 """
 from __future__ import annotations
 
 import sys
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import mindspore as ms
 import numpy as np
@@ -37,29 +40,66 @@ class CausalLMOutput(NamedTuple):
     cache: KVCache | None
 
 
+class DecoderSpec(NamedTuple):
+    """How a Llama-like family's decoder differs from Llama's."""
+
+    qkv_bias: bool = False  # biases on q/k/v (Qwen2; Llama's `attention_bias` also on o)
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over head_dim on q and k before the rotation (Qwen3)
+    fused_projections: bool = False  # `qkv_proj` and `gate_up_proj` (Phi-3)
+    sliding_windows: tuple = ()  # per layer: attention window in cache slots, or None (Mistral, Qwen2)
+
+
+SPECS: dict[str, Callable[..., DecoderSpec]] = {}
+
+
+def spec_of(config) -> DecoderSpec:
+    """The registered `DecoderSpec` for `config.model_type`; Llama's from its config otherwise."""
+    if config.model_type in SPECS:
+        return SPECS[config.model_type](config)
+    return DecoderSpec(qkv_bias=config.attention_bias, o_bias=config.attention_bias, mlp_bias=config.mlp_bias)
+
+
+def sliding_windows(config) -> tuple:
+    """Per-layer windows as HF 5.x sets them: `config.sliding_window` on the layers whose
+    `layer_types` entry is "sliding_attention", or on every layer when the config has no
+    `layer_types`; None (full attention) elsewhere."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None) or ["sliding_attention"] * config.num_hidden_layers
+    return tuple(window if kind == "sliding_attention" else None for kind in types)
+
+
 def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def param_shapes(config) -> dict[str, tuple[int, ...]]:
-    """Every checkpoint key of `LlamaForCausalLM` with its shape (the params layout)."""
+    """Every checkpoint key of the `...ForCausalLM` with its shape (the params layout)."""
+    spec = spec_of(config)
     h, d = config.hidden_size, head_dim(config)
     q, kv, inter = config.num_attention_heads * d, config.num_key_value_heads * d, config.intermediate_size
     shapes = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
+    projections = {"self_attn": [("qkv_proj", q + 2 * kv, spec.qkv_bias)] if spec.fused_projections else
+                   [("q_proj", q, spec.qkv_bias), ("k_proj", kv, spec.qkv_bias), ("v_proj", kv, spec.qkv_bias)],
+                   "mlp": [("gate_up_proj", 2 * inter, spec.mlp_bias)] if spec.fused_projections else
+                   [("gate_proj", inter, spec.mlp_bias), ("up_proj", inter, spec.mlp_bias)]}
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
         shapes |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)}
-        for name, out in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
-            shapes[p + f"self_attn.{name}.weight"] = (out, h)
-            if config.attention_bias:
-                shapes[p + f"self_attn.{name}.bias"] = (out,)
+        for module, rows in projections.items():
+            for name, out, bias in rows:
+                shapes[p + f"{module}.{name}.weight"] = (out, h)
+                if bias:
+                    shapes[p + f"{module}.{name}.bias"] = (out,)
         shapes[p + "self_attn.o_proj.weight"] = (h, q)
-        if config.attention_bias:
+        if spec.o_bias:
             shapes[p + "self_attn.o_proj.bias"] = (h,)
-        for name, shape in (("gate_proj", (inter, h)), ("up_proj", (inter, h)), ("down_proj", (h, inter))):
-            shapes[p + f"mlp.{name}.weight"] = shape
-            if config.mlp_bias:
-                shapes[p + f"mlp.{name}.bias"] = shape[:1]
+        shapes[p + "mlp.down_proj.weight"] = (h, inter)
+        if spec.mlp_bias:
+            shapes[p + "mlp.down_proj.bias"] = (h,)
+        if spec.qk_norm:
+            shapes |= {p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)}
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (config.vocab_size, h)
     return shapes
@@ -85,14 +125,17 @@ def init_params(config, seed: int = 0, dtype=ms.float32, shapes: dict | None = N
 def _attention(x, p, config, cos, sin, bias, layer_cache, cache_position):
     b, s = cos.shape[0], cos.shape[2]
     d, heads, kv_heads = head_dim(config), config.num_attention_heads, config.num_key_value_heads
-
-    def project(name, n):
-        y = linear(x, p[name]["weight"], p[name].get("bias"))
-        return y.reshape(b, s, n, d).transpose(0, 2, 1, 3)
-
-    q = apply_rotary(project("q_proj", heads), cos, sin)
-    k = apply_rotary(project("k_proj", kv_heads), cos, sin)
-    v = project("v_proj", kv_heads)
+    if "qkv_proj" in p:  # Phi-3: one product, split as q | k | v
+        qkv = linear(x, p["qkv_proj"]["weight"], p["qkv_proj"].get("bias"))
+        q, k, v = ops.split(qkv, (heads * d, kv_heads * d, kv_heads * d), -1)
+    else:
+        q, k, v = (linear(x, p[name]["weight"], p[name].get("bias")) for name in ("q_proj", "k_proj", "v_proj"))
+    q, k, v = (y.reshape(b, s, n, d) for y, n in ((q, heads), (k, kv_heads), (v, kv_heads)))
+    if "q_norm" in p:  # Qwen3: per-head RMSNorm before the rotation
+        q = rms_norm(q, p["q_norm"]["weight"], config.rms_norm_eps)
+        k = rms_norm(k, p["k_norm"]["weight"], config.rms_norm_eps)
+    q, k, v = (y.transpose(0, 2, 1, 3) for y in (q, k, v))
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     if layer_cache is not None:
         k = write_cache(layer_cache[0], k, cache_position)
         v = write_cache(layer_cache[1], v, cache_position)
@@ -187,13 +230,14 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
     else:
         scaling = rope_frequencies(config)[1]
     cos, sin = rope_cos_sin(position_ids, inv_freq, scaling, x.dtype)
-    bias = attention_bias(attention_mask, cache_position)
+    windows = spec_of(config).sliding_windows or (None,) * config.num_hidden_layers
+    biases = {w: attention_bias(attention_mask, cache_position, w) for w in set(windows)}
     hidden_states = [x] if output_hidden_states else None
     x = x.reshape(b * s, -1)
     new_keys, new_values = [], []
     for i, layer in enumerate(params["model"]["layers"]):
         layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-        x, (k, v) = decoder_layer(x, layer, config, cos, sin, bias, layer_cache, cache_position)
+        x, (k, v) = decoder_layer(x, layer, config, cos, sin, biases[windows[i]], layer_cache, cache_position)
         new_keys.append(k)
         new_values.append(v)
         if output_hidden_states:
@@ -230,9 +274,16 @@ def forward(params: dict, input_ids: Tensor | None = None, attention_mask: Tenso
     return CausalLMOutput(lm_head(params, hidden, config), hidden_states, cache)
 
 
-def load(ref, *, dtype="auto", gguf_file: str | None = None, **hub_kwargs) -> Params:
-    """Parameters of a Llama checkpoint (directory, hub id, or `gguf_file=`), config attached.
+def loader(module_name: str) -> Callable[..., Params]:
+    """The `load` function of the architecture module `module_name` (Llama's or a family's)."""
+    def load(ref, *, dtype="auto", gguf_file: str | None = None, **hub_kwargs) -> Params:
+        """Parameters of a checkpoint of this family (directory, hub id, or `gguf_file=`), config attached.
 
-    See `msfx.params.load_params` for the arguments and the errors raised.
-    """
-    return load_params(sys.modules[__name__], ref, dtype=dtype, gguf_file=gguf_file, **hub_kwargs)
+        See `msfx.params.load_params` for the arguments and the errors raised.
+        """
+        return load_params(sys.modules[module_name], ref, dtype=dtype, gguf_file=gguf_file, **hub_kwargs)
+
+    return load
+
+
+load = loader(__name__)

@@ -97,8 +97,12 @@ def activation(name: str) -> Callable[[Tensor], Tensor]:
 def gated_mlp(x: Tensor, p: dict, act: Callable[[Tensor], Tensor]) -> Tensor:
     """Llama's SwiGLU-style MLP: `down_proj(act(gate_proj(x)) * up_proj(x))`.
 
-    `p` holds `gate_proj`, `up_proj`, `down_proj` sub-dicts with `weight` (and optional `bias`).
+    `p` holds `gate_proj`, `up_proj`, `down_proj` sub-dicts with `weight` (and optional `bias`),
+    or `gate_up_proj` (gate rows first, then up: Phi-3's fused layout) and `down_proj`.
     """
-    gate = linear(x, p["gate_proj"]["weight"], p["gate_proj"].get("bias"))
-    up = linear(x, p["up_proj"]["weight"], p["up_proj"].get("bias"))
+    if "gate_up_proj" in p:
+        gate, up = ops.chunk(linear(x, p["gate_up_proj"]["weight"], p["gate_up_proj"].get("bias")), 2, -1)
+    else:
+        gate = linear(x, p["gate_proj"]["weight"], p["gate_proj"].get("bias"))
+        up = linear(x, p["up_proj"]["weight"], p["up_proj"].get("bias"))
     return linear(act(gate) * up, p["down_proj"]["weight"], p["down_proj"].get("bias"))

@@ -17,6 +17,10 @@ from msfx.params.hub import resolve_model_dir
 
 FAMILIES: dict[str, str] = {
     "llama": "msfx.models.llama",
+    "mistral": "msfx.models.mistral",
+    "phi3": "msfx.models.phi3",
+    "qwen2": "msfx.models.qwen2",
+    "qwen3": "msfx.models.qwen3",
 }
 
 _HUB_KEYS = ("revision", "cache_dir", "local_files_only", "token")

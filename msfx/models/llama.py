@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import mindspore as ms
 import numpy as np
-from mindspore import Tensor, ops
+from mindspore import Tensor
 
 from msfx.architectures import llama
 from msfx.layers.basic import check_token_ids, linear
 from msfx.generation import GenerationMixin
 from msfx.modeling import (BaseModelOutputWithPast, CausalLMOutputWithPast, PreTrainedModel,
-                           SequenceClassifierOutputWithPast, causal_lm_loss, masked_cross_entropy)
+                           SequenceClassifierOutputWithPast, causal_lm_loss, sequence_classification_loss)
 
 
 def _ids(input_ids, vocab_size: int) -> Tensor | None:
@@ -103,29 +103,22 @@ class LlamaForSequenceClassification(_LlamaBase):
         # float32 for the pick: MindSpore's CPU backend has no bfloat16 Gather (exact either way)
         pooled = logits.astype(ms.float32)[Tensor(np.arange(batch), ms.int32), Tensor(last.astype(np.int32))]
         pooled = pooled.astype(logits.dtype)
-        loss = None if labels is None else self._loss(pooled, _tensor(labels, None))
+        loss = None if labels is None else sequence_classification_loss(pooled, _tensor(labels, None), self.config)
         out = SequenceClassifierOutputWithPast(loss=loss, logits=pooled, hidden_states=states)
         return out if return_dict else out.to_tuple()
-
-    def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        problem = self.config.problem_type
-        if problem is None:
-            if self.config.num_labels == 1:
-                problem = "regression"
-            elif labels.dtype in (ms.int32, ms.int64):
-                problem = "single_label_classification"
-            else:
-                problem = "multi_label_classification"
-        logits = logits.astype(ms.float32)
-        if problem == "regression":
-            target = labels.astype(ms.float32)
-            return ops.mean((logits.squeeze() - target.squeeze()) ** 2) if self.config.num_labels == 1 \
-                else ops.mean((logits - target) ** 2)
-        if problem == "single_label_classification":
-            return masked_cross_entropy(logits, labels.reshape(-1).astype(ms.int32))
-        return ops.binary_cross_entropy_with_logits(logits, labels.astype(ms.float32),
-                                                    ops.ones_like(logits), ops.ones_like(logits))
 
 
 AUTO_CLASSES = {"AutoModel": LlamaModel, "AutoModelForCausalLM": LlamaForCausalLM,
                 "AutoModelForSequenceClassification": LlamaForSequenceClassification}
+
+
+def llama_family(prefix: str, arch, module: str) -> tuple[type, type, type, dict[str, type]]:
+    """`{prefix}Model`, `{prefix}ForCausalLM`, `{prefix}ForSequenceClassification` (HF's names) over the
+    Llama-like architecture module `arch`, defined in `module`, and their `AUTO_CLASSES` table."""
+    classes = []
+    for base in (LlamaModel, LlamaForCausalLM, LlamaForSequenceClassification):
+        name = prefix + base.__name__.removeprefix("Llama")
+        doc = f"HF's `{name}`: as `{base.__name__}`, over `{arch.__name__}`."
+        classes.append(type(name, (base,), {"arch": arch, "__doc__": doc, "__module__": module, "__qualname__": name}))
+    auto = dict(zip(("AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification"), classes))
+    return (*classes, auto)

@@ -1,0 +1,24 @@
+"""Phi-3 (`transformers.models.phi3.modeling_phi3`) as pure functions.
+
+Llama with fused projections (`qkv_proj`: q | k | v rows; `gate_up_proj`: gate | up rows),
+partial rotary and longrope scaling from `rope_parameters`, and `config.sliding_window`.
+Everything else is `msfx.architectures.llama`, switched by the `DecoderSpec` registered here.
+"""
+from __future__ import annotations
+
+from transformers import Phi3Config
+
+from msfx.architectures import llama
+from msfx.architectures.llama import forward, init_params, lm_head, model_forward, param_shapes
+
+MODEL_TYPE = "phi3"
+CONFIG_CLASS = Phi3Config
+__all__ = ["CONFIG_CLASS", "MODEL_TYPE", "forward", "init_params", "lm_head", "load", "model_forward", "param_shapes"]
+
+
+def spec(config) -> llama.DecoderSpec:
+    return llama.DecoderSpec(fused_projections=True, sliding_windows=llama.sliding_windows(config))
+
+
+llama.SPECS[MODEL_TYPE] = spec
+load = llama.loader(__name__)
