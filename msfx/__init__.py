@@ -16,12 +16,16 @@ if _ms.get_context("device_target") == "CPU":
     # token, measured with MindSpore 2.10); compiled steps are unaffected.
     _ms.runtime.launch_blocking()
 
-from msfx.architectures import llama, mistral, phi3, qwen2, qwen3  # noqa: E402
+from msfx.architectures import bert, gemma2, gemma3_text, gpt2, llama, mistral, phi3, qwen2, qwen3  # noqa: E402
 from msfx.decode.cache import KVCache  # noqa: E402
 from msfx.errors import CheckpointError, CorruptCheckpointError, ModelNotFoundError  # noqa: E402
 from msfx.models.auto import (AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM,  # noqa: E402
                               AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoModelForTextEncoding,
                               AutoModelForZeroShotImageClassification)
+from msfx.models.bert import BertForMaskedLM, BertForSequenceClassification, BertModel  # noqa: E402
+from msfx.models.gpt2 import GPT2ForSequenceClassification, GPT2LMHeadModel, GPT2Model  # noqa: E402
+from msfx.models.gemma2 import Gemma2ForCausalLM, Gemma2ForSequenceClassification, Gemma2Model  # noqa: E402
+from msfx.models.gemma3 import Gemma3ForCausalLM, Gemma3TextForSequenceClassification, Gemma3TextModel  # noqa: E402
 from msfx.models.llama import LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel  # noqa: E402
 from msfx.models.mistral import MistralForCausalLM, MistralForSequenceClassification, MistralModel  # noqa: E402
 from msfx.models.phi3 import Phi3ForCausalLM, Phi3ForSequenceClassification, Phi3Model  # noqa: E402
@@ -32,8 +36,11 @@ __version__ = "0.1.0"
 
 __all__ = ["AutoModel", "AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModelForSeq2SeqLM",
            "AutoModelForSequenceClassification", "AutoModelForTextEncoding", "AutoModelForZeroShotImageClassification",
-           "CheckpointError", "CorruptCheckpointError", "KVCache", "LlamaForCausalLM",
-           "LlamaForSequenceClassification", "LlamaModel", "MistralForCausalLM", "MistralForSequenceClassification",
-           "MistralModel", "Phi3ForCausalLM", "Phi3ForSequenceClassification", "Phi3Model", "Qwen2ForCausalLM",
+           "BertForMaskedLM", "BertForSequenceClassification", "BertModel", "CheckpointError", "CorruptCheckpointError",
+           "GPT2ForSequenceClassification", "GPT2LMHeadModel", "GPT2Model", "Gemma2ForCausalLM",
+           "Gemma2ForSequenceClassification", "Gemma2Model", "Gemma3ForCausalLM", "Gemma3TextForSequenceClassification",
+           "Gemma3TextModel", "KVCache", "LlamaForCausalLM", "LlamaForSequenceClassification", "LlamaModel",
+           "MistralForCausalLM", "MistralForSequenceClassification", "MistralModel", "ModelNotFoundError",
+           "Phi3ForCausalLM", "Phi3ForSequenceClassification", "Phi3Model", "Qwen2ForCausalLM",
            "Qwen2ForSequenceClassification", "Qwen2Model", "Qwen3ForCausalLM", "Qwen3ForSequenceClassification",
-           "Qwen3Model", "ModelNotFoundError", "llama", "mistral", "phi3", "qwen2", "qwen3"]
+           "Qwen3Model", "bert", "gemma2", "gemma3_text", "gpt2", "llama", "mistral", "phi3", "qwen2", "qwen3"]

@@ -21,6 +21,7 @@ from transformers.utils import ModelOutput
 
 from msfx.decode.generate import GenerationStats
 from msfx.decode.step import CompiledStep
+from msfx.layers.basic import check_token_ids
 from msfx.params import Params, flatten, load_params, save_params, unflatten
 from msfx.params.hub import resolve_model_dir
 
@@ -53,6 +54,66 @@ class SequenceClassifierOutputWithPast(ModelOutput):
     attentions: tuple | None = None
 
 
+@dataclass
+class BaseModelOutputWithPooling(ModelOutput):
+    last_hidden_state: Tensor | None = None
+    pooler_output: Tensor | None = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+
+
+@dataclass
+class MaskedLMOutput(ModelOutput):
+    loss: Tensor | None = None
+    logits: Tensor | None = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+
+
+@dataclass
+class SequenceClassifierOutput(ModelOutput):
+    loss: Tensor | None = None
+    logits: Tensor | None = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+
+
+def as_tensor(x, dtype=ms.int32) -> Tensor | None:
+    """`x` (array, list or Tensor; None passes through) as a Tensor of `dtype`; `dtype=None` keeps
+    an array's own (labels: int or float)."""
+    if x is None or isinstance(x, Tensor):
+        return x
+    x = Tensor(np.asarray(x))
+    return x if dtype is None else x.astype(dtype)
+
+
+def token_ids(input_ids, vocab_size: int) -> Tensor | None:
+    """`input_ids` checked (`check_token_ids`) as an int32 Tensor `[batch, seq]`; None passes through."""
+    if input_ids is None:
+        return None
+    return Tensor(check_token_ids(input_ids, vocab_size).astype(np.int32))
+
+
+def last_token_logits(logits: Tensor, input_ids, pad_token_id: int | None, vocab_size: int) -> Tensor:
+    """HF's pooling for decoder `...ForSequenceClassification`: each row's logits `[batch, seq,
+    labels]` at its rightmost non-padding token (left or right padding alike; the last position
+    without `pad_token_id` or `input_ids`). Returns `[batch, labels]`.
+
+    Raises:
+        ValueError: a batch of more than one row without `pad_token_id` (as HF).
+    """
+    batch, seq = logits.shape[0], logits.shape[1]
+    if pad_token_id is None and batch != 1:
+        raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined (config.pad_token_id).")
+    if pad_token_id is None or input_ids is None:
+        last = np.full(batch, seq - 1)
+    else:
+        last = np.argmax(np.arange(seq) * (check_token_ids(input_ids, vocab_size) != pad_token_id), -1)
+    # float32 for the pick: MindSpore's CPU backend has no bfloat16 Gather (exact either way)
+    pooled = logits.astype(ms.float32)[Tensor(np.arange(batch), ms.int32), Tensor(last.astype(np.int32))]
+    return pooled.astype(logits.dtype)
+
+
 def causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
     """HF's `ForCausalLMLoss`: mean cross-entropy of `logits[:, :-1]` against `labels[:, 1:]` in
     float32, positions labelled `ignore_index` left out. logits `[b, s, v]`, labels `[b, s]`."""
@@ -69,6 +130,34 @@ def masked_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -10
     picked = ops.gather_elements(logp, -1, safe.expand_dims(-1)).squeeze(-1)
     valid = valid.astype(ms.float32)
     return -(picked * valid).sum() / valid.sum()
+
+
+def sequence_classification_loss(logits: Tensor, labels: Tensor, config) -> Tensor:
+    """The loss of HF's `*ForSequenceClassification` heads by `config.problem_type`, inferred as HF
+    does when None ("regression" for `num_labels == 1`, else "single_label_classification" for
+    integer labels, "multi_label_classification" for float ones): mean squared error, cross-entropy
+    (`-100` ignored) or binary cross-entropy with logits, in float32.
+
+    Shapes: logits `[batch, num_labels]`; labels `[batch]` (ints; floats for regression) or
+    `[batch, num_labels]` (regression, multi-label floats).
+    """
+    problem = config.problem_type
+    if problem is None:
+        if config.num_labels == 1:
+            problem = "regression"
+        elif labels.dtype in (ms.int32, ms.int64):
+            problem = "single_label_classification"
+        else:
+            problem = "multi_label_classification"
+    logits = logits.astype(ms.float32)
+    if problem == "regression":
+        target = labels.astype(ms.float32)
+        return ops.mean((logits.squeeze() - target.squeeze()) ** 2) if config.num_labels == 1 \
+            else ops.mean((logits - target) ** 2)
+    if problem == "single_label_classification":
+        return masked_cross_entropy(logits, labels.reshape(-1).astype(ms.int32))
+    return ops.binary_cross_entropy_with_logits(logits, labels.astype(ms.float32),
+                                                ops.ones_like(logits), ops.ones_like(logits))
 
 
 def _dtype_from_torch_spelling(dtype):

@@ -1,9 +1,10 @@
-"""The Llama-like families (Qwen2, Qwen3, Mistral, Phi-3) against HF PyTorch on tiny random checkpoints.
+"""The Llama-like families (Qwen2, Qwen3, Mistral, Phi-3, Gemma 2, Gemma 3 text) against HF PyTorch.
 
-Each family is built with its PyTorch class (random norm weights and biases, `initializer_range`
-0.2, eager attention), saved, and loaded through `msfx.AutoModelForCausalLM`: logits and every
-hidden state within 1e-4; greedy `generate` token-for-token on a left-padded batch, with prompts
-longer than the sliding window where the family has one; `save_pretrained` loads back in HF.
+Each family is built tiny with its PyTorch class (random norm weights and biases,
+`initializer_range` 0.2, eager attention), saved, and loaded through `msfx.AutoModelForCausalLM`:
+logits and every hidden state within 1e-4 (Gemma 2 with both soft-caps set); greedy `generate`
+token-for-token on a left-padded batch, with prompts longer than the sliding window where the
+family has one; `save_pretrained` loads back in HF.
 """
 from __future__ import annotations
 
@@ -26,6 +27,15 @@ FAMILIES = {  # name -> (HF config class, HF causal LM class, config overrides)
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM",
               dict(head_dim=24, attention_bias=True, use_sliding_window=True, sliding_window=6, max_window_layers=2)),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=6, head_dim=16)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               dict(head_dim=16, sliding_window=5, query_pre_attn_scalar=24, attn_logit_softcapping=3.0,
+                    final_logit_softcapping=2.5, tie_word_embeddings=True)),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+                    dict(head_dim=16, sliding_window=5, query_pre_attn_scalar=24, num_hidden_layers=4,
+                         layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+                         rope_parameters=dict(sliding_attention=dict(rope_type="default", rope_theta=10.0),
+                                              full_attention=dict(rope_type="linear", rope_theta=1000.0,
+                                                                  factor=4.0)))),
     "phi3": ("Phi3Config", "Phi3ForCausalLM",
              dict(sliding_window=7, max_position_embeddings=128, original_max_position_embeddings=8,
                   rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.5,
@@ -87,4 +97,5 @@ def test_save_pretrained_loads_back_in_hf(family, tmp_path):
     ids = torch.tensor(random_ids(1, 10, seed=3))
     with torch.no_grad():
         np.testing.assert_array_equal(reloaded(ids).logits.numpy(), torch_model(ids).logits.numpy())
-    assert type(msfx.AutoModel.from_pretrained(path)).__name__ == FAMILIES[name][1].replace("ForCausalLM", "Model")
+    base = type(msfx.AutoModel.from_pretrained(path)).__name__
+    assert base == {"gemma3_text": "Gemma3TextModel"}.get(name, FAMILIES[name][1].replace("ForCausalLM", "Model"))

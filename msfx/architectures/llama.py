@@ -20,7 +20,7 @@ from transformers import LlamaConfig
 
 from msfx.decode.cache import KVCache, write_cache
 from msfx.layers.attention import arange, attention_bias, scaled_dot_product_attention
-from msfx.layers.basic import activation, check_token_ids, embedding, gated_mlp, linear
+from msfx.layers.basic import activation, check_model_inputs, embedding, gated_mlp, linear, tanh
 from msfx.layers.norms import rms_norm
 from msfx.layers.rotary import apply_rotary, rope_cos_sin, rope_frequencies
 from msfx.params import load_params
@@ -49,6 +49,15 @@ class DecoderSpec(NamedTuple):
     qk_norm: bool = False  # RMSNorm over head_dim on q and k before the rotation (Qwen3)
     fused_projections: bool = False  # `qkv_proj` and `gate_up_proj` (Phi-3)
     sliding_windows: tuple = ()  # per layer: attention window in cache slots, or None (Mistral, Qwen2)
+    # Gemma 2 / 3:
+    norm_offset: float = 0.0  # RMSNorm scales by `offset + weight`
+    embed_scale: bool = False  # embeddings times sqrt(hidden_size)
+    sandwich_norms: bool = False  # attention and MLP outputs normed too; a pre-MLP norm of its own
+    attn_scale: float | None = None  # instead of head_dim ** -0.5
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    hidden_act: str | None = None  # instead of `config.hidden_act`
+    rope_by_layer_type: bool = False  # `rope_parameters` per layer type (Gemma 3)
 
 
 SPECS: dict[str, Callable[..., DecoderSpec]] = {}
@@ -100,6 +109,8 @@ def param_shapes(config) -> dict[str, tuple[int, ...]]:
             shapes[p + "mlp.down_proj.bias"] = (h,)
         if spec.qk_norm:
             shapes |= {p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)}
+        if spec.sandwich_norms:
+            shapes |= {p + "pre_feedforward_layernorm.weight": (h,), p + "post_feedforward_layernorm.weight": (h,)}
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (config.vocab_size, h)
     return shapes
@@ -110,10 +121,11 @@ def init_params(config, seed: int = 0, dtype=ms.float32, shapes: dict | None = N
     zero biases, unit norm weights. `shapes` (default `param_shapes(config)`) picks the keys,
     e.g. a classification head's."""
     rng = np.random.default_rng(seed)
+    unit_norm = 1.0 - spec_of(config).norm_offset  # Gemma's norms scale by 1 + weight: zeros
     flat = {}
     for key, shape in (shapes or param_shapes(config)).items():
         if key.endswith("norm.weight"):
-            value = np.ones(shape, np.float32)
+            value = np.full(shape, unit_norm, np.float32)
         elif key.endswith(".bias"):
             value = np.zeros(shape, np.float32)
         else:
@@ -122,7 +134,7 @@ def init_params(config, seed: int = 0, dtype=ms.float32, shapes: dict | None = N
     return Params(unflatten_keys(flat), config)
 
 
-def _attention(x, p, config, cos, sin, bias, layer_cache, cache_position):
+def _attention(x, p, config, spec, cos, sin, bias, layer_cache, cache_position):
     b, s = cos.shape[0], cos.shape[2]
     d, heads, kv_heads = head_dim(config), config.num_attention_heads, config.num_key_value_heads
     if "qkv_proj" in p:  # Phi-3: one product, split as q | k | v
@@ -131,30 +143,42 @@ def _attention(x, p, config, cos, sin, bias, layer_cache, cache_position):
     else:
         q, k, v = (linear(x, p[name]["weight"], p[name].get("bias")) for name in ("q_proj", "k_proj", "v_proj"))
     q, k, v = (y.reshape(b, s, n, d) for y, n in ((q, heads), (k, kv_heads), (v, kv_heads)))
-    if "q_norm" in p:  # Qwen3: per-head RMSNorm before the rotation
-        q = rms_norm(q, p["q_norm"]["weight"], config.rms_norm_eps)
-        k = rms_norm(k, p["k_norm"]["weight"], config.rms_norm_eps)
+    if "q_norm" in p:  # Qwen3, Gemma 3: per-head RMSNorm before the rotation
+        q = rms_norm(q, p["q_norm"]["weight"], config.rms_norm_eps, spec.norm_offset)
+        k = rms_norm(k, p["k_norm"]["weight"], config.rms_norm_eps, spec.norm_offset)
     q, k, v = (y.transpose(0, 2, 1, 3) for y in (q, k, v))
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     if layer_cache is not None:
         k = write_cache(layer_cache[0], k, cache_position)
         v = write_cache(layer_cache[1], v, cache_position)
-    out = scaled_dot_product_attention(q, k, v, bias, d ** -0.5)
+    scale = d ** -0.5 if spec.attn_scale is None else spec.attn_scale
+    out = scaled_dot_product_attention(q, k, v, bias, scale, spec.attn_softcap)
     out = out.transpose(0, 2, 1, 3).reshape(b * s, -1)
     return linear(out, p["o_proj"]["weight"], p["o_proj"].get("bias")), (k, v)
 
 
-def decoder_layer(x, p, config, cos, sin, bias, layer_cache=None, cache_position=None):
+def decoder_layer(x, p, config, cos, sin, bias, layer_cache=None, cache_position=None, spec=None):
     """One pre-norm block: `x + attn(norm(x))`, then `x + mlp(norm(x))`. Returns (x, (k, v)).
 
-    `x` is `[batch * seq, hidden]`: kept 2-D through the stack so each linear is one matmul.
+    With `spec.sandwich_norms` (Gemma), the attention and MLP outputs are normed before each
+    residual add (`post_attention_layernorm`, `post_feedforward_layernorm`) and the MLP input by
+    `pre_feedforward_layernorm`. `x` is `[batch * seq, hidden]`: kept 2-D through the stack so
+    each linear is one matmul.
     """
-    h, kv = _attention(rms_norm(x, p["input_layernorm"]["weight"], config.rms_norm_eps), p["self_attn"],
-                       config, cos, sin, bias, layer_cache, cache_position)
+    spec = spec or spec_of(config)
+
+    def norm(y, name):
+        return rms_norm(y, p[name]["weight"], config.rms_norm_eps, spec.norm_offset)
+
+    h, kv = _attention(norm(x, "input_layernorm"), p["self_attn"], config, spec, cos, sin, bias, layer_cache,
+                       cache_position)
+    act = activation(spec.hidden_act or config.hidden_act)
+    if spec.sandwich_norms:
+        x = x + norm(h, "post_attention_layernorm")
+        h = gated_mlp(norm(x, "pre_feedforward_layernorm"), p["mlp"], act)
+        return x + norm(h, "post_feedforward_layernorm"), kv
     x = x + h
-    x = x + gated_mlp(rms_norm(x, p["post_attention_layernorm"]["weight"], config.rms_norm_eps), p["mlp"],
-                      activation(config.hidden_act))
-    return x, kv
+    return x + gated_mlp(norm(x, "post_attention_layernorm"), p["mlp"], act), kv
 
 
 def _config_of(params) -> LlamaConfig:
@@ -162,30 +186,6 @@ def _config_of(params) -> LlamaConfig:
     if config is None:
         raise ValueError("params carry no config: pass config=..., or use params from msfx.llama.load / init_params")
     return config
-
-
-def _check_inputs(config, input_ids, inputs_embeds, attention_mask, position_ids, cache, check_ids) -> None:
-    """Shape and dtype checks (static, so they also run while `jit` traces); with `check_ids`,
-    also the token id range (a host sync)."""
-    if (input_ids is None) == (inputs_embeds is None):
-        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-    if input_ids is not None:
-        if not isinstance(input_ids, Tensor) or input_ids.ndim != 2 or input_ids.dtype not in (ms.int32, ms.int64):
-            kind = f"{input_ids.dtype} {list(input_ids.shape)}" if isinstance(input_ids, Tensor) else type(input_ids)
-            raise ValueError(f"input_ids must be an int32/int64 mindspore Tensor [batch, seq], got {kind}")
-        b, s = input_ids.shape
-        if check_ids:
-            check_token_ids(input_ids, config.vocab_size)
-    else:
-        b, s = inputs_embeds.shape[0], inputs_embeds.shape[1]
-    if s == 0:
-        raise ValueError("the input sequence is empty (length 0)")
-    keys = s if cache is None else cache.max_len
-    if attention_mask is not None and tuple(attention_mask.shape) != (b, keys):
-        raise ValueError(f"attention_mask has shape {list(attention_mask.shape)}, expected [batch, keys] = "
-                         f"[{b}, {keys}] ({'the cache length' if cache is not None else 'the sequence length'})")
-    if position_ids is not None and tuple(position_ids.shape) not in ((b, s), (1, s)):
-        raise ValueError(f"position_ids has shape {list(position_ids.shape)}, expected [{b}, {s}] or [1, {s}]")
 
 
 def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
@@ -213,8 +213,15 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
             out-of-range ids, an empty sequence, or mis-shaped `attention_mask`/`position_ids`.
     """
     config = config or _config_of(params)
-    _check_inputs(config, input_ids, inputs_embeds, attention_mask, position_ids, cache, check_ids)
-    x = embedding(input_ids, params["model"]["embed_tokens"]["weight"]) if inputs_embeds is None else inputs_embeds
+    check_model_inputs(config, input_ids, inputs_embeds, attention_mask, position_ids,
+                       None if cache is None else cache.max_len, check_ids)
+    spec = spec_of(config)
+    if inputs_embeds is None:
+        x = embedding(input_ids, params["model"]["embed_tokens"]["weight"])
+        if spec.embed_scale:  # HF rounds the scale to the weights' dtype first
+            x = x * Tensor(np.float32(config.hidden_size ** 0.5)).astype(x.dtype)
+    else:
+        x = inputs_embeds
     b, s = x.shape[0], x.shape[1]
     if cache_position is None:
         cache_position = arange(s)
@@ -223,26 +230,32 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
     keys = s if cache is None else cache.max_len
     if attention_mask is None:
         attention_mask = ops.ones((b, keys), ms.int32)
-    if inv_freq is None:
-        seq_len = int(position_ids.asnumpy().max()) + 1
-        freqs, scaling = rope_frequencies(config, seq_len)
-        inv_freq = Tensor(freqs)
-    else:
-        scaling = rope_frequencies(config)[1]
-    cos, sin = rope_cos_sin(position_ids, inv_freq, scaling, x.dtype)
-    windows = spec_of(config).sliding_windows or (None,) * config.num_hidden_layers
+    windows = spec.sliding_windows or (None,) * config.num_hidden_layers
     biases = {w: attention_bias(attention_mask, cache_position, w) for w in set(windows)}
+    if spec.rope_by_layer_type:  # static tables per layer type (`inv_freq` is not used)
+        tables = {kind: rope_cos_sin(position_ids, Tensor(freqs), scaling, x.dtype) for kind, (freqs, scaling)
+                  in ((kind, rope_frequencies(config, rope=rope)) for kind, rope in config.rope_parameters.items())}
+        rotations = [tables[kind] for kind in config.layer_types]
+    else:
+        if inv_freq is None:
+            seq_len = int(position_ids.asnumpy().max()) + 1
+            freqs, scaling = rope_frequencies(config, seq_len)
+            inv_freq = Tensor(freqs)
+        else:
+            scaling = rope_frequencies(config)[1]
+        rotations = [rope_cos_sin(position_ids, inv_freq, scaling, x.dtype)] * config.num_hidden_layers
     hidden_states = [x] if output_hidden_states else None
     x = x.reshape(b * s, -1)
     new_keys, new_values = [], []
     for i, layer in enumerate(params["model"]["layers"]):
         layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-        x, (k, v) = decoder_layer(x, layer, config, cos, sin, biases[windows[i]], layer_cache, cache_position)
+        cos, sin = rotations[i]
+        x, (k, v) = decoder_layer(x, layer, config, cos, sin, biases[windows[i]], layer_cache, cache_position, spec)
         new_keys.append(k)
         new_values.append(v)
         if output_hidden_states:
             hidden_states.append(x.reshape(b, s, -1))
-    x = rms_norm(x, params["model"]["norm"]["weight"], config.rms_norm_eps).reshape(b, s, -1)
+    x = rms_norm(x, params["model"]["norm"]["weight"], config.rms_norm_eps, spec.norm_offset).reshape(b, s, -1)
     if output_hidden_states:
         hidden_states[-1] = x
     new_cache = None if cache is None else KVCache(tuple(new_keys), tuple(new_values))
@@ -250,9 +263,12 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
 
 
 def lm_head(params: dict, hidden: Tensor, config) -> Tensor:
-    """Logits `[..., vocab]` from final hidden states; the embedding matrix when tied."""
+    """Logits `[..., vocab]` from final hidden states; the embedding matrix when tied. With
+    `final_softcap` (Gemma 2): `cap * tanh(logits / cap)`."""
     weight = params["model"]["embed_tokens"]["weight"] if config.tie_word_embeddings else params["lm_head"]["weight"]
-    return linear(hidden, weight)
+    logits = linear(hidden, weight)
+    cap = spec_of(config).final_softcap
+    return logits if cap is None else tanh(logits / cap) * cap
 
 
 def forward(params: dict, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,

@@ -18,7 +18,7 @@ from mindspore import Tensor
 from msfx.decode.cache import KVCache
 from msfx.decode.sampling import make_rng, sample_tokens
 from msfx.decode.step import CompiledStep
-from msfx.layers.rotary import rope_frequencies
+from msfx.layers.rotary import rope_frequencies, rope_per_layer_type
 
 CACHE_BUCKET = 64
 PREFILL_BUCKET = 32
@@ -78,7 +78,7 @@ class DecodeState:
         key_mask[:, :self.prompt_len] = attention_mask
         self.key_mask = Tensor(key_mask)
         rope = getattr(config, "rope_parameters", None)
-        if rope is None:  # learned or relative positions: the steps take (and ignore) a placeholder
+        if rope is None or rope_per_layer_type(config):  # the steps take (and ignore) a placeholder
             self._inv_freq = Tensor(np.zeros(1, np.float32))
         else:  # dynamic and longrope frequencies depend on the length reached: computed per call
             dynamic = rope.get("rope_type", "default") in ("dynamic", "longrope")

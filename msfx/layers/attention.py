@@ -1,4 +1,4 @@
-"""Scaled dot-product attention with causal + padding masks and grouped-query heads.
+"""Scaled dot-product attention with causal or bidirectional padding masks and grouped-query heads.
 
 Follows HF's eager attention (`transformers.models.llama.modeling_llama.eager_attention_forward`):
 scores in the input dtype, masked and softmaxed in float32, cast back before `@ v`.
@@ -9,7 +9,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, ops
 
-from msfx.layers.basic import lacks_bf16_kernels
+from msfx.layers.basic import lacks_bf16_kernels, tanh
 
 _BMM_T = ops.BatchMatMul(transpose_b=True)
 _BMM = ops.BatchMatMul()
@@ -41,7 +41,20 @@ def attention_bias(key_mask: Tensor, query_slots: Tensor, sliding_window: int | 
     return bias.reshape(bias.shape[0], 1, 1, bias.shape[1], bias.shape[2])
 
 
-def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Tensor:
+def padding_bias(key_mask: Tensor) -> Tensor:
+    """Additive float32 mask `[batch, 1, 1, 1, keys]` for bidirectional (encoder) attention: every
+    query sees every real key; padding keys get the float32 minimum (HF's `create_bidirectional_mask`
+    for eager attention).
+
+    Args:
+        key_mask: `[batch, keys]` int/bool, 1 for real tokens, 0 for padding.
+    """
+    bias = (1.0 - key_mask.astype(ms.bool_).astype(ms.float32)) * _MASKED
+    return bias.reshape(bias.shape[0], 1, 1, 1, bias.shape[1])
+
+
+def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float,
+                                 softcap: float | None = None) -> Tensor:
     """softmax(q k^T * scale + bias) v with grouped-query heads (Ainslie et al. 2023).
 
     Args:
@@ -51,6 +64,8 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, 
         bias: additive float32 mask broadcastable to `[batch, kv_heads, groups, seq, keys]`
             (see `attention_bias`).
         scale: usually `head_dim ** -0.5`.
+        softcap: if set, scores become `softcap * tanh(scores / softcap)` before the mask
+            (Gemma 2's `attn_logit_softcapping`).
 
     Returns:
         `[batch, heads, seq, head_dim]` in q's dtype.
@@ -60,6 +75,8 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, 
     groups = h // kv_heads
     # Folding the query groups into the sequence axis shares each kv head without copying it.
     scores = _bmm(_BMM_T, q.reshape(b, kv_heads, groups * s, d), k) * scale
+    if softcap is not None:
+        scores = tanh(scores / softcap) * softcap
     if scores.dtype != ms.float32:
         scores = scores.astype(ms.float32)
     probs = ops.softmax(scores.reshape(b, kv_heads, groups, s, keys) + bias, -1)

@@ -1,7 +1,6 @@
 """Linear, embedding and activation functions on HF's parameter layouts."""
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import mindspore as ms
@@ -39,6 +38,43 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return y if bias is None else y + bias
 
 
+def check_model_inputs(config, input_ids: Tensor | None, inputs_embeds: Tensor | None, attention_mask: Tensor | None,
+                       position_ids: Tensor | None = None, keys: int | None = None,
+                       check_ids: bool = True) -> tuple[int, int]:
+    """The checks every model's forward runs first; returns `(batch, seq)`. Static (shapes and
+    dtypes), so they also run while `jit` traces; `check_ids` also reads the ids on the host to
+    check their range.
+
+    `attention_mask` must be `[batch, keys]` (`keys` defaults to `seq`; with a KV cache, its
+    length) and `position_ids` `[batch, seq]` or `[1, seq]`.
+
+    Raises:
+        ValueError: none or both of `input_ids` / `inputs_embeds`, non-integer or non-2-D ids,
+            out-of-range ids, an empty sequence, a mis-shaped mask or positions.
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+    if input_ids is not None:
+        if not isinstance(input_ids, Tensor) or input_ids.ndim != 2 or input_ids.dtype not in (ms.int32, ms.int64):
+            kind = f"{input_ids.dtype} {list(input_ids.shape)}" if isinstance(input_ids, Tensor) else type(input_ids)
+            raise ValueError(f"input_ids must be an int32/int64 mindspore Tensor [batch, seq], got {kind}")
+        b, s = input_ids.shape
+        if check_ids:
+            check_token_ids(input_ids, config.vocab_size)
+    else:
+        b, s = inputs_embeds.shape[0], inputs_embeds.shape[1]
+    if s == 0:
+        raise ValueError("the input sequence is empty (length 0)")
+    keys = s if keys is None else keys
+    if attention_mask is not None and tuple(attention_mask.shape) != (b, keys):
+        what = "the sequence length" if keys == s else "the cache length"
+        raise ValueError(f"attention_mask has shape {list(attention_mask.shape)}, expected [batch, keys] = "
+                         f"[{b}, {keys}] ({what})")
+    if position_ids is not None and tuple(position_ids.shape) not in ((b, s), (1, s)):
+        raise ValueError(f"position_ids has shape {list(position_ids.shape)}, expected [{b}, {s}] or [1, {s}]")
+    return b, s
+
+
 def check_token_ids(input_ids, vocab_size: int) -> np.ndarray:
     """`input_ids` (Tensor or array; 1-D taken as one row) as an int numpy array `[batch, seq]`.
 
@@ -66,9 +102,19 @@ def embedding(ids: Tensor, weight: Tensor) -> Tensor:
     return ops.gather(weight, ids, 0)
 
 
+def tanh(x: Tensor) -> Tensor:
+    """tanh computed in float32 (cast back to `x`'s dtype) as `sign(x) (1 - e^-2|x|) / (1 + e^-2|x|)`:
+    MindSpore 2.10's CPU Tanh kernel is off by up to 1e-4 in float32 (measured against float64 on
+    [-5, 5]), this form by 1.5e-7."""
+    m = ops.expm1(-2.0 * ops.abs(x.astype(ms.float32)))
+    y = ops.sign(x.astype(ms.float32)) * -m / (2.0 + m)
+    return y if x.dtype == ms.float32 else y.astype(x.dtype)
+
+
 def _gelu_tanh(x: Tensor) -> Tensor:
-    # HF's NewGELUActivation / PytorchGELUTanh: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
-    return 0.5 * x * (1.0 + ops.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * ops.pow(x, 3.0))))
+    # HF's NewGELUActivation / PytorchGELUTanh, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), as
+    # MindSpore's fused kernel: within 5e-7 of torch's, where the formula over CPU Tanh is not (see `tanh`)
+    return ops.gelu(x, approximate="tanh")
 
 
 ACT2FN: dict[str, Callable[[Tensor], Tensor]] = {

@@ -78,7 +78,7 @@ def _longrope(config, rope: dict, dim: int, seq_len: int) -> tuple[np.ndarray, f
     return inv_freq.astype(np.float32), float(attention_factor)
 
 
-def rope_frequencies(config, seq_len: int = 0) -> tuple[np.ndarray, float]:
+def rope_frequencies(config, seq_len: int = 0, rope: dict | None = None) -> tuple[np.ndarray, float]:
     """Inverse frequencies `[rotary_dim // 2]` float32 and the attention scaling for cos/sin.
 
     Args:
@@ -86,11 +86,13 @@ def rope_frequencies(config, seq_len: int = 0) -> tuple[np.ndarray, float]:
             `hidden_size` / `num_attention_heads`, and `max_position_embeddings`.
         seq_len: `max(position_ids) + 1` of the current call; only `dynamic` and `longrope`
             depend on it.
+        rope: the parameters to use instead of `config.rope_parameters` (e.g. one layer type's,
+            for configs that hold one set per layer type, as Gemma 3).
 
     Raises:
         ValueError: an unknown `rope_type`.
     """
-    rope = dict(config.rope_parameters)
+    rope = dict(config.rope_parameters if rope is None else rope)
     rope_type = rope.get("rope_type", "default")
     dim = _rotary_dim(config, rope)
     base = rope["rope_theta"]
@@ -141,3 +143,9 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         return x * cos + _rotate_half(x) * sin
     x_rot, x_pass = x[..., :rot], x[..., rot:]
     return ops.concat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), -1)
+
+
+def rope_per_layer_type(config) -> bool:
+    """True for configs whose `rope_parameters` map each layer type to its own parameters (Gemma 3)."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    return "rope_theta" not in rope and all(isinstance(v, dict) for v in rope.values())

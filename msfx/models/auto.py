@@ -16,6 +16,10 @@ from transformers import AutoConfig
 from msfx.params.hub import resolve_model_dir
 
 FAMILIES: dict[str, str] = {
+    "bert": "msfx.models.bert",
+    "gpt2": "msfx.models.gpt2",
+    "gemma2": "msfx.models.gemma2",
+    "gemma3_text": "msfx.models.gemma3",
     "llama": "msfx.models.llama",
     "mistral": "msfx.models.mistral",
     "phi3": "msfx.models.phi3",

@@ -6,38 +6,23 @@ behaviour they reproduce.
 """
 from __future__ import annotations
 
-import mindspore as ms
-import numpy as np
-from mindspore import Tensor
 
 from msfx.architectures import llama
-from msfx.layers.basic import check_token_ids, linear
+from msfx.layers.basic import linear
 from msfx.generation import GenerationMixin
 from msfx.modeling import (BaseModelOutputWithPast, CausalLMOutputWithPast, PreTrainedModel,
-                           SequenceClassifierOutputWithPast, causal_lm_loss, sequence_classification_loss)
-
-
-def _ids(input_ids, vocab_size: int) -> Tensor | None:
-    if input_ids is None:
-        return None
-    return Tensor(check_token_ids(input_ids, vocab_size).astype(np.int32))
-
-
-def _tensor(x, dtype=ms.int32) -> Tensor | None:
-    """`x` as a Tensor of `dtype`; `dtype=None` keeps the array's own (labels: int or float)."""
-    if x is None or isinstance(x, Tensor):
-        return x
-    x = Tensor(np.asarray(x))
-    return x if dtype is None else x.astype(dtype)
+                           SequenceClassifierOutputWithPast, as_tensor, causal_lm_loss, last_token_logits,
+                           sequence_classification_loss, token_ids)
 
 
 class _LlamaBase(PreTrainedModel):
     arch = llama
 
     def _backbone(self, input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states):
-        return self.arch.model_forward(self.params, _ids(input_ids, self.config.vocab_size), _tensor(attention_mask),
-                                   _tensor(position_ids), inputs_embeds=inputs_embeds, config=self.config,
-                                   output_hidden_states=bool(output_hidden_states), check_ids=False)
+        return self.arch.model_forward(self.params, token_ids(input_ids, self.config.vocab_size),
+                                       as_tensor(attention_mask), as_tensor(position_ids), inputs_embeds=inputs_embeds,
+                                       config=self.config, output_hidden_states=bool(output_hidden_states),
+                                       check_ids=False)
 
 
 class LlamaModel(_LlamaBase):
@@ -69,7 +54,7 @@ class LlamaForCausalLM(GenerationMixin, _LlamaBase):
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.arch.lm_head(self.params, hidden, self.config)
-        loss = None if labels is None else causal_lm_loss(logits, _tensor(labels))
+        loss = None if labels is None else causal_lm_loss(logits, as_tensor(labels))
         out = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=states)
         return out if return_dict else out.to_tuple()
 
@@ -90,20 +75,8 @@ class LlamaForSequenceClassification(_LlamaBase):
         hidden, states, _ = self._backbone(input_ids, attention_mask, position_ids, inputs_embeds,
                                            output_hidden_states)
         logits = linear(hidden, self.params["score"]["weight"])
-        batch, seq = logits.shape[0], logits.shape[1]
-        pad = self.config.pad_token_id
-        if pad is None and batch != 1:
-            raise ValueError("cannot handle batch sizes > 1 if no padding token is defined (config.pad_token_id)")
-        if pad is None or input_ids is None:
-            last = np.full(batch, seq - 1)
-        else:
-            # HF: the rightmost token that is not padding (works for left and right padding)
-            ids = check_token_ids(input_ids, self.config.vocab_size)
-            last = np.argmax(np.arange(seq) * (ids != pad), -1)
-        # float32 for the pick: MindSpore's CPU backend has no bfloat16 Gather (exact either way)
-        pooled = logits.astype(ms.float32)[Tensor(np.arange(batch), ms.int32), Tensor(last.astype(np.int32))]
-        pooled = pooled.astype(logits.dtype)
-        loss = None if labels is None else sequence_classification_loss(pooled, _tensor(labels, None), self.config)
+        pooled = last_token_logits(logits, input_ids, self.config.pad_token_id, self.config.vocab_size)
+        loss = None if labels is None else sequence_classification_loss(pooled, as_tensor(labels, None), self.config)
         out = SequenceClassifierOutputWithPast(loss=loss, logits=pooled, hidden_states=states)
         return out if return_dict else out.to_tuple()
 
@@ -112,12 +85,14 @@ AUTO_CLASSES = {"AutoModel": LlamaModel, "AutoModelForCausalLM": LlamaForCausalL
                 "AutoModelForSequenceClassification": LlamaForSequenceClassification}
 
 
-def llama_family(prefix: str, arch, module: str) -> tuple[type, type, type, dict[str, type]]:
-    """`{prefix}Model`, `{prefix}ForCausalLM`, `{prefix}ForSequenceClassification` (HF's names) over the
-    Llama-like architecture module `arch`, defined in `module`, and their `AUTO_CLASSES` table."""
+def llama_family(prefix: str, arch, module: str, names: tuple[str, str, str] | None = None
+                 ) -> tuple[type, type, type, dict[str, type]]:
+    """`{prefix}Model`, `{prefix}ForCausalLM`, `{prefix}ForSequenceClassification` (HF's names, or
+    `names` where HF's differ) over the Llama-like architecture module `arch`, defined in
+    `module`, and their `AUTO_CLASSES` table."""
     classes = []
-    for base in (LlamaModel, LlamaForCausalLM, LlamaForSequenceClassification):
-        name = prefix + base.__name__.removeprefix("Llama")
+    bases = (LlamaModel, LlamaForCausalLM, LlamaForSequenceClassification)
+    for base, name in zip(bases, names or [prefix + base.__name__.removeprefix("Llama") for base in bases]):
         doc = f"HF's `{name}`: as `{base.__name__}`, over `{arch.__name__}`."
         classes.append(type(name, (base,), {"arch": arch, "__doc__": doc, "__module__": module, "__qualname__": name}))
     auto = dict(zip(("AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification"), classes))

@@ -26,29 +26,38 @@ from msfx.params.tree import Params, flatten_keys, unflatten_keys
 
 logger = logging.getLogger(__name__)
 
-# Keys that old checkpoints carry but no model reads (HF ignores them the same way).
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# Keys that old checkpoints carry but no model reads (HF ignores them the same way): buffers that
+# older transformers saved (e.g. BERT's `embeddings.position_ids`, in sentence-transformers models).
+# (GPT-2: `attn.bias` / `attn.masked_bias` are the causal-mask buffers older checkpoints carry;
+# the leading dot keeps `c_attn.bias` apart.)
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids", "embeddings.token_type_ids", ".attn.bias",
+                     ".attn.masked_bias")
 
 
-def _check_keys(found: dict[str, tuple], expected: dict[str, tuple], source: str, prefix: str) -> list[str]:
+def _check_keys(found: dict[str, tuple], expected: dict[str, tuple], source: str, prefix: str,
+                optional: tuple[str, ...] = ()) -> list[str]:
     """Raise on missing, unexpected or mis-shaped tensors of the base model (under `prefix.`);
     return the head tensors the checkpoint lacks (HF initializes those freshly). Head tensors of
-    another class (`lm_head` in a base-model load) are dropped by the caller, as in HF."""
-    body = prefix + "."
+    another class (`lm_head` in a base-model load) are dropped by the caller, as in HF. Keys
+    starting with one of `optional` (an architecture's `OPTIONAL_KEYS`: base-model parts some
+    classes lack, as BERT's pooler) are treated as head tensors."""
+    def body(key: str) -> bool:
+        return key.startswith(prefix + ".") and not key.startswith(optional)
+
     missing = sorted(set(expected) - set(found))
-    unexpected = sorted(k for k in set(found) - set(expected) if k.startswith(body))
+    unexpected = sorted(k for k in set(found) - set(expected) if body(k))
     mismatched = [f"{k}: checkpoint {tuple(found[k])}, model {tuple(expected[k])}"
                   for k in sorted(set(found) & set(expected)) if tuple(found[k]) != tuple(expected[k])]
     problems = []
-    if [k for k in missing if k.startswith(body)]:
-        problems.append(f"missing tensors: {', '.join(k for k in missing if k.startswith(body))}")
+    if [k for k in missing if body(k)]:
+        problems.append(f"missing tensors: {', '.join(k for k in missing if body(k))}")
     if unexpected:
         problems.append(f"unexpected tensors: {', '.join(unexpected)}")
     if mismatched:
         problems.append(f"mis-shaped tensors: {'; '.join(mismatched)}")
     if problems:
         raise CheckpointError(f"{source} does not fit the model: " + " | ".join(problems))
-    return [k for k in missing if not k.startswith(body)]
+    return [k for k in missing if not body(k)]
 
 
 def _check_model_type(config, arch: ModuleType, source: str) -> None:
@@ -118,7 +127,7 @@ def load_params(arch: ModuleType, ref: str | os.PathLike, *, dtype="auto", confi
     expected = shapes(config)
     found = read_shapes(files)
     normalized, added = _normalize(found, expected, config, prefix)
-    missing_heads = _check_keys(normalized, expected, str(ref), prefix)
+    missing_heads = _check_keys(normalized, expected, str(ref), prefix, getattr(arch, "OPTIONAL_KEYS", ()))
     flat = {}
     for name, array, stored in iter_tensors(files):
         name = added + name
@@ -148,7 +157,8 @@ def _load_gguf(arch, ref, gguf_file, target, shapes, prefix, revision, cache_dir
     _check_model_type(config, arch, str(path))
     expected = shapes(config)
     state, _ = _normalize(gguf_state_dict(reader, config), expected, config, prefix)
-    missing_heads = _check_keys({k: v.shape for k, v in state.items()}, expected, str(path), prefix)
+    missing_heads = _check_keys({k: v.shape for k, v in state.items()}, expected, str(path), prefix,
+                                getattr(arch, "OPTIONAL_KEYS", ()))
     flat = {k: Tensor(v).astype(target or ms.float32) for k, v in state.items() if k in expected}
     _fresh_heads(flat, missing_heads, expected, config, target)
     return Params(unflatten_keys(flat), config)
