@@ -46,6 +46,17 @@ class CausalLMOutputWithPast(ModelOutput):
 
 
 @dataclass
+class MoeCausalLMOutputWithPast(ModelOutput):
+    loss: Tensor | None = None
+    aux_loss: Tensor | None = None
+    logits: Tensor | None = None
+    cache: Any = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+    router_logits: tuple | None = None
+
+
+@dataclass
 class SequenceClassifierOutputWithPast(ModelOutput):
     loss: Tensor | None = None
     logits: Tensor | None = None

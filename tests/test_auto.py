@@ -57,3 +57,12 @@ def test_unsupported_model_type_and_task_name_what_is_supported(tmp_path):
     with pytest.raises(EnvironmentError, match="from_pretrained"):
         msfx.AutoModel()
     assert "llama" in FAMILIES
+
+
+def test_readme_table_is_generated_from_the_registry():
+    from pathlib import Path
+
+    from msfx.models.auto import supported_table
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert supported_table() in readme, "README's model table is stale: run python scripts/update_readme_table.py"

@@ -1,8 +1,9 @@
-"""The Llama-like families (Qwen2, Qwen3, Mistral, Phi-3, Gemma 2, Gemma 3 text) against HF PyTorch.
+"""The Llama-like families (Qwen2, Qwen3, Qwen3-MoE, Mistral, Mixtral, Phi-3, Gemma 2, Gemma 3 text) vs HF.
 
 Each family is built tiny with its PyTorch class (random norm weights and biases,
 `initializer_range` 0.2, eager attention), saved, and loaded through `msfx.AutoModelForCausalLM`:
-logits and every hidden state within 1e-4 (Gemma 2 with both soft-caps set); greedy `generate`
+logits and every hidden state within 1e-4 (Gemma 2 with both soft-caps set; for the MoE
+families also the router logits, the load-balancing loss and the loss with it); greedy `generate`
 token-for-token on a left-padded batch, with prompts longer than the sliding window where the
 family has one; `save_pretrained` loads back in HF.
 """
@@ -36,6 +37,11 @@ FAMILIES = {  # name -> (HF config class, HF causal LM class, config overrides)
                          rope_parameters=dict(sliding_attention=dict(rope_type="default", rope_theta=10.0),
                                               full_attention=dict(rope_type="linear", rope_theta=1000.0,
                                                                   factor=4.0)))),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=6)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40,
+                       decoder_sparse_step=1, mlp_only_layers=[1], norm_topk_prob=False)),
     "phi3": ("Phi3Config", "Phi3ForCausalLM",
              dict(sliding_window=7, max_position_embeddings=128, original_max_position_embeddings=8,
                   rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.5,
@@ -99,3 +105,24 @@ def test_save_pretrained_loads_back_in_hf(family, tmp_path):
         np.testing.assert_array_equal(reloaded(ids).logits.numpy(), torch_model(ids).logits.numpy())
     base = type(msfx.AutoModel.from_pretrained(path)).__name__
     assert base == {"gemma3_text": "Gemma3TextModel"}.get(name, FAMILIES[name][1].replace("ForCausalLM", "Model"))
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe"])
+def test_moe_router_logits_and_aux_loss_match_hf(name, tmp_path):
+    torch_model, path = make_hf(tmp_path, name)
+    model = msfx.AutoModelForCausalLM.from_pretrained(path)
+    ids = random_ids(2, 9, seed=4)
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        expected = torch_model(torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(ids),
+                               output_router_logits=True)
+    got = model(msfx.llama.ms.Tensor(ids), attention_mask=mask, labels=ids, output_router_logits=True)
+    sparse = len(expected.router_logits)
+    assert sparse == (3 if name == "mixtral" else 2)  # qwen3_moe: layer 1 is a dense MLP (mlp_only_layers)
+    assert len(got.router_logits) == sparse
+    for ours, theirs in zip(got.router_logits, expected.router_logits):
+        np.testing.assert_allclose(ours.asnumpy(), theirs.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got.aux_loss.asnumpy(), expected.aux_loss.numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got.loss.asnumpy(), expected.loss.numpy(), atol=1e-5, rtol=0)
+    assert model(msfx.llama.ms.Tensor(ids)).router_logits is None  # config.output_router_logits is False

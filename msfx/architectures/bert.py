@@ -24,7 +24,7 @@ from msfx.layers.attention import arange, attention_bias, padding_bias, scaled_d
 from msfx.layers.basic import activation, check_model_inputs, embedding, linear, tanh
 from msfx.layers.norms import layer_norm
 from msfx.params import load_params
-from msfx.params.tree import Params, unflatten_keys
+from msfx.params.tree import Params, config_of, unflatten_keys
 
 MODEL_TYPE = "bert"
 CONFIG_CLASS = BertConfig
@@ -109,14 +109,6 @@ def init_params(config, seed: int = 0, dtype=ms.float32, shapes: dict | None = N
             value = rng.normal(0.0, config.initializer_range, shape).astype(np.float32)
         flat[key] = Tensor(value).astype(dtype)
     return Params(unflatten_keys(flat), config)
-
-
-def _config_of(params) -> BertConfig:
-    config = getattr(params, "config", None)
-    if config is None:
-        raise ValueError("params carry no config: pass config=..., or use params from "
-                         "msfx.architectures.bert.load / init_params")
-    return config
 
 
 def _check_range(name: str, ids: Tensor, limit: int, what: str) -> None:
@@ -207,7 +199,7 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
             out-of-range ids (token, token type or position), an empty sequence, a sequence
             longer than `max_position_embeddings`, or mis-shaped mask / token types / positions.
     """
-    config = config or _config_of(params)
+    config = config or config_of(params)
     _check_inputs(config, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids, check_ids)
     b, s = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
     if position_ids is None:
@@ -247,7 +239,7 @@ def forward(params: dict, input_ids: Tensor | None = None, attention_mask: Tenso
             check_ids: bool = True) -> MaskedLMOutput:
     """`BertForMaskedLM`: logits `[batch, seq, vocab]` in the params' dtype. Arguments and errors
     as `model_forward`; the tree needs the `cls.predictions` head (`param_shapes(with_mlm_head=True)`)."""
-    config = config or _config_of(params)
+    config = config or config_of(params)
     out = model_forward(params, input_ids, attention_mask, token_type_ids, position_ids, config=config,
                         inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states, check_ids=check_ids)
     return MaskedLMOutput(mlm_head(params, out.last_hidden_state, config), out.hidden_states)

@@ -27,7 +27,7 @@ from msfx.layers.attention import arange, attention_bias, scaled_dot_product_att
 from msfx.layers.basic import activation, check_model_inputs, embedding, lacks_bf16_kernels, linear
 from msfx.layers.norms import layer_norm
 from msfx.params import load_params
-from msfx.params.tree import Params, unflatten_keys
+from msfx.params.tree import Params, config_of, unflatten_keys
 
 MODEL_TYPE = "gpt2"
 CONFIG_CLASS = GPT2Config
@@ -153,13 +153,6 @@ def block(x: Tensor, p: dict, config, layer_idx: int, batch: int, seq: int, bias
     return x + conv1d(y, mlp["c_proj"]["weight"], mlp["c_proj"]["bias"]), kv
 
 
-def _config_of(params) -> GPT2Config:
-    config = getattr(params, "config", None)
-    if config is None:
-        raise ValueError("params carry no config: pass config=..., or use params from msfx.gpt2.load / init_params")
-    return config
-
-
 def _check_positions(config, seq: int, position_ids, cache_position, check_ids: bool) -> None:
     """GPT-2 has `n_positions` learned position embeddings: a position beyond them has no row
     (HF's `wpe` lookup fails with an IndexError there). Statically checked for the default
@@ -213,7 +206,7 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
             `token_type_ids`, or more tokens (or a position) than `n_positions` allows.
     """
     del inv_freq  # learned positions: see the module docstring
-    config = config or _config_of(params)
+    config = config or config_of(params)
     check_model_inputs(config, input_ids, inputs_embeds, attention_mask, position_ids,
                        None if cache is None else cache.max_len, check_ids)
     p = params["transformer"]
@@ -273,7 +266,7 @@ def forward(params: dict, input_ids: Tensor | None = None, attention_mask: Tenso
     Arguments and errors as `model_forward`; `logits_to_keep=n > 0` computes logits for the last
     `n` positions only (HF's argument; generation needs just the last one).
     """
-    config = config or _config_of(params)
+    config = config or config_of(params)
     hidden, hidden_states, cache = model_forward(
         params, input_ids, attention_mask, position_ids, cache, cache_position, inv_freq, config=config,
         inputs_embeds=inputs_embeds, token_type_ids=token_type_ids, output_hidden_states=output_hidden_states,

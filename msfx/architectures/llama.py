@@ -21,10 +21,11 @@ from transformers import LlamaConfig
 from msfx.decode.cache import KVCache, write_cache
 from msfx.layers.attention import arange, attention_bias, scaled_dot_product_attention
 from msfx.layers.basic import activation, check_model_inputs, embedding, gated_mlp, linear, tanh
+from msfx.layers.moe import sparse_moe
 from msfx.layers.norms import rms_norm
 from msfx.layers.rotary import apply_rotary, rope_cos_sin, rope_frequencies
 from msfx.params import load_params
-from msfx.params.tree import Params, unflatten_keys
+from msfx.params.tree import Params, config_of, unflatten_keys
 
 MODEL_TYPE = "llama"
 CONFIG_CLASS = LlamaConfig
@@ -33,11 +34,23 @@ CONFIG_CLASS = LlamaConfig
 class CausalLMOutput(NamedTuple):
     """`logits` `[batch, seq, vocab]`; `hidden_states`: embeddings then each layer's output
     (the last one final-normed), each `[batch, seq, hidden]`, or None; `cache`: the
-    updated cache, or None when none was passed."""
+    updated cache, or None when none was passed; `router_logits`: each sparse layer's
+    `[batch * seq, experts]` (mixture-of-experts families), else None."""
 
     logits: Tensor | None
     hidden_states: tuple[Tensor, ...] | None
     cache: KVCache | None
+    router_logits: tuple[Tensor, ...] | None = None
+
+
+class DecoderOutput(NamedTuple):
+    """`model_forward`'s result: as `CausalLMOutput`, with the final-normed `last_hidden_state`
+    `[batch, seq, hidden]` in place of logits."""
+
+    last_hidden_state: Tensor
+    hidden_states: tuple[Tensor, ...] | None
+    cache: KVCache | None
+    router_logits: tuple[Tensor, ...] | None = None
 
 
 class DecoderSpec(NamedTuple):
@@ -58,6 +71,14 @@ class DecoderSpec(NamedTuple):
     final_softcap: float | None = None
     hidden_act: str | None = None  # instead of `config.hidden_act`
     rope_by_layer_type: bool = False  # `rope_parameters` per layer type (Gemma 3)
+    # sparse mixture of experts (Mixtral, Qwen3-MoE): see `msfx.layers.moe`
+    moe: str | None = None  # the sparse MLP's module name: "block_sparse_moe" or "mlp"
+    sparse_layers: tuple = ()  # per layer: True where the MLP is the sparse one
+    expert_names: tuple = ("gate_proj", "up_proj", "down_proj")  # each expert's gate, up, down
+    num_experts: int = 0
+    top_k: int = 0
+    expert_intermediate: int = 0
+    normalize_top_k: bool = True
 
 
 SPECS: dict[str, Callable[..., DecoderSpec]] = {}
@@ -96,7 +117,16 @@ def param_shapes(config) -> dict[str, tuple[int, ...]]:
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
         shapes |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)}
+        sparse = bool(spec.moe) and spec.sparse_layers[i]
+        if sparse:
+            m, (gate, up, down), e_inter = p + spec.moe, spec.expert_names, spec.expert_intermediate
+            shapes[m + ".gate.weight"] = (spec.num_experts, h)
+            for e in range(spec.num_experts):
+                shapes |= {f"{m}.experts.{e}.{gate}.weight": (e_inter, h), f"{m}.experts.{e}.{up}.weight": (e_inter, h),
+                           f"{m}.experts.{e}.{down}.weight": (h, e_inter)}
         for module, rows in projections.items():
+            if sparse and module == "mlp":
+                continue
             for name, out, bias in rows:
                 shapes[p + f"{module}.{name}.weight"] = (out, h)
                 if bias:
@@ -104,9 +134,10 @@ def param_shapes(config) -> dict[str, tuple[int, ...]]:
         shapes[p + "self_attn.o_proj.weight"] = (h, q)
         if spec.o_bias:
             shapes[p + "self_attn.o_proj.bias"] = (h,)
-        shapes[p + "mlp.down_proj.weight"] = (h, inter)
-        if spec.mlp_bias:
-            shapes[p + "mlp.down_proj.bias"] = (h,)
+        if not sparse:
+            shapes[p + "mlp.down_proj.weight"] = (h, inter)
+            if spec.mlp_bias:
+                shapes[p + "mlp.down_proj.bias"] = (h,)
         if spec.qk_norm:
             shapes |= {p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)}
         if spec.sandwich_norms:
@@ -157,8 +188,17 @@ def _attention(x, p, config, spec, cos, sin, bias, layer_cache, cache_position):
     return linear(out, p["o_proj"]["weight"], p["o_proj"].get("bias")), (k, v)
 
 
+def _mlp(x, p, spec, act):
+    """The layer's MLP; returns `(y, router_logits or None)`."""
+    moe = p.get(spec.moe) if spec.moe else None
+    if moe is not None and "experts" in moe:
+        return sparse_moe(x, moe, spec.expert_names, spec.top_k, spec.normalize_top_k, act)
+    return gated_mlp(x, p["mlp"], act), None
+
+
 def decoder_layer(x, p, config, cos, sin, bias, layer_cache=None, cache_position=None, spec=None):
-    """One pre-norm block: `x + attn(norm(x))`, then `x + mlp(norm(x))`. Returns (x, (k, v)).
+    """One pre-norm block: `x + attn(norm(x))`, then `x + mlp(norm(x))`. Returns
+    `(x, (k, v), router_logits)`, the last None unless the MLP is a sparse mixture of experts.
 
     With `spec.sandwich_norms` (Gemma), the attention and MLP outputs are normed before each
     residual add (`post_attention_layernorm`, `post_feedforward_layernorm`) and the MLP input by
@@ -175,24 +215,18 @@ def decoder_layer(x, p, config, cos, sin, bias, layer_cache=None, cache_position
     act = activation(spec.hidden_act or config.hidden_act)
     if spec.sandwich_norms:
         x = x + norm(h, "post_attention_layernorm")
-        h = gated_mlp(norm(x, "pre_feedforward_layernorm"), p["mlp"], act)
-        return x + norm(h, "post_feedforward_layernorm"), kv
+        h, router_logits = _mlp(norm(x, "pre_feedforward_layernorm"), p, spec, act)
+        return x + norm(h, "post_feedforward_layernorm"), kv, router_logits
     x = x + h
-    return x + gated_mlp(norm(x, "post_attention_layernorm"), p["mlp"], act), kv
-
-
-def _config_of(params) -> LlamaConfig:
-    config = getattr(params, "config", None)
-    if config is None:
-        raise ValueError("params carry no config: pass config=..., or use params from msfx.llama.load / init_params")
-    return config
+    h, router_logits = _mlp(norm(x, "post_attention_layernorm"), p, spec, act)
+    return x + h, kv, router_logits
 
 
 def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                   position_ids: Tensor | None = None, cache: KVCache | None = None,
                   cache_position: Tensor | None = None, inv_freq: Tensor | None = None, *, config=None,
                   inputs_embeds: Tensor | None = None, output_hidden_states: bool = False, check_ids: bool = True):
-    """The decoder stack (`LlamaModel`). Returns `(last_hidden_state, hidden_states, cache)`.
+    """The decoder stack (`LlamaModel`). Returns a `DecoderOutput`.
 
     Args:
         params: the tree (with or without `lm_head`).
@@ -212,7 +246,7 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
         ValueError: no config, missing/both of `input_ids`/`inputs_embeds`, non-integer or
             out-of-range ids, an empty sequence, or mis-shaped `attention_mask`/`position_ids`.
     """
-    config = config or _config_of(params)
+    config = config or config_of(params)
     check_model_inputs(config, input_ids, inputs_embeds, attention_mask, position_ids,
                        None if cache is None else cache.max_len, check_ids)
     spec = spec_of(config)
@@ -246,20 +280,24 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
         rotations = [rope_cos_sin(position_ids, inv_freq, scaling, x.dtype)] * config.num_hidden_layers
     hidden_states = [x] if output_hidden_states else None
     x = x.reshape(b * s, -1)
-    new_keys, new_values = [], []
+    new_keys, new_values, router_logits = [], [], []
     for i, layer in enumerate(params["model"]["layers"]):
         layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
         cos, sin = rotations[i]
-        x, (k, v) = decoder_layer(x, layer, config, cos, sin, biases[windows[i]], layer_cache, cache_position, spec)
+        x, (k, v), routed = decoder_layer(x, layer, config, cos, sin, biases[windows[i]], layer_cache,
+                                          cache_position, spec)
         new_keys.append(k)
         new_values.append(v)
+        if routed is not None:
+            router_logits.append(routed)
         if output_hidden_states:
             hidden_states.append(x.reshape(b, s, -1))
     x = rms_norm(x, params["model"]["norm"]["weight"], config.rms_norm_eps, spec.norm_offset).reshape(b, s, -1)
     if output_hidden_states:
         hidden_states[-1] = x
     new_cache = None if cache is None else KVCache(tuple(new_keys), tuple(new_values))
-    return x, (tuple(hidden_states) if output_hidden_states else None), new_cache
+    return DecoderOutput(x, tuple(hidden_states) if output_hidden_states else None, new_cache,
+                         tuple(router_logits) if router_logits else None)
 
 
 def lm_head(params: dict, hidden: Tensor, config) -> Tensor:
@@ -281,13 +319,14 @@ def forward(params: dict, input_ids: Tensor | None = None, attention_mask: Tenso
     Arguments as `model_forward`; `logits_to_keep=n > 0` computes logits for the last `n`
     positions only (HF's argument; generation needs just the last one).
     """
-    config = config or _config_of(params)
-    hidden, hidden_states, cache = model_forward(
-        params, input_ids, attention_mask, position_ids, cache, cache_position, inv_freq,
-        config=config, inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states, check_ids=check_ids)
+    config = config or config_of(params)
+    out = model_forward(params, input_ids, attention_mask, position_ids, cache, cache_position, inv_freq,
+                        config=config, inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states,
+                        check_ids=check_ids)
+    hidden = out.last_hidden_state
     if 0 < logits_to_keep < hidden.shape[1]:  # a no-op slice still costs ~1.5 ms in a compiled CPU step
         hidden = hidden[:, -logits_to_keep:]
-    return CausalLMOutput(lm_head(params, hidden, config), hidden_states, cache)
+    return CausalLMOutput(lm_head(params, hidden, config), out.hidden_states, out.cache, out.router_logits)
 
 
 def loader(module_name: str) -> Callable[..., Params]:

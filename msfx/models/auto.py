@@ -17,14 +17,20 @@ from msfx.params.hub import resolve_model_dir
 
 FAMILIES: dict[str, str] = {
     "bert": "msfx.models.bert",
+    "clip": "msfx.models.clip",
+    "clip_text_model": "msfx.models.clip_text",
+    "clip_vision_model": "msfx.models.clip_vision",
     "gpt2": "msfx.models.gpt2",
     "gemma2": "msfx.models.gemma2",
     "gemma3_text": "msfx.models.gemma3",
     "llama": "msfx.models.llama",
     "mistral": "msfx.models.mistral",
+    "mixtral": "msfx.models.mixtral",
     "phi3": "msfx.models.phi3",
     "qwen2": "msfx.models.qwen2",
     "qwen3": "msfx.models.qwen3",
+    "qwen3_moe": "msfx.models.qwen3_moe",
+    "t5": "msfx.models.t5",
 }
 
 _HUB_KEYS = ("revision", "cache_dir", "local_files_only", "token")
@@ -115,3 +121,18 @@ AutoModelForZeroShotImageClassification = _auto("AutoModelForZeroShotImageClassi
 
 AUTO_CLASSES = (AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
                 AutoModelForMaskedLM, AutoModelForTextEncoding, AutoModelForZeroShotImageClassification)
+
+
+def supported_table() -> str:
+    """The README's table of supported architectures: one row per `model_type` in `FAMILIES`, with
+    its classes and the Auto classes that pick them (markdown)."""
+    rows = ["| model_type | classes (Auto class) |", "|---|---|"]
+    table = supported_classes()
+    for model_type in sorted(FAMILIES):
+        picks: dict[str, list[str]] = {}
+        for auto, classes in table.items():
+            if model_type in classes:
+                picks.setdefault(classes[model_type], []).append(auto)
+        cells = [f"`{name}` ({', '.join(autos)})" for name, autos in picks.items()]
+        rows.append(f"| `{model_type}` | {'<br>'.join(cells)} |")
+    return "\n".join(rows)

@@ -6,11 +6,11 @@ behaviour they reproduce.
 """
 from __future__ import annotations
 
-
 from msfx.architectures import llama
-from msfx.layers.basic import linear
 from msfx.generation import GenerationMixin
-from msfx.modeling import (BaseModelOutputWithPast, CausalLMOutputWithPast, PreTrainedModel,
+from msfx.layers.basic import linear
+from msfx.layers.moe import load_balancing_loss
+from msfx.modeling import (BaseModelOutputWithPast, CausalLMOutputWithPast, MoeCausalLMOutputWithPast, PreTrainedModel,
                            SequenceClassifierOutputWithPast, as_tensor, causal_lm_loss, last_token_logits,
                            sequence_classification_loss, token_ids)
 
@@ -37,7 +37,7 @@ class LlamaModel(_LlamaBase):
 
     def construct(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                   output_hidden_states=None, return_dict=True, **kwargs):
-        hidden, states, _ = self._backbone(input_ids, attention_mask, position_ids, inputs_embeds,
+        hidden, states, *_ = self._backbone(input_ids, attention_mask, position_ids, inputs_embeds,
                                            output_hidden_states)
         out = BaseModelOutputWithPast(last_hidden_state=hidden, hidden_states=states)
         return out if return_dict else out.to_tuple()
@@ -49,7 +49,7 @@ class LlamaForCausalLM(GenerationMixin, _LlamaBase):
 
     def construct(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, inputs_embeds=None,
                   output_hidden_states=None, return_dict=True, logits_to_keep: int = 0, **kwargs):
-        hidden, states, _ = self._backbone(input_ids, attention_mask, position_ids, inputs_embeds,
+        hidden, states, *_ = self._backbone(input_ids, attention_mask, position_ids, inputs_embeds,
                                            output_hidden_states)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
@@ -57,6 +57,35 @@ class LlamaForCausalLM(GenerationMixin, _LlamaBase):
         loss = None if labels is None else causal_lm_loss(logits, as_tensor(labels))
         out = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=states)
         return out if return_dict else out.to_tuple()
+
+
+class MoeForCausalLM(LlamaForCausalLM):
+    """A mixture-of-experts family's `...ForCausalLM` (HF's Mixtral / Qwen3-MoE heads): as
+    `LlamaForCausalLM`, and with `output_router_logits` (default `config.output_router_logits`)
+    also each sparse layer's `router_logits` `[batch * seq, experts]` and the load-balancing
+    `aux_loss`, added to `loss` times `config.router_aux_loss_coef` when `labels` are given."""
+
+    def construct(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, inputs_embeds=None,
+                  output_hidden_states=None, output_router_logits=None, return_dict=True, logits_to_keep: int = 0,
+                  **kwargs):
+        out = self._backbone(input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states)
+        hidden = out.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.arch.lm_head(self.params, hidden, self.config)
+        loss = None if labels is None else causal_lm_loss(logits, as_tensor(labels))
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        aux_loss = router_logits = None
+        if output_router_logits:
+            router_logits = out.router_logits
+            spec = self.arch.spec(self.config)
+            aux_loss = load_balancing_loss(router_logits, spec.num_experts, spec.top_k, as_tensor(attention_mask))
+            if loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss
+        result = MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits, hidden_states=out.hidden_states,
+                                           router_logits=router_logits)
+        return result if return_dict else result.to_tuple()
 
 
 class LlamaForSequenceClassification(_LlamaBase):
@@ -72,7 +101,7 @@ class LlamaForSequenceClassification(_LlamaBase):
 
     def construct(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, inputs_embeds=None,
                   output_hidden_states=None, return_dict=True, **kwargs):
-        hidden, states, _ = self._backbone(input_ids, attention_mask, position_ids, inputs_embeds,
+        hidden, states, *_ = self._backbone(input_ids, attention_mask, position_ids, inputs_embeds,
                                            output_hidden_states)
         logits = linear(hidden, self.params["score"]["weight"])
         pooled = last_token_logits(logits, input_ids, self.config.pad_token_id, self.config.vocab_size)
@@ -85,14 +114,15 @@ AUTO_CLASSES = {"AutoModel": LlamaModel, "AutoModelForCausalLM": LlamaForCausalL
                 "AutoModelForSequenceClassification": LlamaForSequenceClassification}
 
 
-def llama_family(prefix: str, arch, module: str, names: tuple[str, str, str] | None = None
-                 ) -> tuple[type, type, type, dict[str, type]]:
+def llama_family(prefix: str, arch, module: str, names: tuple[str, str, str] | None = None,
+                 moe: bool = False) -> tuple[type, type, type, dict[str, type]]:
     """`{prefix}Model`, `{prefix}ForCausalLM`, `{prefix}ForSequenceClassification` (HF's names, or
     `names` where HF's differ) over the Llama-like architecture module `arch`, defined in
-    `module`, and their `AUTO_CLASSES` table."""
+    `module`, and their `AUTO_CLASSES` table; `moe` gives the causal LM `MoeForCausalLM`'s outputs."""
     classes = []
-    bases = (LlamaModel, LlamaForCausalLM, LlamaForSequenceClassification)
-    for base, name in zip(bases, names or [prefix + base.__name__.removeprefix("Llama") for base in bases]):
+    bases = (LlamaModel, MoeForCausalLM if moe else LlamaForCausalLM, LlamaForSequenceClassification)
+    names = names or [prefix + suffix for suffix in ("Model", "ForCausalLM", "ForSequenceClassification")]
+    for base, name in zip(bases, names):
         doc = f"HF's `{name}`: as `{base.__name__}`, over `{arch.__name__}`."
         classes.append(type(name, (base,), {"arch": arch, "__doc__": doc, "__module__": module, "__qualname__": name}))
     auto = dict(zip(("AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification"), classes))

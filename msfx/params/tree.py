@@ -86,3 +86,17 @@ class Params(dict):
     def __init__(self, tree: dict, config=None):
         super().__init__(tree)
         self.config = config
+
+
+def config_of(params) -> Any:
+    """The config a parameter tree carries (`Params.config`).
+
+    Raises:
+        ValueError: the tree carries none (a plain dict): pass `config=` to the forward function,
+            or use params from the family's `load` / `init_params`.
+    """
+    config = getattr(params, "config", None)
+    if config is None:
+        raise ValueError("params carry no config: pass config=..., or use params from the family's load / "
+                         "init_params (e.g. msfx.llama.load)")
+    return config

@@ -1,0 +1,378 @@
+"""CLIP (Radford et al. 2021) as pure functions over a parameter tree.
+
+Follows `transformers.models.clip.modeling_clip` (transformers 5.24): a causal text transformer
+pooled at its end-of-text token, a ViT image transformer pooled at its class token, both pre-LN,
+and linear projections into a shared space scored by cosine similarity times `exp(logit_scale)`.
+Parameters are keyed like the HF checkpoint: `params["text_model"]["encoder"]["layers"][i]
+["self_attn"]["q_proj"]["weight"]`, `params["vision_model"]["pre_layrnorm"]["weight"]` (HF's
+spelling), `params["visual_projection"]["weight"]`, `params["logit_scale"]`.
+
+Three configs, as HF: `CLIPConfig` ("clip", this module's `MODEL_TYPE`, with `text_config` and
+`vision_config`) for the dual model, and the towers' own `CLIPTextConfig` ("clip_text_model") and
+`CLIPVisionConfig` ("clip_vision_model"), whose loading descriptions are `TEXT` and `VISION`.
+
+Layout of one encoder layer (both towers):
+`x = x + out_proj(attention(layer_norm1(x)))`, then `x = x + fc2(act(fc1(layer_norm2(x))))`.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from typing import Callable, NamedTuple
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, ops
+from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+
+from msfx.layers.attention import arange, attention_bias, scaled_dot_product_attention
+from msfx.layers.basic import activation, check_model_inputs, embedding, linear
+from msfx.layers.norms import layer_norm
+from msfx.params import load_params
+from msfx.params.tree import Params, unflatten_keys
+
+MODEL_TYPE = "clip"
+CONFIG_CLASS = CLIPConfig
+PREFIX = "clip"  # HF's `base_model_prefix`; no key carries it, so a CLIP checkpoint's keys are used as stored
+TEXT_PREFIX = "text_model"
+VISION_PREFIX = "vision_model"
+
+
+class TowerOutput(NamedTuple):
+    """`last_hidden_state` `[batch, seq, hidden]` (text: after `final_layer_norm`; vision: before
+    `post_layernorm`); `pooler_output` `[batch, hidden]` (text: the end-of-text token; vision:
+    `post_layernorm` of the class token); `hidden_states`: the encoder's input then each layer's
+    output (the last one before any final norm, as HF), each `[batch, seq, hidden]`, or None."""
+
+    last_hidden_state: Tensor
+    pooler_output: Tensor
+    hidden_states: tuple[Tensor, ...] | None
+
+
+class CLIPOutput(NamedTuple):
+    """`logits_per_image` `[images, texts]` and `logits_per_text` `[texts, images]` (scaled cosine
+    similarities); `text_embeds` `[texts, projection_dim]` and `image_embeds` `[images, projection_dim]`,
+    L2-normalized; the towers' outputs, their `pooler_output` projected but not normalized
+    `[n, projection_dim]` (as transformers 5.24's `get_text_features` / `get_image_features`)."""
+
+    logits_per_image: Tensor
+    logits_per_text: Tensor
+    text_embeds: Tensor
+    image_embeds: Tensor
+    text_model_output: TowerOutput
+    vision_model_output: TowerOutput
+
+
+def _int_size(config, name: str) -> int:
+    value = getattr(config, name)
+    if not isinstance(value, int):  # HF's modeling compares it with ints too: only square sizes work there
+        raise ValueError(f"config.{name} must be an int (square images and patches), got {value!r}")
+    return value
+
+
+def _encoder_shapes(config, prefix: str) -> dict[str, tuple[int, ...]]:
+    h, inter = config.hidden_size, config.intermediate_size
+    if h % config.num_attention_heads:
+        raise ValueError(f"hidden_size {h} is not a multiple of num_attention_heads {config.num_attention_heads}")
+    shapes = {}
+    for i in range(config.num_hidden_layers):
+        p = f"{prefix}.encoder.layers.{i}."
+        for name, shape in (("self_attn.q_proj", (h, h)), ("self_attn.k_proj", (h, h)), ("self_attn.v_proj", (h, h)),
+                            ("self_attn.out_proj", (h, h)), ("mlp.fc1", (inter, h)), ("mlp.fc2", (h, inter)),
+                            ("layer_norm1", (h,)), ("layer_norm2", (h,))):
+            shapes[p + name + ".weight"] = shape
+            shapes[p + name + ".bias"] = shape[:1]
+    return shapes
+
+
+def text_param_shapes(config: CLIPTextConfig, *, with_projection: bool = False) -> dict[str, tuple[int, ...]]:
+    """Keys and shapes of the text tower under `text_model.` (`CLIPTextModel`; HF 5.24 saves it
+    with that prefix too), plus `text_projection.weight` `[projection_dim, hidden]` with
+    `with_projection` (`CLIPTextModelWithProjection`)."""
+    h, t = config.hidden_size, TEXT_PREFIX
+    shapes = {f"{t}.embeddings.token_embedding.weight": (config.vocab_size, h),
+              f"{t}.embeddings.position_embedding.weight": (config.max_position_embeddings, h)}
+    shapes |= _encoder_shapes(config, t)
+    shapes |= {f"{t}.final_layer_norm.weight": (h,), f"{t}.final_layer_norm.bias": (h,)}
+    if with_projection:
+        shapes["text_projection.weight"] = (config.projection_dim, h)
+    return shapes
+
+
+def vision_param_shapes(config: CLIPVisionConfig, *, with_projection: bool = False) -> dict[str, tuple[int, ...]]:
+    """Keys and shapes of the vision tower under `vision_model.` (`CLIPVisionModel`), plus
+    `visual_projection.weight` `[projection_dim, hidden]` with `with_projection`.
+
+    Raises:
+        ValueError: a non-int `image_size` / `patch_size`.
+    """
+    h, v = config.hidden_size, VISION_PREFIX
+    patch, image = _int_size(config, "patch_size"), _int_size(config, "image_size")
+    shapes = {f"{v}.embeddings.class_embedding": (h,),
+              f"{v}.embeddings.patch_embedding.weight": (h, config.num_channels, patch, patch),
+              f"{v}.embeddings.position_embedding.weight": ((image // patch) ** 2 + 1, h),
+              f"{v}.pre_layrnorm.weight": (h,), f"{v}.pre_layrnorm.bias": (h,)}
+    shapes |= _encoder_shapes(config, v)
+    shapes |= {f"{v}.post_layernorm.weight": (h,), f"{v}.post_layernorm.bias": (h,)}
+    if with_projection:
+        shapes["visual_projection.weight"] = (config.projection_dim, h)
+    return shapes
+
+
+def param_shapes(config: CLIPConfig) -> dict[str, tuple[int, ...]]:
+    """Every key of `CLIPModel` with its shape: both towers, both projections, `logit_scale` `[]`."""
+    shapes = text_param_shapes(config.text_config) | vision_param_shapes(config.vision_config)
+    return shapes | {"text_projection.weight": (config.projection_dim, config.text_config.hidden_size),
+                     "visual_projection.weight": (config.projection_dim, config.vision_config.hidden_size),
+                     "logit_scale": ()}
+
+
+def init_params(config, seed: int = 0, dtype=ms.float32, shapes: dict | None = None) -> Params:
+    """Random parameters for `shapes` (default: the keys of `config`'s bare model, `CLIPModel`,
+    `CLIPTextModel` or `CLIPVisionModel`; `config` is any of the three CLIP configs): unit LayerNorm
+    weights, zero biases, `logit_scale` = `config.logit_scale_init_value`, other tensors
+    normal(0, `initializer_range * initializer_factor`) (a simplification of HF's per-module
+    `_init_weights` scales)."""
+    rng = np.random.default_rng(seed)
+    std = getattr(config, "initializer_range", 0.02) * getattr(config, "initializer_factor", 1.0)
+    flat = {}
+    if shapes is None:
+        shapes = {CLIPTextConfig: text_param_shapes, CLIPVisionConfig: vision_param_shapes}.get(
+            type(config), param_shapes)(config)
+    for key, shape in shapes.items():
+        if key == "logit_scale":
+            value = np.full(shape, config.logit_scale_init_value, np.float32)
+        elif "norm" in key.rsplit(".", 2)[-2]:  # layer_norm1, final_layer_norm, pre_layrnorm, post_layernorm
+            value = (np.ones if key.endswith("weight") else np.zeros)(shape, np.float32)
+        elif key.endswith("bias"):
+            value = np.zeros(shape, np.float32)
+        else:
+            value = rng.normal(0.0, std, shape).astype(np.float32)
+        flat[key] = Tensor(value).astype(dtype)
+    return Params(unflatten_keys(flat), config)
+
+
+class Tower(NamedTuple):
+    """What `msfx.params.load_params` and the wrappers need of an architecture, for one tower
+    loaded on its own (its config's `model_type`, config class, key prefix and keys)."""
+
+    MODEL_TYPE: str
+    CONFIG_CLASS: type
+    PREFIX: str
+    param_shapes: Callable[..., dict]
+    init_params: Callable[..., Params]
+
+
+TEXT = Tower("clip_text_model", CLIPTextConfig, TEXT_PREFIX, text_param_shapes, init_params)
+VISION = Tower("clip_vision_model", CLIPVisionConfig, VISION_PREFIX, vision_param_shapes, init_params)
+
+
+def _ln(x: Tensor, p: dict, config) -> Tensor:
+    return layer_norm(x, p["weight"], p["bias"], config.layer_norm_eps)
+
+
+def encoder_layer(x: Tensor, p: dict, config, bias: Tensor, batch: int) -> Tensor:
+    """One pre-LN `CLIPEncoderLayer`. `x` is `[batch * seq, hidden]` (2-D: one matmul per linear);
+    `bias` the additive float32 attention mask, broadcastable to `[batch, heads, 1, seq, seq]`."""
+    s, heads = x.shape[0] // batch, config.num_attention_heads
+    d = config.hidden_size // heads
+    a = p["self_attn"]
+    h = _ln(x, p["layer_norm1"], config)
+
+    def project(name):
+        return linear(h, a[name]["weight"], a[name]["bias"]).reshape(batch, s, heads, d).transpose(0, 2, 1, 3)
+
+    ctx = scaled_dot_product_attention(project("q_proj"), project("k_proj"), project("v_proj"), bias, d ** -0.5)
+    ctx = ctx.transpose(0, 2, 1, 3).reshape(batch * s, -1)
+    x = x + linear(ctx, a["out_proj"]["weight"], a["out_proj"]["bias"])
+    m = p["mlp"]
+    h = activation(config.hidden_act)(linear(_ln(x, p["layer_norm2"], config), m["fc1"]["weight"], m["fc1"]["bias"]))
+    return x + linear(h, m["fc2"]["weight"], m["fc2"]["bias"])
+
+
+def encoder(x: Tensor, layers: list, config, bias: Tensor,
+            output_hidden_states: bool) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+    """`CLIPEncoder` over `x` `[batch, seq, hidden]`: the last layer's output and, with
+    `output_hidden_states`, the input followed by every layer's output."""
+    b, s = x.shape[0], x.shape[1]
+    hidden_states = [x] if output_hidden_states else None
+    x = x.reshape(b * s, -1)
+    for layer in layers:
+        x = encoder_layer(x, layer, config, bias, b)
+        if output_hidden_states:
+            hidden_states.append(x.reshape(b, s, -1))
+    return x.reshape(b, s, -1), tuple(hidden_states) if output_hidden_states else None
+
+
+def eos_positions(input_ids: np.ndarray, eos_token_id: int) -> np.ndarray:
+    """Each row's pooling position, as HF's `CLIPTextModel`: with the legacy `eos_token_id == 2`
+    (configs older than transformers PR #24773) the largest id (the original CLIP vocabulary ends
+    with its end-of-text token); otherwise the first `eos_token_id` (position 0 in a row without one)."""
+    if eos_token_id == 2:
+        return input_ids.argmax(-1)
+    return (input_ids == eos_token_id).argmax(-1)
+
+
+def text_forward(params: dict, input_ids: Tensor, attention_mask: Tensor | None = None,
+                 position_ids: Tensor | None = None, *, config: CLIPTextConfig,
+                 output_hidden_states: bool = False) -> TowerOutput:
+    """The text tower (`CLIPTextModel`) over `params["text_model"]`.
+
+    Args:
+        input_ids: `[batch, seq]` int32/int64 token ids.
+        attention_mask: `[batch, seq]`, 1 for tokens, 0 for padding; attention is causal on top.
+        position_ids: `[batch, seq]` or `[1, seq]`; default `0..seq-1`.
+        config: the `CLIPTextConfig` (a `CLIPConfig`'s `text_config`).
+
+    Raises:
+        ValueError: missing, non-integer, empty or out-of-range `input_ids`; a sequence longer than
+            `max_position_embeddings`; mis-shaped mask or positions; a non-int `eos_token_id`.
+    """
+    if input_ids is None:
+        raise ValueError("You have to specify input_ids")
+    b, s = check_model_inputs(config, input_ids, None, attention_mask, position_ids)
+    if s > config.max_position_embeddings:
+        raise ValueError(f"sequence length {s} exceeds max_position_embeddings {config.max_position_embeddings}")
+    if not isinstance(config.eos_token_id, int):
+        raise ValueError(f"config.eos_token_id must be an int for CLIP's pooling, got {config.eos_token_id!r}")
+    p = params[TEXT_PREFIX]
+    if position_ids is None:
+        position_ids = arange(s).reshape(1, s)
+    x = embedding(input_ids, p["embeddings"]["token_embedding"]["weight"])
+    x = x + embedding(position_ids, p["embeddings"]["position_embedding"]["weight"])
+    if attention_mask is None:
+        attention_mask = ops.ones((b, s), ms.int32)
+    bias = attention_bias(attention_mask, arange(s))  # causal, padding keys masked (HF's `create_causal_mask`)
+    x, hidden_states = encoder(x, p["encoder"]["layers"], config, bias, output_hidden_states)
+    x = _ln(x, p["final_layer_norm"], config)
+    rows = eos_positions(input_ids.asnumpy(), config.eos_token_id).astype(np.int32)
+    pooled = x[Tensor(np.arange(b, dtype=np.int32)), Tensor(rows)]
+    return TowerOutput(x, pooled, hidden_states)
+
+
+def _bicubic_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """`[size_out, size_in]` weights of PyTorch's 1-D bicubic resize (`align_corners=False`,
+    a = -0.75, border indices clamped, source coordinate not clamped), in float64."""
+    a, scale = -0.75, size_in / size_out
+    m = np.zeros((size_out, size_in))
+    for j in range(size_out):
+        src = (j + 0.5) * scale - 0.5
+        i0 = math.floor(src)
+        t = src - i0
+        # the cubic convolution kernel at distances 1 + t, t, 1 - t, 2 - t
+        w = (((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
+             ((a + 2) * t - (a + 3)) * t * t + 1,
+             ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1,
+             ((a * (2 - t) - 5 * a) * (2 - t) + 8 * a) * (2 - t) - 4 * a)
+        for k in range(4):
+            m[j, min(max(i0 - 1 + k, 0), size_in - 1)] += w[k]
+    return m
+
+
+def position_embeddings(weight: Tensor, height: int, width: int, patch: int) -> Tensor:
+    """`CLIPVisionEmbeddings.interpolate_pos_encoding`: the class position then the patch
+    positions, a square grid bicubically resized to `[height // patch, width // patch]` (kept as
+    stored when the grid and the image are both unchanged and square) -> `[1 + patches, hidden]`."""
+    n = int((weight.shape[0] - 1) ** 0.5)
+    gh, gw = height // patch, width // patch
+    if gh * gw == n * n and height == width:
+        return weight
+    dim = weight.shape[1]
+    rows = Tensor(_bicubic_matrix(n, gh).astype(np.float32)).astype(weight.dtype)
+    cols = Tensor(_bicubic_matrix(n, gw).astype(np.float32)).astype(weight.dtype)
+    grid = ops.matmul(rows, weight[1:].reshape(n, n * dim)).reshape(gh, n, dim)  # resize along height
+    grid = ops.matmul(cols, grid)  # [gh, gw, dim]: along width, broadcast over the rows
+    return ops.concat([weight[:1], grid.reshape(gh * gw, dim)], 0)
+
+
+def check_pixel_values(pixel_values: Tensor, config: CLIPVisionConfig, interpolate_pos_encoding: bool) -> None:
+    """Raise ValueError unless `pixel_values` is a float `[batch, num_channels, H, W]` Tensor with
+    `H = W = image_size` (with `interpolate_pos_encoding`: at least one patch each way)."""
+    if not isinstance(pixel_values, Tensor) or pixel_values.ndim != 4:
+        kind = list(pixel_values.shape) if isinstance(pixel_values, Tensor) else type(pixel_values)
+        raise ValueError(f"pixel_values must be a float Tensor [batch, channels, height, width], got {kind}")
+    if not ops.is_floating_point(pixel_values):
+        raise ValueError(f"pixel_values must be floating point, got {pixel_values.dtype}")
+    _, c, h, w = pixel_values.shape
+    if c != config.num_channels:
+        raise ValueError(f"pixel_values has {c} channels, the model expects num_channels={config.num_channels} "
+                         "(images as [batch, channels, height, width], channels first)")
+    size, patch = _int_size(config, "image_size"), _int_size(config, "patch_size")
+    if not interpolate_pos_encoding and (h != size or w != size):
+        raise ValueError(f"Input image size ({h}*{w}) doesn't match model ({size}*{size}); resize it (e.g. "
+                         "with CLIPImageProcessor) or pass interpolate_pos_encoding=True")
+    if h < patch or w < patch:
+        raise ValueError(f"Input image size ({h}*{w}) is smaller than one patch ({patch}*{patch})")
+
+
+def vision_forward(params: dict, pixel_values: Tensor, *, config: CLIPVisionConfig,
+                   interpolate_pos_encoding: bool = False, output_hidden_states: bool = False) -> TowerOutput:
+    """The vision tower (`CLIPVisionModel`) over `params["vision_model"]`.
+
+    Args:
+        pixel_values: `[batch, num_channels, H, W]` float (as `CLIPImageProcessor` produces), cast to
+            the parameters' dtype; `H = W = image_size` unless `interpolate_pos_encoding`.
+        config: the `CLIPVisionConfig` (a `CLIPConfig`'s `vision_config`).
+        interpolate_pos_encoding: accept other sizes, resizing the position grid bicubically as HF
+            (pixels beyond the last whole patch are ignored, as the strided convolution does).
+
+    Raises:
+        ValueError: see `check_pixel_values`.
+    """
+    check_pixel_values(pixel_values, config, interpolate_pos_encoding)
+    p = params[VISION_PREFIX]["embeddings"]
+    weight = p["patch_embedding"]["weight"]  # [hidden, channels, patch, patch]
+    hidden, c, patch = weight.shape[0], weight.shape[1], weight.shape[2]
+    b, _, height, width = pixel_values.shape
+    gh, gw = height // patch, width // patch
+    # The stride-`patch` convolution as one matmul over the unfolded patches, each flattened (channel, row, column)
+    x = pixel_values.astype(weight.dtype)[:, :, :gh * patch, :gw * patch]
+    x = x.reshape(b, c, gh, patch, gw, patch).transpose(0, 2, 4, 1, 3, 5).reshape(b * gh * gw, c * patch * patch)
+    x = linear(x, weight.reshape(hidden, -1)).reshape(b, gh * gw, hidden)
+    cls = ops.broadcast_to(p["class_embedding"].reshape(1, 1, hidden), (b, 1, hidden)).astype(x.dtype)
+    x = ops.concat([cls, x], 1)
+    positions = p["position_embedding"]["weight"]
+    if interpolate_pos_encoding:
+        positions = position_embeddings(positions, height, width, patch)
+    x = x + positions.reshape(1, -1, hidden)
+    v = params[VISION_PREFIX]
+    x = _ln(x, v["pre_layrnorm"], config)
+    no_mask = ops.zeros((1, 1, 1, 1, 1), ms.float32)
+    x, hidden_states = encoder(x, v["encoder"]["layers"], config, no_mask, output_hidden_states)
+    return TowerOutput(x, _ln(x[:, 0], v["post_layernorm"], config), hidden_states)
+
+
+def project(params: dict, name: str, pooled: Tensor) -> Tensor:
+    """`pooled` `[batch, hidden]` through `params[name]` (`text_projection` / `visual_projection`,
+    no bias) -> `[batch, projection_dim]`."""
+    return linear(pooled, params[name]["weight"])
+
+
+def _l2_normalize(x: Tensor) -> Tensor:
+    return x / ops.sqrt((x * x).sum(-1, keepdims=True))
+
+
+def forward(params: dict, input_ids: Tensor, pixel_values: Tensor, attention_mask: Tensor | None = None,
+            position_ids: Tensor | None = None, *, config: CLIPConfig | None = None,
+            interpolate_pos_encoding: bool = False, output_hidden_states: bool = False) -> CLIPOutput:
+    """`CLIPModel`: both towers, projections, L2-normalized embeddings, and the similarity logits
+    `logits_per_text = exp(logit_scale) * text_embeds @ image_embeds.T` (`logits_per_image` its
+    transpose). Arguments and errors as `text_forward` and `vision_forward`; `config` defaults to
+    the tree's (`params.config`)."""
+    config = config or params.config
+    text = text_forward(params, input_ids, attention_mask, position_ids, config=config.text_config,
+                        output_hidden_states=output_hidden_states)
+    vision = vision_forward(params, pixel_values, config=config.vision_config,
+                            interpolate_pos_encoding=interpolate_pos_encoding,
+                            output_hidden_states=output_hidden_states)
+    text = text._replace(pooler_output=project(params, "text_projection", text.pooler_output))
+    vision = vision._replace(pooler_output=project(params, "visual_projection", vision.pooler_output))
+    text_embeds, image_embeds = _l2_normalize(text.pooler_output), _l2_normalize(vision.pooler_output)
+    logits_per_text = ops.matmul(text_embeds, image_embeds.T) * ops.exp(params["logit_scale"]).astype(text_embeds.dtype)
+    return CLIPOutput(logits_per_text.T, logits_per_text, text_embeds, image_embeds, text, vision)
+
+
+def load(ref, *, dtype="auto", **hub_kwargs) -> Params:
+    """Parameters of a full CLIP checkpoint (directory or hub id), `CLIPConfig` attached. See
+    `msfx.params.load_params` for the arguments and the errors raised."""
+    return load_params(sys.modules[__name__], ref, dtype=dtype, prefix=PREFIX, **hub_kwargs)

@@ -1,0 +1,176 @@
+"""Numerical parity of msfx's T5 with HF transformers (PyTorch) as the oracle.
+
+Two tiny random HF PyTorch T5s (fixed seed, random layer-norm weights, eager attention), saved to disk
+and loaded into msfx: original T5 ("relu", head tied to `shared` with the `d_model ** -0.5` scale) and
+T5 v1.1 / Flan style ("gated-gelu", an untied `lm_head`, no scale), with more decoder than encoder
+blocks. In float32 msfx must match torch within 1e-4 (max abs) on a padded encoder batch: T5Model's
+decoder and encoder outputs, T5EncoderModel, T5ForConditionalGeneration's logits and loss; greedy and
+beam-search `generate` must give HF's tokens (and beam scores within 1e-4); `save_pretrained` output
+must reload in HF with the same logits; bad inputs give clear ValueErrors.
+
+Run with `-s` to see the table of measured max abs diffs printed at the end of the module.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from mindspore import Tensor
+
+from msfx.architectures import t5 as t5_arch
+from msfx.models.t5 import T5EncoderModel, T5ForConditionalGeneration, T5Model
+
+TOL = 1e-4
+TINY = dict(vocab_size=99, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=3, num_heads=4,
+            relative_attention_num_buckets=8, relative_attention_max_distance=20, initializer_factor=1.0,
+            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+CONFIGS = {"relu": dict(feed_forward_proj="relu"),
+           "gated-gelu": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)}
+DIFFS: dict[str, float] = {}
+
+# 3 source rows of 12 tokens (row 1 right-padded, row 2 left-padded: T5's positions are relative) and
+# 3 target rows of 6 tokens; labels with ignored (-100) positions.
+_rng = np.random.default_rng(5)
+IDS = _rng.integers(2, TINY["vocab_size"], (3, 12))
+MASK = np.ones_like(IDS)
+MASK[1, 8:] = MASK[2, :5] = 0
+IDS[MASK == 0] = TINY["pad_token_id"]
+LABELS = _rng.integers(2, TINY["vocab_size"], (3, 6))
+LABELS[1, 4:] = LABELS[2, 5:] = -100
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _print_measured_diffs():
+    yield
+    width = max(map(len, DIFFS), default=0)
+    print("\n\nmsfx T5 vs HF torch, measured max abs diffs:")
+    for name, value in DIFFS.items():
+        print(f"  {name:<{width}}  {value:.3g}")
+
+
+def _check(name: str, ours, theirs, tol: float = TOL) -> None:
+    ours = ours.asnumpy() if isinstance(ours, Tensor) else np.asarray(ours)
+    theirs = theirs.detach().numpy() if isinstance(theirs, torch.Tensor) else np.asarray(theirs)
+    assert ours.shape == theirs.shape, name
+    DIFFS[name] = diff = float(np.abs(ours.astype(np.float64) - theirs).max())
+    assert diff <= tol, f"{name}: max abs diff {diff}"
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def hf_t5(request, tmp_path_factory):
+    """`(kind, torch T5ForConditionalGeneration, checkpoint path)`: random layer-norm weights (HF sets
+    them to `initializer_factor`, which would hide a missed norm) and, for "gated-gelu", an lm_head of
+    its own (HF 5.x ties it to `shared` at construction)."""
+    kind = request.param
+    torch.manual_seed(0)
+    config = transformers.T5Config(**TINY, **CONFIGS[kind])
+    config._attn_implementation = "eager"
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layer_norm" in name:
+                p.uniform_(0.5, 1.5)
+        if kind == "gated-gelu":
+            model.lm_head.weight = torch.nn.Parameter(torch.randn(TINY["vocab_size"], TINY["d_model"]))
+    path = tmp_path_factory.mktemp(kind)
+    model.save_pretrained(path)
+    return kind, model, path
+
+
+@pytest.fixture(scope="module")
+def ours(hf_t5):
+    return T5ForConditionalGeneration.from_pretrained(hf_t5[2])
+
+
+def test_relative_position_buckets_match_hf():
+    relative = np.arange(-300, 300)[None]
+    for bidirectional in (True, False):
+        for buckets, distance in ((32, 128), (8, 20)):
+            expected = transformers.models.t5.modeling_t5.T5Attention._relative_position_bucket(
+                torch.tensor(relative), bidirectional, buckets, distance).numpy()
+            np.testing.assert_array_equal(t5_arch.relative_position_bucket(relative, bidirectional, buckets,
+                                                                           distance), expected)
+
+
+def test_conditional_generation_logits_and_loss(hf_t5, ours):
+    kind, hf, _ = hf_t5
+    assert ("lm_head" in ours.params) == (kind == "gated-gelu")
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK), labels=torch.tensor(LABELS))
+    out = ours(input_ids=IDS, attention_mask=MASK, labels=LABELS)
+    assert float(np.abs(ref.logits.numpy()).max()) > 1.0  # not tiny
+    _check(f"{kind} lm logits", out.logits, ref.logits)
+    _check(f"{kind} lm loss", out.loss, ref.loss)
+    _check(f"{kind} lm encoder output", out.encoder_last_hidden_state, ref.encoder_last_hidden_state)
+    # encoder_outputs reuse, as a tuple
+    again = ours(encoder_outputs=(out.encoder_last_hidden_state,), attention_mask=MASK, labels=LABELS)
+    np.testing.assert_array_equal(again.logits.asnumpy(), out.logits.asnumpy())
+
+
+def test_t5_model_and_encoder(hf_t5):
+    kind, _, path = hf_t5
+    hf = transformers.T5Model.from_pretrained(path, attn_implementation="eager").eval()
+    hf_encoder = transformers.T5EncoderModel.from_pretrained(path, attn_implementation="eager").eval()
+    model, encoder = T5Model.from_pretrained(path), T5EncoderModel.from_pretrained(path)
+    assert "decoder" not in encoder.params and "lm_head" not in model.params
+    decoder_ids = hf._shift_right(torch.tensor(np.where(LABELS == -100, 0, LABELS)))
+    np.testing.assert_array_equal(model._shift_right(Tensor(LABELS)).asnumpy(),
+                                  hf._shift_right(torch.tensor(LABELS)).numpy())
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK), decoder_input_ids=decoder_ids)
+        ref_encoder = hf_encoder(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK))
+    out = model(input_ids=IDS, attention_mask=MASK, decoder_input_ids=decoder_ids.numpy())
+    _check(f"{kind} T5Model last_hidden_state", out.last_hidden_state, ref.last_hidden_state)
+    _check(f"{kind} T5Model encoder_last_hidden_state", out.encoder_last_hidden_state, ref.encoder_last_hidden_state)
+    _check(f"{kind} T5EncoderModel", encoder(input_ids=IDS, attention_mask=MASK).last_hidden_state,
+           ref_encoder.last_hidden_state)
+
+
+def test_generate_greedy_and_beams(hf_t5, ours):
+    kind, hf, _ = hf_t5
+    args = dict(attention_mask=MASK, max_new_tokens=8)
+    # HF 5.x's decoding cache is sized by `num_layers`, too small with more decoder blocks: HF runs uncached
+    hf_args = dict(attention_mask=torch.tensor(MASK), use_cache=False)
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor(IDS), **{**args, **hf_args})
+    assert (ref.numpy()[:, 1:] > 1).sum() > 6  # not only eos / pad
+    np.testing.assert_array_equal(ours.generate(IDS, **args), ref.numpy())
+    beams = dict(num_beams=3, num_return_sequences=2, return_dict_in_generate=True, output_scores=True)
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor(IDS), **{**args, **beams, **hf_args})
+    out = ours.generate(IDS, **args, **beams)
+    np.testing.assert_array_equal(out.sequences, ref.sequences.numpy())
+    _check(f"{kind} beam sequences_scores", out.sequences_scores, ref.sequences_scores)
+
+
+def test_save_pretrained_reloads_in_hf(hf_t5, ours, tmp_path):
+    kind = hf_t5[0]
+    ours.save_pretrained(tmp_path)
+    hf = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK), labels=torch.tensor(LABELS))
+    _check(f"{kind} saved -> HF logits", ours(input_ids=IDS, attention_mask=MASK, labels=LABELS).logits, ref.logits)
+
+
+def test_bad_inputs_raise(ours):
+    model = T5Model(ours.config)
+    with pytest.raises(ValueError, match="decoder_input_ids or decoder_inputs_embeds"):
+        model(input_ids=IDS, attention_mask=MASK)
+    with pytest.raises(ValueError, match="decoder_input_ids or decoder_inputs_embeds"):
+        ours(input_ids=IDS)
+    with pytest.raises(ValueError, match="labels must be"):
+        ours(input_ids=IDS, labels=LABELS[:, :4], decoder_input_ids=np.zeros((3, 6), np.int32))
+    with pytest.raises(ValueError, match="labels must be"):
+        ours(input_ids=IDS, labels=LABELS[0])
+    with pytest.raises(ValueError, match="out of range"):
+        ours(input_ids=IDS, decoder_input_ids=np.full((3, 2), 500))
+
+
+def test_auto_classes(hf_t5):
+    import msfx
+
+    path = hf_t5[2]
+    assert type(msfx.AutoModelForSeq2SeqLM.from_pretrained(path)) is msfx.T5ForConditionalGeneration
+    assert type(msfx.AutoModel.from_pretrained(path)) is msfx.T5Model
+    assert type(msfx.AutoModelForTextEncoding.from_pretrained(path)) is msfx.T5EncoderModel
