@@ -25,7 +25,7 @@ from msfx.params.tree import flatten, unflatten
 
 
 @contextlib.contextmanager
-def _cheap_tensor_repr():
+def cheap_tensor_repr():
     """MindSpore 2.10's trace-mode `jit` formats every argument and result into a debug f-string
     on each call, even with debug logging off; for a model's weights that printing cost more
     than the step itself (350 of 480 ms per SmolLM2 decode step). Tensors print as a
@@ -110,7 +110,7 @@ class CompiledStep:
         fn = self._fn
         if beam_idx is not None:
             fn, args = self._reordered_fn, (beam_idx, *args)
-        with _cheap_tensor_repr():
+        with cheap_tensor_repr():
             if not self.jit or signature in self.signatures:
                 logits, *leaves = fn(*args)
             else:
