@@ -171,6 +171,14 @@ def sequence_classification_loss(logits: Tensor, labels: Tensor, config) -> Tens
                                                 ops.ones_like(logits), ops.ones_like(logits))
 
 
+def _as_parameter(value: Tensor, name: str) -> Parameter:
+    """`value` as a `Parameter` named `name`: a loaded `Parameter` is taken as is (no copy of the weight)."""
+    if isinstance(value, Parameter):
+        value.name = name
+        return value
+    return Parameter(value, name=name)
+
+
 def _dtype_from_torch_spelling(dtype):
     """`torch_dtype=` values (`torch.float16` or a string) as msfx's `dtype` strings."""
     return str(dtype).removeprefix("torch.")
@@ -193,7 +201,7 @@ class PreTrainedModel(nn.Cell):
         if params is None:
             params = self.init_params(config)
         leaves, self._param_keys = flatten(dict(params))
-        self.weights = ParameterTuple([Parameter(t, name=k) for t, k in zip(leaves, self._param_keys)])
+        self.weights = ParameterTuple([_as_parameter(t, k) for t, k in zip(leaves, self._param_keys)])
         self.params = Params(unflatten(list(self.weights), self._param_keys), config)
         self._steps: dict[bool, CompiledStep] = {}
         self.last_generation_stats = GenerationStats()

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import mindspore as ms
 import numpy as np
-from mindspore import Tensor
+from mindspore import Parameter, Tensor
 from transformers import AutoConfig
 
 from msfx.errors import CheckpointError
@@ -78,6 +78,13 @@ def _normalize(found: dict, expected: dict, config, prefix: str) -> tuple[dict, 
     return found, ""
 
 
+def _parameter(array: np.ndarray, dtype, name: str) -> Parameter:
+    """`array` as a MindSpore `Parameter` of `dtype` named by its checkpoint key. Loading builds the
+    wrappers' `Parameter`s directly: wrapping loaded Tensors afterwards copied every weight while
+    the originals were still alive (peak memory 2x the checkpoint)."""
+    return Parameter(Tensor(array).astype(dtype), name=name)
+
+
 def _fresh_heads(flat: dict, missing_heads: list[str], expected: dict, config, target) -> None:
     if missing_heads:
         logger.warning("newly initialized (not in the checkpoint): %s", ", ".join(missing_heads))
@@ -86,7 +93,7 @@ def _fresh_heads(flat: dict, missing_heads: list[str], expected: dict, config, t
     for key in missing_heads:
         value = np.zeros(expected[key], np.float32) if key.endswith(".bias") else \
             rng.normal(0.0, std, expected[key]).astype(np.float32)
-        flat[key] = Tensor(value).astype(target or ms.float32)
+        flat[key] = _parameter(value, target or ms.float32, key)
 
 
 def load_params(arch: ModuleType, ref: str | os.PathLike, *, dtype="auto", config=None, gguf_file: str | None = None,
@@ -135,10 +142,10 @@ def load_params(arch: ModuleType, ref: str | os.PathLike, *, dtype="auto", confi
             continue
         if stored == "BF16" and target in (None, ms.bfloat16):
             # bits -> float32 is exact; MindSpore then narrows back to the same bfloat16 values
-            flat[name] = Tensor(bf16_bits_to_float32(array)).astype(ms.bfloat16)
+            flat[name] = _parameter(bf16_bits_to_float32(array), ms.bfloat16, name)
             continue
         array = bf16_bits_to_float32(array) if stored == "BF16" else np.array(array)
-        flat[name] = Tensor(array).astype(target or STORED.get(stored, ms.float32))
+        flat[name] = _parameter(array, target or STORED.get(stored, ms.float32), name)
     _fresh_heads(flat, missing_heads, expected, config, target)
     return Params(unflatten_keys(flat), config)
 
@@ -159,7 +166,7 @@ def _load_gguf(arch, ref, gguf_file, target, shapes, prefix, revision, cache_dir
     state, _ = _normalize(gguf_state_dict(reader, config), expected, config, prefix)
     missing_heads = _check_keys({k: v.shape for k, v in state.items()}, expected, str(path), prefix,
                                 getattr(arch, "OPTIONAL_KEYS", ()))
-    flat = {k: Tensor(v).astype(target or ms.float32) for k, v in state.items() if k in expected}
+    flat = {k: _parameter(v, target or ms.float32, k) for k, v in state.items() if k in expected}
     _fresh_heads(flat, missing_heads, expected, config, target)
     return Params(unflatten_keys(flat), config)
 

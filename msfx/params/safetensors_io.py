@@ -2,8 +2,8 @@
 
 The format (https://github.com/huggingface/safetensors) is an 8-byte little-endian header
 length, a JSON header `{name: {dtype, shape, data_offsets}}`, then raw little-endian data. It is
-read through a numpy memmap, one tensor at a time, so peak host memory while loading stays near
-one copy of the model. bfloat16, which numpy lacks (and so `safetensors.numpy` refuses), is
+read one tensor at a time into its own buffer, so peak host memory while loading stays near one
+copy of the model. bfloat16, which numpy lacks (and so `safetensors.numpy` refuses), is
 carried as its raw 16 bits and widened exactly to float32.
 """
 from __future__ import annotations
@@ -106,12 +106,17 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray, str]]:
     """
     for path in files:
         header, start = _read_header(path)
-        data = np.memmap(path, dtype=np.uint8, mode="r")
-        for name, info in header.items():
-            begin, end = info["data_offsets"]
-            raw = data[start + begin:start + end]
-            yield name, raw.view(_NUMPY_DTYPES[info["dtype"]]).reshape(info["shape"]), info["dtype"]
-        del data
+        with open(path, "rb") as f:
+            for name, info in header.items():
+                begin, end = info["data_offsets"]
+                # a read into a fresh buffer, not a memmap: mapped file pages count in the process's
+                # RSS until unmapped (a whole shard, +1x the model at peak for the usual 2-5 GB shards),
+                # while the page cache a read goes through does not
+                array = np.empty(info["shape"], _NUMPY_DTYPES[info["dtype"]])
+                f.seek(start + begin)
+                if f.readinto(memoryview(array.reshape(-1).view(np.uint8))) != end - begin:
+                    raise CorruptCheckpointError(f"{path}: truncated while reading tensor {name!r}")
+                yield name, array, info["dtype"]
 
 
 def parse_size(size: int | str) -> int:

@@ -1,0 +1,105 @@
+"""bfloat16 runs of the image-generation text encoders (T5 encoder, CLIP text tower) against PyTorch.
+
+A small random HF PyTorch checkpoint (float32 on disk, random norm weights and biases) is loaded three
+times: torch float32 (the reference), torch bfloat16 and msfx bfloat16 (`from_pretrained(dir,
+dtype="bfloat16")`). bfloat16 keeps 8 significant bits, so on outputs of magnitude ~4 one rounding is
+worth 0.016 and a 3-layer stack drifts by several of those; an absolute bound on msfx vs torch-bf16 would
+either be loose or encode torch's exact rounding sequence. The tolerance is instead relative to what
+torch itself loses: msfx's error against the float32 reference (over non-padding positions) must be at
+most 1.5x torch-bf16's for the max and 1.2x for the mean. Measured (this file's seeds): T5 max 0.058 vs
+torch 0.062, mean 0.0087 vs 0.0092; CLIP last hidden state max 0.030 vs 0.030, mean 0.0046 vs 0.0046.
+(Before CLIP's LayerNorm applied its scale and shift in float32 with one rounding, as torch's CPU
+kernel does, its mean error was 1.1x torch's and its distance to torch-bf16 2 ulps instead of 1.)
+"""
+from __future__ import annotations
+
+import mindspore as ms
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from msfx import CLIPTextModel, T5EncoderModel
+
+MAX_FACTOR, MEAN_FACTOR = 1.5, 1.2
+_rng = np.random.default_rng(0)
+IDS = _rng.integers(2, 198, (2, 16))
+MASK = np.ones_like(IDS)
+MASK[1, 11:] = 0
+CLIP_EOS = 199
+CLIP_IDS = IDS.copy()
+CLIP_IDS[0, 15] = CLIP_IDS[1, 10] = CLIP_EOS
+CLIP_IDS[1, 11:] = 1
+
+
+def _errors(ours: np.ndarray, bf16: np.ndarray, ref: np.ndarray, keep) -> tuple[float, float, float, float]:
+    """(msfx max, torch-bf16 max, msfx mean, torch-bf16 mean) abs errors against `ref` over `keep`."""
+    ours_err, torch_err = np.abs(ours - ref)[keep], np.abs(bf16 - ref)[keep]
+    return ours_err.max(), torch_err.max(), ours_err.mean(), torch_err.mean()
+
+
+def _check(name: str, ours: ms.Tensor, bf16: torch.Tensor, ref: torch.Tensor, keep=slice(None)) -> None:
+    assert ours.dtype == ms.bfloat16 and bf16.dtype == torch.bfloat16, name
+    ours_max, torch_max, ours_mean, torch_mean = _errors(ours.astype(ms.float32).asnumpy(), bf16.float().numpy(),
+                                                         ref.numpy(), keep)
+    assert torch_max > 0, name
+    assert ours_max <= MAX_FACTOR * torch_max, f"{name}: max error {ours_max} vs torch bf16 {torch_max}"
+    assert ours_mean <= MEAN_FACTOR * torch_mean, f"{name}: mean error {ours_mean} vs torch bf16 {torch_mean}"
+
+
+def _torch_runs(cls, path, **inputs):
+    """The torch model's output in float32 and in bfloat16 (eager attention)."""
+    outs = []
+    for dtype in (torch.float32, torch.bfloat16):
+        model = cls.from_pretrained(path, dtype=dtype, attn_implementation="eager").eval()
+        with torch.no_grad():
+            outs.append(model(**{k: torch.tensor(v) for k, v in inputs.items()}))
+    return outs
+
+
+@pytest.fixture(scope="module")
+def t5_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=200, d_model=64, d_kv=16, d_ff=128, num_layers=3, num_heads=4,
+                                   feed_forward_proj="gated-gelu", relative_attention_num_buckets=16,
+                                   relative_attention_max_distance=32)
+    model = transformers.T5EncoderModel(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layer_norm" in name:
+                p.uniform_(0.5, 1.5)
+    path = tmp_path_factory.mktemp("t5_bf16")
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    config = transformers.CLIPTextConfig(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                         num_attention_heads=4, max_position_embeddings=32, hidden_act="gelu",
+                                         eos_token_id=CLIP_EOS, pad_token_id=1, bos_token_id=0)
+    model = transformers.CLIPTextModel(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.3 * torch.randn(p.shape))
+    path = tmp_path_factory.mktemp("clip_bf16")
+    model.save_pretrained(path)
+    return path
+
+
+def test_t5_encoder_bf16(t5_dir):
+    ref, bf16 = _torch_runs(transformers.T5EncoderModel, t5_dir, input_ids=IDS, attention_mask=MASK)
+    ours = T5EncoderModel.from_pretrained(t5_dir, dtype="bfloat16")
+    assert ours.dtype == ms.bfloat16
+    out = ours(input_ids=IDS, attention_mask=MASK).last_hidden_state
+    _check("T5 last_hidden_state", out, bf16.last_hidden_state, ref.last_hidden_state, MASK.astype(bool))
+
+
+def test_clip_text_bf16(clip_dir):
+    ref, bf16 = _torch_runs(transformers.CLIPTextModel, clip_dir, input_ids=CLIP_IDS, attention_mask=MASK)
+    out = CLIPTextModel.from_pretrained(clip_dir, dtype="bfloat16")(input_ids=CLIP_IDS, attention_mask=MASK)
+    _check("CLIP last_hidden_state", out.last_hidden_state, bf16.last_hidden_state, ref.last_hidden_state,
+           MASK.astype(bool))
+    _check("CLIP pooler_output", out.pooler_output, bf16.pooler_output, ref.pooler_output)
