@@ -126,3 +126,20 @@ def test_moe_router_logits_and_aux_loss_match_hf(name, tmp_path):
     np.testing.assert_allclose(got.aux_loss.asnumpy(), expected.aux_loss.numpy(), atol=1e-5, rtol=0)
     np.testing.assert_allclose(got.loss.asnumpy(), expected.loss.numpy(), atol=1e-5, rtol=0)
     assert model(msfx.llama.ms.Tensor(ids)).router_logits is None  # config.output_router_logits is False
+
+
+def test_sliding_window_layers_keep_a_ring_buffer(tmp_path):
+    """The KV cache of a sliding-window layer holds its window, not the whole generation (the
+    greedy test above checks the tokens past the window against HF)."""
+    from msfx.decode.generate import DecodeState
+
+    _, path = make_hf(tmp_path, "qwen2")  # layer 0 full attention, layers 1-2 sliding (window 6)
+    model = msfx.AutoModelForCausalLM.from_pretrained(path)
+    ids = random_ids(2, 9, seed=5)
+    state = DecodeState(model.config, model._compiled_step(False), model._compiled_step(False), ids,
+                        np.ones_like(ids), 40)
+    assert [k.shape[2] for k in state.cache.keys] == [64, 6, 6]
+    logits = state.prefill()
+    for _ in range(8):  # past the window: the ring wraps
+        logits = state.step(np.argmax(logits.asnumpy(), -1))
+    assert [k.shape[2] for k in state.cache.keys] == [64, 6, 6]

@@ -18,8 +18,8 @@ import numpy as np
 from mindspore import Tensor, ops
 from transformers import LlamaConfig
 
-from msfx.decode.cache import KVCache, write_cache
-from msfx.layers.attention import arange, attention_bias, scaled_dot_product_attention
+from msfx.decode.cache import KVCache, write_cache, write_ring
+from msfx.layers.attention import arange, attention_bias, ring_attention_bias, scaled_dot_product_attention
 from msfx.layers.basic import activation, check_model_inputs, embedding, gated_mlp, linear, tanh
 from msfx.layers.moe import sparse_moe
 from msfx.layers.norms import rms_norm
@@ -98,6 +98,14 @@ def sliding_windows(config) -> tuple:
     window = getattr(config, "sliding_window", None)
     types = getattr(config, "layer_types", None) or ["sliding_attention"] * config.num_hidden_layers
     return tuple(window if kind == "sliding_attention" else None for kind in types)
+
+
+def cache_lengths(config, max_len: int) -> tuple[int, ...]:
+    """Per-layer KV-cache lengths for a generation of up to `max_len` positions: sliding-window
+    layers keep a ring of their last `window` positions (`msfx.decode.cache.write_ring`), the
+    others every position."""
+    windows = spec_of(config).sliding_windows or (None,) * config.num_hidden_layers
+    return tuple(max_len if w is None or w >= max_len else w for w in windows)
 
 
 def head_dim(config) -> int:
@@ -179,13 +187,20 @@ def _attention(x, p, config, spec, cos, sin, bias, layer_cache, cache_position):
         k = rms_norm(k, p["k_norm"]["weight"], config.rms_norm_eps, spec.norm_offset)
     q, k, v = (y.transpose(0, 2, 1, 3) for y in (q, k, v))
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    if layer_cache is not None:
-        k = write_cache(layer_cache[0], k, cache_position)
-        v = write_cache(layer_cache[1], v, cache_position)
+    if layer_cache is None:
+        new_kv = (k, v)
+    elif bias.shape[-1] != layer_cache[0].shape[2]:
+        # a sliding-window ring buffer (see `cache_lengths`): attend over its old entries and the
+        # new keys (`ring_attention_bias`), then keep the last window of positions in it
+        new_kv = (write_ring(layer_cache[0], k, cache_position), write_ring(layer_cache[1], v, cache_position))
+        k, v = ops.concat((layer_cache[0], k), 2), ops.concat((layer_cache[1], v), 2)
+    else:
+        k, v = write_cache(layer_cache[0], k, cache_position), write_cache(layer_cache[1], v, cache_position)
+        new_kv = (k, v)
     scale = d ** -0.5 if spec.attn_scale is None else spec.attn_scale
     out = scaled_dot_product_attention(q, k, v, bias, scale, spec.attn_softcap)
     out = out.transpose(0, 2, 1, 3).reshape(b * s, -1)
-    return linear(out, p["o_proj"]["weight"], p["o_proj"].get("bias")), (k, v)
+    return linear(out, p["o_proj"]["weight"], p["o_proj"].get("bias")), new_kv
 
 
 def _mlp(x, p, spec, act):
@@ -222,6 +237,15 @@ def decoder_layer(x, p, config, cos, sin, bias, layer_cache=None, cache_position
     return x + h, kv, router_logits
 
 
+def _cache_slots(cache: KVCache, windows: tuple, attention_mask: Tensor | None) -> int:
+    """The positions a cache covers: a full-attention layer's buffer length; with sliding-window
+    ring buffers only (Mistral), the attention mask's length (or the longest buffer)."""
+    full = [cache.keys[i].shape[2] for i, w in enumerate(windows) if w is None]
+    if full:
+        return full[0]
+    return attention_mask.shape[1] if attention_mask is not None else cache.max_len
+
+
 def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                   position_ids: Tensor | None = None, cache: KVCache | None = None,
                   cache_position: Tensor | None = None, inv_freq: Tensor | None = None, *, config=None,
@@ -247,9 +271,10 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
             out-of-range ids, an empty sequence, or mis-shaped `attention_mask`/`position_ids`.
     """
     config = config or config_of(params)
-    check_model_inputs(config, input_ids, inputs_embeds, attention_mask, position_ids,
-                       None if cache is None else cache.max_len, check_ids)
     spec = spec_of(config)
+    windows = spec.sliding_windows or (None,) * config.num_hidden_layers
+    keys = None if cache is None else _cache_slots(cache, windows, attention_mask)
+    check_model_inputs(config, input_ids, inputs_embeds, attention_mask, position_ids, keys, check_ids)
     if inputs_embeds is None:
         x = embedding(input_ids, params["model"]["embed_tokens"]["weight"])
         if spec.embed_scale:  # HF rounds the scale to the weights' dtype first
@@ -261,11 +286,15 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
         cache_position = arange(s)
     if position_ids is None:
         position_ids = ops.broadcast_to(cache_position.reshape(1, s), (b, s))
-    keys = s if cache is None else cache.max_len
+    keys = s if cache is None else keys
     if attention_mask is None:
         attention_mask = ops.ones((b, keys), ms.int32)
-    windows = spec.sliding_windows or (None,) * config.num_hidden_layers
-    biases = {w: attention_bias(attention_mask, cache_position, w) for w in set(windows)}
+    biases = {(w, None): attention_bias(attention_mask, cache_position, w) for w in set(windows)}
+    rings = [None if cache is None or cache.keys[i].shape[2] == keys else cache.keys[i].shape[2]
+             for i in range(config.num_hidden_layers)]
+    for w, ring in set(zip(windows, rings)):
+        if ring is not None:
+            biases[(w, ring)] = ring_attention_bias(attention_mask, cache_position, ring, w)
     if spec.rope_by_layer_type:  # static tables per layer type (`inv_freq` is not used)
         tables = {kind: rope_cos_sin(position_ids, Tensor(freqs), scaling, x.dtype) for kind, (freqs, scaling)
                   in ((kind, rope_frequencies(config, rope=rope)) for kind, rope in config.rope_parameters.items())}
@@ -284,7 +313,7 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
     for i, layer in enumerate(params["model"]["layers"]):
         layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
         cos, sin = rotations[i]
-        x, (k, v), routed = decoder_layer(x, layer, config, cos, sin, biases[windows[i]], layer_cache,
+        x, (k, v), routed = decoder_layer(x, layer, config, cos, sin, biases[(windows[i], rings[i])], layer_cache,
                                           cache_position, spec)
         new_keys.append(k)
         new_values.append(v)

@@ -15,22 +15,27 @@ from msfx.layers.basic import lacks_bf16_kernels
 
 
 class KVCache(NamedTuple):
-    """Per-layer key and value buffers, each `[batch, kv_heads, max_len, head_dim]`."""
+    """Per-layer key and value buffers, each `[batch, kv_heads, length, head_dim]`: `max_len` slots,
+    or fewer for a sliding-window layer, whose buffer is a ring of the last `length` positions
+    (slot `position % length`; see `write_ring`)."""
 
     keys: tuple[Tensor, ...]
     values: tuple[Tensor, ...]
 
     @classmethod
     def init(cls, num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
-             dtype=ms.float32) -> "KVCache":
-        """Zero-filled buffers for `num_layers` layers."""
-        shape = (batch, kv_heads, max_len, head_dim)
-        return cls(tuple(ops.zeros(shape, dtype) for _ in range(num_layers)),
-                   tuple(ops.zeros(shape, dtype) for _ in range(num_layers)))
+             dtype=ms.float32, lengths: tuple[int, ...] | None = None) -> "KVCache":
+        """Zero-filled buffers for `num_layers` layers, `max_len` slots each unless `lengths` gives
+        each layer's (ring buffers for sliding-window layers)."""
+        lengths = lengths or (max_len,) * num_layers
+        shapes = [(batch, kv_heads, n, head_dim) for n in lengths]
+        return cls(tuple(ops.zeros(shape, dtype) for shape in shapes),
+                   tuple(ops.zeros(shape, dtype) for shape in shapes))
 
     @property
     def max_len(self) -> int:
-        return self.keys[0].shape[2]
+        """Slots of the full-length buffers: the positions the cache can hold."""
+        return max(k.shape[2] for k in self.keys)
 
     def leaves(self) -> tuple[Tensor, ...]:
         """Flat `(k0, v0, k1, v1, ...)`: the form jit-compiled steps take and return."""
@@ -61,3 +66,13 @@ def reorder_cache(cache: KVCache, beam_idx: Tensor) -> KVCache:
         return ops.gather(buffer, beam_idx, 0)
 
     return KVCache(tuple(gather(k) for k in cache.keys), tuple(gather(v) for v in cache.values))
+
+
+def write_ring(buffer: Tensor, new: Tensor, cache_position: Tensor) -> Tensor:
+    """`buffer` `[b, h, ring, d]`, a ring of the last `ring` positions, with `new` `[b, h, seq, d]`
+    (at positions `cache_position` `[seq]`, consecutive) written at slots `position % ring`; of a
+    `new` longer than the ring only its last `ring` entries stay."""
+    ring, s = buffer.shape[2], new.shape[2]
+    if s > ring:
+        new, cache_position = new[:, :, s - ring:], cache_position[s - ring:]
+    return write_cache(buffer, new, ops.floor_mod(cache_position.astype(ms.int32), ring))

@@ -43,14 +43,14 @@ def left_padding_positions(attention_mask: np.ndarray) -> np.ndarray:
     return np.where(attention_mask == 0, 0, positions).astype(np.int32)
 
 
-def new_cache(config, batch: int, max_len: int, dtype) -> KVCache:
+def new_cache(config, batch: int, max_len: int, dtype, lengths: tuple[int, ...] | None = None) -> KVCache:
     """Zeroed `KVCache` for a decoder with HF's standard attention config attributes
     (`num_hidden_layers`, `num_key_value_heads` or `num_attention_heads`, `head_dim` or
-    `hidden_size // num_attention_heads`)."""
+    `hidden_size // num_attention_heads`); `lengths`: per-layer slots (default `max_len`)."""
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     d = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return KVCache.init(config.num_hidden_layers, batch, kv_heads, max_len, d, dtype)
+    return KVCache.init(config.num_hidden_layers, batch, kv_heads, max_len, d, dtype, lengths)
 
 
 class DecodeState:
@@ -73,7 +73,8 @@ class DecodeState:
         self.input_ids = input_ids
         batch, self.prompt_len = input_ids.shape
         max_len = -(-(self.prompt_len + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
-        self.cache = new_cache(config, batch, max_len, prefill.leaves[0].dtype)
+        lengths = getattr(prefill.arch, "cache_lengths", None)  # ring buffers for sliding-window layers
+        self.cache = new_cache(config, batch, max_len, prefill.leaves[0].dtype, lengths and lengths(config, max_len))
         key_mask = np.ones((batch, max_len), np.int32)
         key_mask[:, :self.prompt_len] = attention_mask
         self.key_mask = Tensor(key_mask)

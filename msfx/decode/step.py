@@ -72,6 +72,7 @@ class CompiledStep:
     """
 
     def __init__(self, arch: ModuleType, params: dict, config, jit: bool = True):
+        self.arch = arch
         self.leaves, keys = flatten(dict(params))
         n = len(self.leaves)
         self.signatures: set = set()

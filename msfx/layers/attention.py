@@ -41,6 +41,28 @@ def attention_bias(key_mask: Tensor, query_slots: Tensor, sliding_window: int | 
     return bias.reshape(bias.shape[0], 1, 1, bias.shape[1], bias.shape[2])
 
 
+def ring_attention_bias(key_mask: Tensor, query_slots: Tensor, ring: int, sliding_window: int) -> Tensor:
+    """Additive float32 mask `[batch, 1, 1, seq, ring + seq]` for sliding-window attention over a
+    ring buffer (see `msfx.decode.cache.write_ring`) followed by the queries' own new keys.
+
+    Before the first query's slot `p`, ring slot `j` holds position `p - 1 - ((p - 1 - j) mod ring)`
+    (negative: never written). A query at slot `q` sees keys at positions in
+    `(q - sliding_window, q]` that are real tokens in `key_mask` `[batch, max_len]`, as
+    `attention_bias` with `sliding_window` does over a full-length cache.
+    """
+    first = query_slots[:1].astype(ms.int32) - 1
+    held = first - ops.floor_mod(first - arange(ring), ring)
+    positions = ops.concat((held, query_slots.astype(ms.int32)))  # [ring + seq]
+    real = ops.gather(key_mask.astype(ms.int32), ops.maximum(positions, 0), 1).astype(ms.bool_)
+    real = ops.logical_and(real, (positions >= 0).expand_dims(0))  # [batch, keys]
+    slots = query_slots.astype(ms.int32).reshape(-1, 1)
+    keys = positions.reshape(1, -1)
+    allowed = ops.logical_and(keys <= slots, keys > slots - sliding_window)
+    allowed = ops.logical_and(allowed.expand_dims(0), real.expand_dims(1))
+    bias = (1.0 - allowed.astype(ms.float32)) * _MASKED
+    return bias.reshape(bias.shape[0], 1, 1, bias.shape[1], bias.shape[2])
+
+
 def padding_bias(key_mask: Tensor) -> Tensor:
     """Additive float32 mask `[batch, 1, 1, 1, keys]` for bidirectional (encoder) attention: every
     query sees every real key; padding keys get the float32 minimum (HF's `create_bidirectional_mask`

@@ -30,7 +30,7 @@ from typing import Mapping, Sequence
 
 import mindspore as ms
 import numpy as np
-from mindspore import Tensor
+from mindspore import Parameter, Tensor
 
 from msfx.decode.step import cheap_tensor_repr, call_in_fresh_thread
 from msfx.layers.rotary import rope_frequencies
@@ -143,25 +143,27 @@ class TrainStep:
             raise ValueError(f"{input_ids.shape[0]} rows do not split into accumulate={self.accumulate} micro-batches")
         if len(param_leaves) != len(self.keys):
             raise ValueError(f"expected {len(self.keys)} parameter leaves, got {len(param_leaves)}")
+        # Loaded leaves are `Parameter`s and the step returns plain Tensors; starting from Parameters
+        # (or eager op outputs) the graphs traced again on the second call (measured), from host
+        # copies they do not.
+        param_leaves = [Tensor(t.asnumpy()) if isinstance(t, Parameter) else t for t in param_leaves]
         n = len(param_leaves)
         num_items = Tensor(np.float32((labels[:, 1:] != IGNORE_INDEX).sum()))  # the window's, as HF's Trainer
         inv_freq = self._rope_table(input_ids.shape[1])
         micro = input_ids.shape[0] // self.accumulate
         signature = (micro, input_ids.shape[1])
-        first = self.jit and signature not in self._signatures
+        # Tracing walks the Python stack and fails on frames without source (`python -m` runs under
+        # frozen runpy); any call may trace (a new input kind does), so compiled calls run on a fresh thread.
+        run = call_in_fresh_thread if self.jit else (lambda fn, *args: fn(*args))
         loss, grads = None, []
         with cheap_tensor_repr():
             for i in range(self.accumulate):
                 rows = slice(i * micro, (i + 1) * micro)
                 args = (*param_leaves, num_items, inv_freq, *(Tensor(t[rows]) for t in (input_ids, mask, labels)))
-                # tracing walks the Python stack: trace where every frame has source
-                part_loss, part_grads = call_in_fresh_thread(self._grad, *args) if first else self._grad(*args)
-                first = False
+                part_loss, part_grads = run(self._grad, *args)
                 loss = part_loss if loss is None else loss + part_loss
                 grads.extend(part_grads)
-            args = (_as_f32(lr), _as_f32(step), *param_leaves, *opt_state_leaves, *grads)
-            out = call_in_fresh_thread(self._update, *args) if self.jit and signature not in self._signatures \
-                else self._update(*args)
+            out = run(self._update, _as_f32(lr), _as_f32(step), *param_leaves, *opt_state_leaves, *grads)
         self._signatures.add(signature)
         return loss, list(out[1:1 + n]), list(out[1 + n:]), out[0]
 
