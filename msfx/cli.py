@@ -10,7 +10,7 @@ def _load(args):
     """The model and tokenizer named by `--model` / `--gguf-file` (default: SmolLM2's GGUF)."""
     from transformers import AutoTokenizer
 
-    from msfx.models.llama import LlamaForCausalLM
+    from msfx.models.auto import AutoModelForCausalLM
     from msfx.params.gguf import gguf_tokenizer, read_gguf, smollm2_gguf_path
     from msfx.params.hub import resolve_model_dir
 
@@ -21,13 +21,14 @@ def _load(args):
             sys.exit(str(e))
     if args.gguf_file is None:
         model_dir = resolve_model_dir(args.model)
-        return LlamaForCausalLM.from_pretrained(model_dir, dtype=args.dtype), AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=args.dtype)
+        return model, AutoTokenizer.from_pretrained(model_dir)
     path = Path(args.gguf_file)
     if not path.is_file():
         if args.model is None:
             sys.exit(f"msfx: GGUF file {args.gguf_file!r} not found (give a path, or --model with the file inside)")
         path = resolve_model_dir(args.model, gguf_file=args.gguf_file) / args.gguf_file
-    model = LlamaForCausalLM.from_pretrained(path.parent, gguf_file=str(path), dtype=args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=str(path), dtype=args.dtype)
     return model, gguf_tokenizer(read_gguf(str(path)))
 
 
@@ -42,9 +43,11 @@ def generate(args) -> int:
     else:
         ids = tokenizer(args.prompt)["input_ids"]
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed) \
-        if args.do_sample else {}
-    model.generate(input_ids=np.asarray([ids], np.int64), max_new_tokens=args.max_new_tokens,
+    # sampling flags override the checkpoint's generation_config.json only where given
+    sampling = {k: v for k, v in dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                      seed=args.seed).items() if v is not None} if args.do_sample else {}
+    # streaming needs one sequence: a checkpoint's num_beams is overridden
+    model.generate(input_ids=np.asarray([ids], np.int64), max_new_tokens=args.max_new_tokens, num_beams=1,
                    do_sample=args.do_sample, streamer=streamer, jit=False if args.eager else "decode", **sampling)
     s = model.last_generation_stats
     prefill = s.prompt_tokens / s.prefill_seconds if s.prefill_seconds else 0.0
@@ -62,6 +65,13 @@ def export(args) -> int:
     tokenizer.save_pretrained(args.output)
     print(f"saved {model.num_parameters():,} parameters and the tokenizer to {args.output}")
     return 0
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -86,10 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=_positive_int, default=128)
     gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=50)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible output)")
+    gen.add_argument("--temperature", type=float, default=None, help="default: the checkpoint's, else 1.0")
+    gen.add_argument("--top-k", type=int, default=None, help="default: the checkpoint's, else 50")
+    gen.add_argument("--top-p", type=float, default=None, help="default: the checkpoint's, else 1.0")
+    gen.add_argument("--seed", type=_non_negative_int, default=None, help="sampling seed (reproducible output)")
     gen.add_argument("--no-chat", action="store_true", help="do not apply the tokenizer's chat template")
     gen.add_argument("--eager", action="store_true", help="run without mindspore.jit")
     gen.set_defaults(run=generate)
@@ -98,7 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("--output", required=True, help="directory to write")
     exp.set_defaults(run=export)
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (ValueError, OSError, NotImplementedError) as e:  # bad input or files: the message, not a traceback
+        print(f"msfx {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -163,6 +163,7 @@ class GenerationMixin:
             beam search a `GenerateBeamDecoderOnlyOutput` (HF's fields, numpy arrays).
 
         Raises:
+            TypeError: transformers' own (torch) processors or stopping criteria.
             ValueError: out-of-range token ids, a total length beyond `max_position_embeddings`,
                 `num_return_sequences` above `num_beams` (or above 1 for greedy), a streamer
                 with beam search, `stop_strings` without `tokenizer`, an unknown keyword, or an
@@ -171,7 +172,17 @@ class GenerationMixin:
                 `guidance_scale`, ...), or `output_attentions` / `output_hidden_states` with
                 `return_dict_in_generate`.
         """
+        if jit not in (True, False, "decode"):
+            raise ValueError(f"jit must be True, False or 'decode', got {jit!r}")
+        for name, callables in (("logits_processor", logits_processor), ("stopping_criteria", stopping_criteria)):
+            torch_based = [type(c).__name__ for c in callables or [] if type(c).__module__.startswith("transformers.")]
+            if torch_based:
+                raise TypeError(f"{name} holds transformers' torch classes {torch_based}: msfx applies numpy "
+                                "callables (see msfx.decode.processors); the built-in ones follow from the "
+                                "generation config")
         config, default_max_length = self._merge_generation_config(generation_config, kwargs)
+        if config.num_beams is not None and config.num_beams < 1:
+            raise ValueError(f"num_beams must be at least 1, got {config.num_beams}")
         num_beams = config.num_beams or 1
         as_dict = bool(config.return_dict_in_generate)
         if as_dict and (config.output_attentions or config.output_hidden_states):

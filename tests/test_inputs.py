@@ -107,3 +107,37 @@ def test_padded_batch_without_pad_token_follows_hf(tiny, eos, num_beams):
     finally:
         torch_model.generation_config.pad_token_id = saved
     np.testing.assert_array_equal(model.generate(ids, attention_mask=mask, jit=False, **kwargs), expected)
+
+
+def test_generate_refuses_what_it_would_otherwise_ignore_or_crash_on(tiny):
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    model, ids = tiny[3], random_ids(2, 5)
+    with pytest.raises(ValueError, match="empty batch"):
+        model.generate(input_ids=np.zeros((0, 4), np.int64), max_new_tokens=2)
+    with pytest.raises(ValueError, match="jit must be True, False or 'decode'"):
+        model.generate(input_ids=ids, max_new_tokens=2, jit="no")
+    with pytest.raises(ValueError, match="num_beams must be at least 1"):
+        model.generate(input_ids=ids, max_new_tokens=2, num_beams=0)
+    with pytest.raises(TypeError, match="transformers' torch classes"):
+        model.generate(input_ids=ids, max_new_tokens=2, logits_processor=[RepetitionPenaltyLogitsProcessor(1.2)])
+    for mode in (dict(num_beams=4, num_beam_groups=2, diversity_penalty=1.0), dict(penalty_alpha=0.6, top_k=4),
+                 dict(dola_layers="low")):
+        with pytest.raises(NotImplementedError):
+            model.generate(input_ids=ids, max_new_tokens=2, **mode)
+
+
+def test_unsupported_activation_is_refused_at_load(tmp_path):
+    from conftest import make_hf_llama
+
+    _, path = make_hf_llama(tmp_path, hidden_act="tanh")
+    with pytest.raises(ValueError, match="unsupported activation 'tanh'"):
+        LlamaForCausalLM.from_pretrained(path)
+
+
+def test_cli_reports_user_errors_without_a_traceback(tmp_path, capsys):
+    from msfx.cli import main
+
+    assert main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "msfx generate: error:" in err and "Traceback" not in err

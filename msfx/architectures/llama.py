@@ -113,8 +113,14 @@ def head_dim(config) -> int:
 
 
 def param_shapes(config) -> dict[str, tuple[int, ...]]:
-    """Every checkpoint key of the `...ForCausalLM` with its shape (the params layout)."""
+    """Every checkpoint key of the `...ForCausalLM` with its shape (the params layout).
+
+    Raises:
+        ValueError: an activation msfx lacks (checked here, at load time: an error raised while
+            `mindspore.jit` traces a step leaves MindSpore 2.10 unable to exit the process).
+    """
     spec = spec_of(config)
+    activation(spec.hidden_act or config.hidden_act)
     h, d = config.hidden_size, head_dim(config)
     q, kv, inter = config.num_attention_heads * d, config.num_key_value_heads * d, config.intermediate_size
     shapes = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}

@@ -506,6 +506,14 @@ UNSUPPORTED = {  # generation options whose processors msfx does not implement: 
     "encoder_no_repeat_ngram_size": lambda v: v is not None and v > 0,
     "exponential_decay_length_penalty": lambda v: v is not None,
     "watermarking_config": lambda v: v is not None,
+    # decoding modes msfx does not implement (HF dispatches to other loops for them)
+    "num_beam_groups": lambda v: v is not None and v > 1,
+    "diversity_penalty": lambda v: v is not None and v != 0.0,
+    "penalty_alpha": lambda v: v is not None and v > 0,
+    "dola_layers": lambda v: v is not None,
+    "token_healing": lambda v: bool(v),
+    "assistant_early_exit": lambda v: v is not None,
+    "prompt_lookup_num_tokens": lambda v: v is not None,
 }
 
 

@@ -49,18 +49,16 @@ def _top_k(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _sample_k(log_probs: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """`k` distinct indices per row drawn from `softmax(log_probs)` (HF: `multinomial` without
-    replacement), sorted by descending score.
-
-    Raises:
-        ValueError: a row with fewer than `k` candidates of non-zero probability.
-    """
+    replacement), sorted by descending score. A row with fewer than `k` candidates of non-zero
+    probability takes all of them plus zero-probability ones (lowest ids first), as torch's CPU
+    `multinomial` fills the draw; their -inf scores keep them out of the running beams."""
     index = np.empty((log_probs.shape[0], k), np.int64)
     for row, scores in enumerate(log_probs.astype(np.float64)):
         probs = np.exp(scores - scores.max())
-        if np.count_nonzero(probs) < k:
-            raise ValueError(f"beam sampling draws {k} distinct candidates per step, but only "
-                             f"{np.count_nonzero(probs)} have a non-zero probability (top_k / top_p / min_p keep "
-                             "too few tokens for num_beams; torch.multinomial fails here in HF)")
+        possible = np.count_nonzero(probs)
+        if possible < k:
+            index[row] = np.concatenate([np.flatnonzero(probs), np.flatnonzero(probs == 0)[:k - possible]])
+            continue
         index[row] = rng.choice(scores.shape[0], size=k, replace=False, p=probs / probs.sum())
     order = np.argsort(-_gather(log_probs, index), axis=-1, kind="stable")
     index = _gather(index, order)

@@ -79,14 +79,16 @@ def check_token_ids(input_ids, vocab_size: int) -> np.ndarray:
     """`input_ids` (Tensor or array; 1-D taken as one row) as an int numpy array `[batch, seq]`.
 
     Raises:
-        ValueError: an empty sequence, a non-integer or non-2-D input, or an id outside
-            `[0, vocab_size)` (named).
+        ValueError: an empty sequence or batch, a non-integer or non-2-D input, or an id
+            outside `[0, vocab_size)` (named).
     """
     ids = input_ids.asnumpy() if isinstance(input_ids, Tensor) else np.asarray(input_ids)
     if ids.ndim == 1:
         ids = ids[None]
     if ids.ndim == 2 and ids.shape[1] == 0:
         raise ValueError("input_ids is empty (sequence length 0): give at least one token")
+    if ids.ndim == 2 and ids.shape[0] == 0:
+        raise ValueError("input_ids is an empty batch (0 rows): give at least one sequence")
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"input_ids must be integer [batch, seq], got {ids.dtype} {list(ids.shape)}")
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
