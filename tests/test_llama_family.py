@@ -143,3 +143,23 @@ def test_sliding_window_layers_keep_a_ring_buffer(tmp_path):
     for _ in range(8):  # past the window: the ring wraps
         logits = state.step(np.argmax(logits.asnumpy(), -1))
     assert [k.shape[2] for k in state.cache.keys] == [64, 6, 6]
+
+
+@pytest.mark.parametrize("name", ["llama", "phi3"])
+def test_partial_rotary_factor_with_default_rope_as_hf(name, tmp_path):
+    """HF's Phi-3 rotates half of each head with `partial_rotary_factor` 0.5 and default rope; HF's
+    Llama (like the other families) ignores the factor for default rope."""
+    from conftest import make_hf_llama
+
+    rope = dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5)
+    if name == "llama":
+        torch_model, path = make_hf_llama(tmp_path, rope_parameters=rope)
+    else:
+        FAMILIES["phi3_partial"] = ("Phi3Config", "Phi3ForCausalLM", dict(rope_parameters=rope))
+        torch_model, path = make_hf(tmp_path, "phi3_partial")
+        del FAMILIES["phi3_partial"]
+    ids = random_ids(2, 12, seed=6)
+    with torch.no_grad():
+        expected = torch_model(torch.tensor(ids)).logits.numpy()
+    got = msfx.AutoModelForCausalLM.from_pretrained(path)(msfx.llama.ms.Tensor(ids)).logits.asnumpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)

@@ -10,6 +10,7 @@ from transformers import Phi3Config
 
 from msfx.architectures import llama
 from msfx.architectures.llama import cache_lengths, forward, init_params, lm_head, model_forward, param_shapes
+from msfx.layers.rotary import PARTIAL_DEFAULT_ROPE
 
 MODEL_TYPE = "phi3"
 CONFIG_CLASS = Phi3Config
@@ -22,4 +23,5 @@ def spec(config) -> llama.DecoderSpec:
 
 
 llama.SPECS[MODEL_TYPE] = spec
+PARTIAL_DEFAULT_ROPE.add(MODEL_TYPE)  # Phi-3's default rope honours `partial_rotary_factor`
 load = llama.loader(__name__)

@@ -16,8 +16,17 @@ from mindspore import Tensor, ops
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
 
+# Model types whose *default* rope rotates only `partial_rotary_factor` of each head (Phi-3). HF's
+# other families apply that factor only through the scaled rope types: their own
+# `compute_default_rope_parameters` ignores it.
+PARTIAL_DEFAULT_ROPE: set[str] = set()
+
+
 def _rotary_dim(config, rope: dict) -> int:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    default = rope.get("rope_type", "default") == "default"
+    if default and getattr(config, "model_type", None) not in PARTIAL_DEFAULT_ROPE:
+        return head_dim
     return int(head_dim * rope.get("partial_rotary_factor", 1.0))
 
 
