@@ -125,6 +125,17 @@ def last_token_logits(logits: Tensor, input_ids, pad_token_id: int | None, vocab
     return pooled.astype(logits.dtype)
 
 
+def lm_logits_and_loss(arch: ModuleType, params: dict, config, hidden: Tensor, labels,
+                       logits_to_keep: int = 0) -> tuple[Tensor, Tensor | None]:
+    """A causal LM head's `logits` `[batch, kept, vocab]` from `hidden` `[batch, seq, hidden]` (the
+    last `logits_to_keep` positions when > 0, HF's argument) via `arch.lm_head`, and with `labels`
+    `[batch, seq]` HF's shifted cross-entropy (`causal_lm_loss`), else None."""
+    if logits_to_keep:
+        hidden = hidden[:, -logits_to_keep:]
+    logits = arch.lm_head(params, hidden, config)
+    return logits, None if labels is None else causal_lm_loss(logits, as_tensor(labels))
+
+
 def causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
     """HF's `ForCausalLMLoss`: mean cross-entropy of `logits[:, :-1]` against `labels[:, 1:]` in
     float32, positions labelled `ignore_index` left out. logits `[b, s, v]`, labels `[b, s]`."""

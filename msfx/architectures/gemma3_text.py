@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from transformers import Gemma3TextConfig
 
-from msfx.architectures import llama
+from msfx.architectures import gemma2, llama
 from msfx.architectures.llama import cache_lengths, forward, init_params, lm_head, model_forward, param_shapes
 
 MODEL_TYPE = "gemma3_text"
@@ -19,12 +19,7 @@ __all__ = ["CONFIG_CLASS", "MODEL_TYPE", "cache_lengths", "forward", "init_param
 
 
 def spec(config) -> llama.DecoderSpec:
-    return llama.DecoderSpec(
-        qkv_bias=config.attention_bias, o_bias=config.attention_bias, sliding_windows=llama.sliding_windows(config),
-        norm_offset=1.0, embed_scale=True, sandwich_norms=True, attn_scale=config.query_pre_attn_scalar ** -0.5,
-        attn_softcap=config.attn_logit_softcapping, final_softcap=config.final_logit_softcapping,
-        hidden_act=config.hidden_activation,
-        qk_norm=True, rope_by_layer_type=True)
+    return gemma2.spec(config)._replace(qk_norm=True, rope_by_layer_type=True)
 
 
 llama.SPECS[MODEL_TYPE] = spec

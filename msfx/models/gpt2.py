@@ -13,7 +13,7 @@ from msfx.architectures import gpt2
 from msfx.generation import GenerationMixin
 from msfx.layers.basic import linear
 from msfx.modeling import (BaseModelOutputWithPast, CausalLMOutputWithPast, PreTrainedModel,
-                           SequenceClassifierOutputWithPast, as_tensor, causal_lm_loss, last_token_logits,
+                           SequenceClassifierOutputWithPast, as_tensor, lm_logits_and_loss, last_token_logits,
                            sequence_classification_loss, token_ids)
 
 
@@ -63,10 +63,7 @@ class GPT2LMHeadModel(GenerationMixin, _GPT2Base):
                   logits_to_keep: int = 0, **kwargs):
         hidden, states, _ = self._backbone(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
                                            output_hidden_states)
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        logits = self.arch.lm_head(self.params, hidden, self.config)
-        loss = None if labels is None else causal_lm_loss(logits, as_tensor(labels))
+        logits, loss = lm_logits_and_loss(self.arch, self.params, self.config, hidden, labels, logits_to_keep)
         out = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=states)
         return out if return_dict else out.to_tuple()
 

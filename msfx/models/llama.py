@@ -11,7 +11,7 @@ from msfx.generation import GenerationMixin
 from msfx.layers.basic import linear
 from msfx.layers.moe import load_balancing_loss
 from msfx.modeling import (BaseModelOutputWithPast, CausalLMOutputWithPast, MoeCausalLMOutputWithPast, PreTrainedModel,
-                           SequenceClassifierOutputWithPast, as_tensor, causal_lm_loss, last_token_logits,
+                           SequenceClassifierOutputWithPast, as_tensor, lm_logits_and_loss, last_token_logits,
                            sequence_classification_loss, token_ids)
 
 
@@ -51,10 +51,7 @@ class LlamaForCausalLM(GenerationMixin, _LlamaBase):
                   output_hidden_states=None, return_dict=True, logits_to_keep: int = 0, **kwargs):
         hidden, states, *_ = self._backbone(input_ids, attention_mask, position_ids, inputs_embeds,
                                            output_hidden_states)
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        logits = self.arch.lm_head(self.params, hidden, self.config)
-        loss = None if labels is None else causal_lm_loss(logits, as_tensor(labels))
+        logits, loss = lm_logits_and_loss(self.arch, self.params, self.config, hidden, labels, logits_to_keep)
         out = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=states)
         return out if return_dict else out.to_tuple()
 
@@ -69,11 +66,8 @@ class MoeForCausalLM(LlamaForCausalLM):
                   output_hidden_states=None, output_router_logits=None, return_dict=True, logits_to_keep: int = 0,
                   **kwargs):
         out = self._backbone(input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states)
-        hidden = out.last_hidden_state
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        logits = self.arch.lm_head(self.params, hidden, self.config)
-        loss = None if labels is None else causal_lm_loss(logits, as_tensor(labels))
+        logits, loss = lm_logits_and_loss(self.arch, self.params, self.config, out.last_hidden_state, labels,
+                                          logits_to_keep)
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         aux_loss = router_logits = None
