@@ -6,12 +6,13 @@ objects; every call goes to the architecture module's pure functions.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Iterator
 
 import mindspore as ms
 import numpy as np
@@ -21,7 +22,9 @@ from transformers.utils import ModelOutput
 
 from msfx.decode.generate import GenerationStats
 from msfx.decode.step import CompiledStep
-from msfx.layers.basic import check_token_ids
+from msfx.layers.attention import arange
+from msfx.layers.basic import check_token_ids, host_reads_allowed
+from msfx.layers.losses import causal_lm_loss, masked_cross_entropy
 from msfx.params import Params, flatten, load_params, save_params, unflatten
 from msfx.params.hub import resolve_model_dir
 
@@ -99,9 +102,12 @@ def as_tensor(x, dtype=ms.int32) -> Tensor | None:
 
 
 def token_ids(input_ids, vocab_size: int) -> Tensor | None:
-    """`input_ids` checked (`check_token_ids`) as an int32 Tensor `[batch, seq]`; None passes through."""
+    """`input_ids` checked (`check_token_ids`) as an int32 Tensor `[batch, seq]`; None passes through.
+    Inside `no_host_reads()` a Tensor is only cast (the caller checked it)."""
     if input_ids is None:
         return None
+    if isinstance(input_ids, Tensor) and not host_reads_allowed():
+        return input_ids.astype(ms.int32)
     return Tensor(check_token_ids(input_ids, vocab_size).astype(np.int32))
 
 
@@ -116,6 +122,11 @@ def last_token_logits(logits: Tensor, input_ids, pad_token_id: int | None, vocab
     batch, seq = logits.shape[0], logits.shape[1]
     if pad_token_id is None and batch != 1:
         raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined (config.pad_token_id).")
+    if pad_token_id is not None and isinstance(input_ids, Tensor) and not host_reads_allowed():
+        positions = arange(seq) * (input_ids != pad_token_id).astype(ms.int32)
+        pooled = ops.gather_elements(logits.astype(ms.float32), 1, ops.broadcast_to(
+            positions.argmax(-1).reshape(batch, 1, 1), (batch, 1, logits.shape[2]))).squeeze(1)
+        return pooled.astype(logits.dtype)
     if pad_token_id is None or input_ids is None:
         last = np.full(batch, seq - 1)
     else:
@@ -126,32 +137,15 @@ def last_token_logits(logits: Tensor, input_ids, pad_token_id: int | None, vocab
 
 
 def lm_logits_and_loss(arch: ModuleType, params: dict, config, hidden: Tensor, labels,
-                       logits_to_keep: int = 0) -> tuple[Tensor, Tensor | None]:
+                       logits_to_keep: int = 0, num_items_in_batch=None) -> tuple[Tensor, Tensor | None]:
     """A causal LM head's `logits` `[batch, kept, vocab]` from `hidden` `[batch, seq, hidden]` (the
     last `logits_to_keep` positions when > 0, HF's argument) via `arch.lm_head`, and with `labels`
-    `[batch, seq]` HF's shifted cross-entropy (`causal_lm_loss`), else None."""
+    `[batch, seq]` HF's shifted cross-entropy (`causal_lm_loss`: summed over the valid tokens and
+    divided by `num_items_in_batch` when given, as HF's Trainer passes it, else their mean), else None."""
     if logits_to_keep:
         hidden = hidden[:, -logits_to_keep:]
     logits = arch.lm_head(params, hidden, config)
-    return logits, None if labels is None else causal_lm_loss(logits, as_tensor(labels))
-
-
-def causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
-    """HF's `ForCausalLMLoss`: mean cross-entropy of `logits[:, :-1]` against `labels[:, 1:]` in
-    float32, positions labelled `ignore_index` left out. logits `[b, s, v]`, labels `[b, s]`."""
-    logits = logits[:, :-1].astype(ms.float32)
-    labels = labels[:, 1:].astype(ms.int32)
-    return masked_cross_entropy(logits, labels, ignore_index)
-
-
-def masked_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
-    """Mean cross-entropy over positions whose label is not `ignore_index`."""
-    valid = labels != ignore_index
-    safe = ops.where(valid, labels, ops.zeros_like(labels))
-    logp = ops.log_softmax(logits.astype(ms.float32), -1)
-    picked = ops.gather_elements(logp, -1, safe.expand_dims(-1)).squeeze(-1)
-    valid = valid.astype(ms.float32)
-    return -(picked * valid).sum() / valid.sum()
+    return logits, None if labels is None else causal_lm_loss(logits, as_tensor(labels), num_items_in_batch)
 
 
 def sequence_classification_loss(logits: Tensor, labels: Tensor, config) -> Tensor:
@@ -261,6 +255,17 @@ class PreTrainedModel(nn.Cell):
     def state_tree(self) -> dict:
         """The parameter tree keyed as this class's HF checkpoint."""
         return dict(self.params)
+
+    @contextlib.contextmanager
+    def using_params(self, tree: dict) -> Iterator[None]:
+        """Within: calls run on `tree` (a parameter tree keyed as `self.params`, e.g. a training
+        step's leaves, `msfx.params.unflatten(leaves, keys)`) instead of the model's Parameters."""
+        saved = self.params
+        self.params = Params(tree, self.config)
+        try:
+            yield
+        finally:
+            self.params = saved
 
     def num_parameters(self) -> int:
         return sum(int(np.prod(p.shape)) for p in self.weights)

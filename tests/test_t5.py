@@ -5,8 +5,9 @@ and loaded into msfx: original T5 ("relu", head tied to `shared` with the `d_mod
 T5 v1.1 / Flan style ("gated-gelu", an untied `lm_head`, no scale), with more decoder than encoder
 blocks. In float32 msfx must match torch within 1e-4 (max abs) on a padded encoder batch: T5Model's
 decoder and encoder outputs, T5EncoderModel, T5ForConditionalGeneration's logits and loss; greedy and
-beam-search `generate` must give HF's tokens (and beam scores within 1e-4); `save_pretrained` output
-must reload in HF with the same logits; bad inputs give clear ValueErrors.
+beam-search `generate` must give HF's tokens (and beam scores within 1e-4), compiled (`jit`, one graph per
+decoder step shape) as eagerly; `save_pretrained` output must reload in HF with the same logits; bad inputs
+give clear ValueErrors.
 
 Run with `-s` to see the table of measured max abs diffs printed at the end of the module.
 """
@@ -142,6 +143,56 @@ def test_generate_greedy_and_beams(hf_t5, ours):
     out = ours.generate(IDS, **args, **beams)
     np.testing.assert_array_equal(out.sequences, ref.sequences.numpy())
     _check(f"{kind} beam sequences_scores", out.sequences_scores, ref.sequences_scores)
+
+
+def test_compiled_generate_matches_hf_and_eager_and_compiles_once(hf_t5):
+    """`jit=True` / "decode": one `mindspore.jit` graph per decoder step shape, tokens equal to HF's and to
+    the eager decoder's, on a batch of two padded encoder rows (one right-, one left-padded)."""
+    kind, hf, path = hf_t5
+    model = T5ForConditionalGeneration.from_pretrained(path)  # a fresh model: its compile count starts at 0
+    ids, mask = IDS[1:], MASK[1:]
+    args = dict(attention_mask=mask, max_new_tokens=10)
+    hf_args = dict(attention_mask=torch.tensor(mask), use_cache=False)  # see test_generate_greedy_and_beams
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor(ids), **{**args, **hf_args}).numpy()
+    assert (ref[:, 1:] > 1).sum() > 6  # not only eos / pad
+    np.testing.assert_array_equal(model.generate(ids, jit=False, **args), ref)
+    for jit in (True, "decode"):
+        np.testing.assert_array_equal(model.generate(ids, jit=jit, **args), ref, err_msg=f"jit={jit}")
+    step = model.decoder_step
+    assert step.compiles == 1  # both jit modes share the step's graph
+
+    beams = dict(num_beams=3, num_return_sequences=2, return_dict_in_generate=True, output_scores=True)
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor(ids), **{**args, **beams, **hf_args})
+    eager = model.generate(ids, jit=False, **args, **beams)
+    for _ in range(2):  # the second call traces nothing new
+        out = model.generate(ids, **args, **beams)
+        np.testing.assert_array_equal(out.sequences, ref.sequences.numpy())
+        np.testing.assert_array_equal(out.sequences, eager.sequences)
+        _check(f"{kind} compiled beam sequences_scores", out.sequences_scores, ref.sequences_scores)
+        np.testing.assert_allclose(out.sequences_scores, eager.sequences_scores, atol=1e-6)
+        assert step.compiles == 3  # + the beams' first step (no reordering) and their reordering step
+
+    # 63 new tokens fill the 64-slot cache bucket of the 10-token runs: the same graphs
+    longer = dict(attention_mask=mask, max_new_tokens=63, eos_token_id=None)
+    compiled = model.generate(ids, **longer)
+    assert compiled.shape == (2, 64) and step.compiles == 3
+    np.testing.assert_array_equal(compiled, model.generate(ids, jit=False, **longer))
+
+
+def test_compiled_step_moves_cross_attention_rows_between_prompts(hf_t5, ours):
+    """Beam search reorders rows among one prompt's copies only, so the compiled path leaves the
+    cross-attention state in place then; a reordering across prompts must still move it, as eagerly."""
+    ids, mask = np.repeat(IDS[:2], 2, 0), np.repeat(MASK[:2], 2, 0)
+    start = np.zeros((4, 1), np.int64)
+    eager = t5_arch.Seq2SeqDecodeState(ours.params, ours.config, ids, mask, start, 4)
+    compiled = t5_arch.Seq2SeqDecodeState(ours.params, ours.config, ids, mask, start, 4, step=ours.decoder_step)
+    np.testing.assert_allclose(compiled.prefill().asnumpy(), eager.prefill().asnumpy(), atol=1e-6)
+    for tokens, beam_idx in (([5, 6, 7, 8], [1, 0, 0, 1]), ([9, 9, 4, 4], [2, 3, 0, 0]), ([3, 4, 5, 6], None)):
+        tokens, beam_idx = np.array(tokens), None if beam_idx is None else np.array(beam_idx)
+        np.testing.assert_allclose(compiled.step(tokens, beam_idx).asnumpy(), eager.step(tokens, beam_idx).asnumpy(),
+                                   atol=1e-6)
 
 
 def test_save_pretrained_reloads_in_hf(hf_t5, ours, tmp_path):

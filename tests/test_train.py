@@ -94,7 +94,7 @@ def test_adamw_linear_warmup_clipping_matches_torch(tiny):
     losses, norms = [], []
     for k, batch in enumerate(batches):
         lr = Tensor(np.float32(LR * schedule(k)))
-        loss, leaves, state, norm = step(leaves, state, batch, lr, Tensor(np.float32(k + 1)))
+        loss, leaves, state, norm, _ = step(leaves, state, batch, lr, Tensor(np.float32(k + 1)))
         losses.append(float(loss.asnumpy()))
         norms.append(float(norm.asnumpy()))
     assert step.compiles == 1 and step.traces == {"loss": 1, "update": 1}
@@ -125,7 +125,7 @@ def test_gradient_accumulation_equals_one_batch(tiny):
         state = optimizer.init(leaves)
         results[accumulate] = step(leaves, state, batch, lr, first)
         assert step.compiles == 1 and step.traces == {"loss": 1, "update": 1}
-    (loss1, leaves1, state1, norm1), (loss4, leaves4, state4, norm4) = results[1], results[4]
+    (loss1, leaves1, state1, norm1, _), (loss4, leaves4, state4, norm4, _) = results[1], results[4]
     param_diff = max(float(np.abs(a.asnumpy() - b.asnumpy()).max()) for a, b in zip(leaves1, leaves4))
     moment_diff = max(float(np.abs(a.asnumpy() - b.asnumpy()).max()) for a, b in zip(state1, state4))
     loss_rel = abs(float(loss1.asnumpy()) - float(loss4.asnumpy())) / float(loss1.asnumpy())
@@ -181,7 +181,7 @@ def test_sgd_momentum_matches_torch(tiny):
     step = make_train_step(llama_arch, params.config, optimizer, keys, max_grad_norm=None)
     state = optimizer.init(leaves)
     for k, batch in enumerate(batches):
-        _, leaves, state, _ = step(leaves, state, batch, Tensor(np.float32(0.05)), Tensor(np.float32(k + 1)))
+        _, leaves, state, _, _ = step(leaves, state, batch, Tensor(np.float32(0.05)), Tensor(np.float32(k + 1)))
     expected = torch_state(model)
     param_diff = max(float(np.abs(leaf.asnumpy() - expected[key]).max()) for leaf, key in zip(leaves, keys))
     print(f"\nSGD x2: param max abs {param_diff:.2g}")

@@ -21,7 +21,7 @@ from mindspore import Tensor, ops
 from transformers import BertConfig
 
 from msfx.layers.attention import arange, attention_bias, padding_bias, scaled_dot_product_attention
-from msfx.layers.basic import activation, check_model_inputs, embedding, linear, tanh
+from msfx.layers.basic import activation, check_model_inputs, embedding, host_reads_allowed, linear, tanh
 from msfx.layers.norms import layer_norm
 from msfx.params import load_params
 from msfx.params.tree import Params, config_of, unflatten_keys
@@ -128,7 +128,7 @@ def _check_inputs(config, input_ids, inputs_embeds, attention_mask, token_type_i
     if position_ids is None and s > config.max_position_embeddings:
         raise ValueError(f"sequence length {s} exceeds max_position_embeddings {config.max_position_embeddings} "
                          "(BERT's learned position embeddings have no rows beyond it)")
-    if check_ids:
+    if check_ids and host_reads_allowed():
         if token_type_ids is not None:
             _check_range("token_type_ids", token_type_ids, config.type_vocab_size, "type_vocab_size")
         if position_ids is not None:

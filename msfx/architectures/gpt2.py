@@ -24,7 +24,8 @@ from transformers import GPT2Config
 from msfx.architectures.llama import CausalLMOutput
 from msfx.decode.cache import KVCache, write_cache
 from msfx.layers.attention import arange, attention_bias, scaled_dot_product_attention
-from msfx.layers.basic import activation, check_model_inputs, embedding, lacks_bf16_kernels, linear
+from msfx.layers.basic import (activation, check_model_inputs, embedding, host_reads_allowed, lacks_bf16_kernels,
+                              linear)
 from msfx.layers.norms import layer_norm
 from msfx.params import load_params
 from msfx.params.tree import Params, config_of, unflatten_keys
@@ -163,7 +164,7 @@ def _check_positions(config, seq: int, position_ids, cache_position, check_ids: 
             raise ValueError(f"the input has {seq} tokens but GPT-2 has learned position embeddings for "
                              f"{limit} positions only (config.n_positions): give at most {limit} tokens")
         return
-    if check_ids:
+    if check_ids and host_reads_allowed():
         given = (position_ids if position_ids is not None else cache_position).asnumpy()
         if given.size and (given.min() < 0 or given.max() >= limit):
             raise ValueError(f"position {given.max() if given.max() >= limit else given.min()} is out of range: "
@@ -221,7 +222,7 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
     if token_type_ids is not None:
         if tuple(token_type_ids.shape) != (b, s):
             raise ValueError(f"token_type_ids has shape {list(token_type_ids.shape)}, expected [{b}, {s}]")
-        if check_ids:  # HF embeds token types with `wte`: each is a row of it
+        if check_ids and host_reads_allowed():  # HF embeds token types with `wte`: each is a row of it
             types = token_type_ids.asnumpy()
             if types.min() < 0 or types.max() >= config.vocab_size:
                 raise ValueError(f"token_type_ids must be in [0, vocab_size) = [0, {config.vocab_size}) (HF embeds "

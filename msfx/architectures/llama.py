@@ -20,7 +20,8 @@ from transformers import LlamaConfig
 
 from msfx.decode.cache import KVCache, write_cache, write_ring
 from msfx.layers.attention import arange, attention_bias, ring_attention_bias, scaled_dot_product_attention
-from msfx.layers.basic import activation, check_model_inputs, embedding, gated_mlp, linear, tanh
+from msfx.layers.basic import (activation, check_model_inputs, embedding, gated_mlp, host_reads_allowed, linear,
+                              tanh)
 from msfx.layers.moe import sparse_moe
 from msfx.layers.norms import rms_norm
 from msfx.layers.rotary import apply_rotary, rope_cos_sin, rope_frequencies
@@ -288,6 +289,8 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
     else:
         x = inputs_embeds
     b, s = x.shape[0], x.shape[1]
+    # positions 0..s-1 unless given: the rope table's length is known without reading them back
+    table_len = s if position_ids is None and cache_position is None else None
     if cache_position is None:
         cache_position = arange(s)
     if position_ids is None:
@@ -307,8 +310,9 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
         rotations = [tables[kind] for kind in config.layer_types]
     else:
         if inv_freq is None:
-            seq_len = int(position_ids.asnumpy().max()) + 1
-            freqs, scaling = rope_frequencies(config, seq_len)
+            if table_len is None:  # inside `no_host_reads` (a jit trace) sized by the sequence instead
+                table_len = int(position_ids.asnumpy().max()) + 1 if host_reads_allowed() else s
+            freqs, scaling = rope_frequencies(config, table_len)
             inv_freq = Tensor(freqs)
         else:
             scaling = rope_frequencies(config)[1]

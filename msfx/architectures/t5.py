@@ -15,6 +15,7 @@ the stack; bidirectional buckets in the encoder, causal ones in the decoder) is 
 """
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 from pathlib import Path
@@ -26,12 +27,14 @@ from mindspore import Tensor, ops
 from transformers import T5Config
 
 from msfx.decode.cache import KVCache, reorder_cache, write_cache
-from msfx.layers.attention import attention_bias, padding_bias, scaled_dot_product_attention
-from msfx.layers.basic import activation, check_model_inputs, embedding, linear
+from msfx.decode.generate import CACHE_BUCKET
+from msfx.decode.step import call_in_fresh_thread, cheap_tensor_repr
+from msfx.layers.attention import arange, attention_bias, padding_bias, scaled_dot_product_attention
+from msfx.layers.basic import activation, check_model_inputs, check_token_ids, embedding, linear
 from msfx.layers.norms import rms_norm
 from msfx.params import load_params, resolve_model_dir
 from msfx.params.safetensors_io import checkpoint_files, read_shapes
-from msfx.params.tree import Params, config_of, unflatten_keys
+from msfx.params.tree import Params, config_of, flatten, unflatten, unflatten_keys
 
 MODEL_TYPE = "t5"
 CONFIG_CLASS = T5Config
@@ -159,6 +162,23 @@ def position_bias(table: Tensor, query_positions: np.ndarray, key_length: int, b
                                        config.relative_attention_max_distance)
     values = embedding(Tensor(buckets.astype(np.int32)), table)  # [queries, keys, heads]
     return values.transpose(2, 0, 1).expand_dims(0).expand_dims(2)
+
+
+def step_self_bias(table: Tensor, position: Tensor, key_length: int, config) -> Tensor:
+    """The decoder's self-attention bias `[1, heads, 1, 1, key_length]` (float32) for one query per row at
+    `position` (0-d int32 Tensor) over cache slots `0..key_length-1`: `position_bias` plus the causal mask,
+    computed from a tensor position so that one compiled step serves every position. The causal bucket
+    depends only on the distance `position - slot`; the buckets per distance are a host constant of
+    `key_length` (part of the step's shape signature); later slots are masked."""
+    by_distance = relative_position_bucket(-np.arange(key_length), False, config.relative_attention_num_buckets,
+                                           config.relative_attention_max_distance)
+    distance = position - arange(key_length)  # [keys]; negative: not yet written
+    buckets = ops.gather(Tensor(by_distance.astype(np.int32)), ops.maximum(distance, 0), 0)
+    # not the two-argument `Tensor.transpose(1, 0)`: MindSpore 2.10's trace records its result as a
+    # constant, so every later position reused the traced one's bias (measured)
+    values = ops.transpose(embedding(buckets, table), (1, 0))  # [heads, keys]
+    causal = attention_bias(Tensor(np.ones((1, key_length), np.int32)), position.reshape(1))  # [1, 1, 1, 1, keys]
+    return values.reshape(1, values.shape[0], 1, 1, key_length) + causal
 
 
 def _clamp_fp16(x: Tensor) -> Tensor:
@@ -301,22 +321,32 @@ def decoder_forward(params: dict, input_ids: Tensor | None, encoder_hidden_state
     table = blocks[0]["layer"][0]["SelfAttention"]["relative_attention_bias"]["weight"]
     self_bias = position_bias(table, positions, keys, False, config) + attention_bias(attention_mask, cache_position)
     cross_bias = padding_bias(encoder_attention_mask)
-    x = x.reshape(b * s, -1)
+    x, cache = _decoder_blocks(params, x.reshape(b * s, -1), b, self_bias, cross_bias, cache, cross_cache,
+                               cache_position, config)
+    return T5StackOutput(x.reshape(b, s, -1), cache)
+
+
+def _decoder_blocks(params: dict, x: Tensor, batch: int, self_bias: Tensor, cross_bias: Tensor,
+                    cache: KVCache | None, cross_cache: KVCache, cache_position: Tensor,
+                    config) -> tuple[Tensor, KVCache | None]:
+    """The decoder's blocks and `final_layer_norm` over `x` `[batch * seq, d_model]`, shared by
+    `decoder_forward` and the compiled `decode_step`. Returns `[batch * seq, d_model]` and the
+    self-attention cache with the new keys/values written at `cache_position` (None without `cache`)."""
     new_keys, new_values = [], []
-    for i, block in enumerate(blocks):
+    for i, block in enumerate(params["decoder"]["block"]):
         sa, ca, ff = block["layer"]
         layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-        h, (k, v) = attention(_norm(x, sa["layer_norm"], config), sa["SelfAttention"], self_bias, b, config,
+        h, (k, v) = attention(_norm(x, sa["layer_norm"], config), sa["SelfAttention"], self_bias, batch, config,
                               layer_cache=layer_cache, cache_position=cache_position)
         new_keys.append(k)
         new_values.append(v)
         x = _clamp_fp16(x + h)
-        h, _ = attention(_norm(x, ca["layer_norm"], config), ca["EncDecAttention"], cross_bias, b, config,
+        h, _ = attention(_norm(x, ca["layer_norm"], config), ca["EncDecAttention"], cross_bias, batch, config,
                          kv=(cross_cache.keys[i], cross_cache.values[i]))
         x = _clamp_fp16(x + h)
         x = _clamp_fp16(x + feed_forward(_norm(x, ff["layer_norm"], config), ff["DenseReluDense"], config))
-    x = _norm(x, params["decoder"]["final_layer_norm"], config).reshape(b, s, -1)
-    return T5StackOutput(x, None if cache is None else KVCache(tuple(new_keys), tuple(new_values)))
+    x = _norm(x, params["decoder"]["final_layer_norm"], config)
+    return x, None if cache is None else KVCache(tuple(new_keys), tuple(new_values))
 
 
 def lm_head(params: dict, hidden: Tensor, config) -> Tensor:
@@ -390,51 +420,170 @@ def forward(params: dict, input_ids: Tensor | None = None, attention_mask: Tenso
     return Seq2SeqLMOutput(lm_head(params, out.last_hidden_state, config), out.encoder_last_hidden_state)
 
 
+def decode_step(params: dict, tokens: Tensor, position: Tensor, cross_bias: Tensor, cross_cache: KVCache,
+                cache: KVCache, config) -> tuple[Tensor, KVCache]:
+    """One decoder token per row over the caches, traceable by `mindspore.jit`: no host reads, no checks
+    (the caller validates), the position a tensor.
+
+    Args:
+        tokens: int32 `[batch]`, in `[0, vocab_size)`.
+        position: 0-d int32, the tokens' position, which is also the cache slot they are written to.
+        cross_bias: float32 `[batch, 1, 1, 1, source_seq]`, `padding_bias` of the encoder's mask.
+        cross_cache: `cross_attention_cache`'s keys and values, `[batch, heads, source_seq, d_kv]` per block.
+        cache: the self-attention `KVCache`, `[batch, heads, max_len, d_kv]` per block, `position < max_len`.
+
+    Returns:
+        The next-token logits, float32 `[batch, vocab]`, and `cache` with the tokens' keys/values written.
+    """
+    table = params["decoder"]["block"][0]["layer"][0]["SelfAttention"]["relative_attention_bias"]["weight"]
+    self_bias = step_self_bias(table, position, cache.max_len, config)
+    x = embedding(tokens, params["shared"]["weight"])  # [batch, d_model]
+    x, cache = _decoder_blocks(params, x, tokens.shape[0], self_bias, cross_bias, cache, cross_cache,
+                               position.reshape(1), config)
+    logits = lm_head(params, x, config)
+    # the float32 cast inside the graph: an eager op on a compiled output slows the next steps (decode.step)
+    return (logits if logits.dtype == ms.float32 else logits.astype(ms.float32)), cache
+
+
+_STEP_IDS = itertools.count()
+
+
+class DecoderStep:
+    """`decode_step` compiled with `mindspore.jit` (trace mode) over flat positional tensors, as
+    `msfx.decode.step.CompiledStep` does for decoder-only models: `(tokens, position, cross_bias,
+    *param_leaves, *cross_leaves, *cache_leaves) -> (logits, *cache_leaves)`. The cross-attention
+    keys/values are inputs only (computed once per generation); the self-attention cache goes in and
+    comes back. Called with `beam_idx` (int32 `[batch]`), the step first gathers the self-attention
+    cache rows by it, inside the same graph.
+
+    One graph per (batch, source length, cache length, reordering or not); `compiles` counts them. A
+    model keeps one `DecoderStep`, so its graphs serve every later generation with the same shapes.
+    """
+
+    def __init__(self, params: dict, config):
+        tree = {k: params[k] for k in ("shared", "decoder", "lm_head") if k in params}  # not the encoder's leaves
+        self.leaves, keys = flatten(tree)
+        self.signatures: set = set()
+        n, layers = len(self.leaves), config.num_decoder_layers
+        cache_start = n + 2 * layers
+
+        def step(tokens, position, cross_bias, *leaves):
+            logits, cache = decode_step(unflatten(leaves[:n], keys), tokens, position, cross_bias,
+                                        KVCache.from_leaves(leaves[n:cache_start]),
+                                        KVCache.from_leaves(leaves[cache_start:]), config)
+            return (logits, *cache.leaves())
+
+        def reordered_step(beam_idx, tokens, position, cross_bias, *leaves):
+            cache = reorder_cache(KVCache.from_leaves(leaves[cache_start:]), beam_idx)
+            return step(tokens, position, cross_bias, *leaves[:cache_start], *cache.leaves())
+
+        # unique names: trace-mode jit keys graphs by name and id(), which a new closure can reuse (CompiledStep)
+        for fn in (step, reordered_step):
+            fn.__name__ = fn.__qualname__ = f"msfx_t5_{fn.__name__}_{next(_STEP_IDS)}"
+        self._fn = ms.jit(step, capture_mode="trace")
+        self._reordered_fn = ms.jit(reordered_step, capture_mode="trace")
+
+    @property
+    def compiles(self) -> int:
+        """Graphs built so far (distinct input signatures seen)."""
+        return len(self.signatures)
+
+    def __call__(self, tokens: Tensor, position: Tensor, cross_bias: Tensor, cross_cache: KVCache, cache: KVCache,
+                 beam_idx: Tensor | None = None) -> tuple[Tensor, KVCache]:
+        """`decode_step`'s logits (float32 `[batch, vocab]`) and updated cache; arguments as there, all
+        validated by the caller (an error while tracing would hang the process at exit)."""
+        signature = (tuple(tokens.shape), tuple(cross_bias.shape), tuple(cache.keys[0].shape), beam_idx is not None)
+        args = (tokens, position, cross_bias, *self.leaves, *cross_cache.leaves(), *cache.leaves())
+        fn = self._fn
+        if beam_idx is not None:
+            fn, args = self._reordered_fn, (beam_idx, *args)
+        with cheap_tensor_repr():
+            if signature in self.signatures:
+                logits, *leaves = fn(*args)
+            else:  # tracing needs a stack whose frames all have source (see call_in_fresh_thread)
+                logits, *leaves = call_in_fresh_thread(fn, *args)
+                self.signatures.add(signature)
+        return logits, KVCache.from_leaves(leaves)
+
+
 class Seq2SeqDecodeState:
-    """One generation's model side (eager): runs the encoder once, keeps its cross-attention keys/values
+    """One generation's model side: runs the encoder once (eagerly), keeps its cross-attention keys/values
     and a self-attention cache of `decoder_ids` plus `max_new_tokens` slots, and gives the next-token
     logits (float32 `[batch, vocab]`) after the decoder's prompt (`prefill`) and after each new token
     (`step`), as `msfx.generation.GenerationMixin` expects of an encoder-decoder.
 
     `encoder_ids` / `encoder_mask`: `[batch, source_seq]` numpy; `decoder_ids`: `[batch, n]` numpy
-    (the `decoder_start_token_id` column), rows already repeated per beam / returned sequence.
+    (the `decoder_start_token_id` column), rows already repeated per beam / returned sequence. With
+    `step` (a `DecoderStep`), every decoder token runs the compiled step, over a cache rounded up to
+    `CACHE_BUCKET` slots so that one graph serves generations of similar lengths; without, the decoder
+    runs eagerly (`decoder_forward`).
+
+    Raises:
+        ValueError: a decoder id outside `[0, vocab_size)`; in compiled steps, more tokens than the cache holds
+            (checked before the step runs: an error while tracing would hang the process at exit).
     """
 
-    compiles = 0  # nothing is compiled
-
     def __init__(self, params: dict, config, encoder_ids: np.ndarray, encoder_mask: np.ndarray,
-                 decoder_ids: np.ndarray, max_new_tokens: int):
-        self.params, self.config = params, config
+                 decoder_ids: np.ndarray, max_new_tokens: int, step: DecoderStep | None = None):
+        self.params, self.config, self._step = params, config, step
+        self.decoder_ids = check_token_ids(decoder_ids, config.vocab_size)
         self.encoder_mask = Tensor(encoder_mask.astype(np.int32))
         encoded = encoder_forward(params, Tensor(encoder_ids.astype(np.int32)), self.encoder_mask, config=config,
                                   check_ids=False).last_hidden_state
         self.cross_cache = cross_attention_cache(params, encoded, config)
-        self.decoder_ids = decoder_ids
         batch, max_len = decoder_ids.shape[0], decoder_ids.shape[1] + max_new_tokens
+        if step is None:
+            self.key_mask = ops.ones((batch, max_len), ms.int32)  # HF decodes without a decoder mask: causal only
+        else:
+            max_len = -(-max_len // CACHE_BUCKET) * CACHE_BUCKET
+            self.cross_bias = padding_bias(self.encoder_mask)
+            # Beam search gathers rows among one prompt's copies, whose encoder rows are equal: the
+            # cross-attention state needs moving only when a row comes from a different encoder row.
+            rows = np.concatenate([encoder_ids, encoder_mask], 1)
+            self._encoder_row = np.unique(rows, axis=0, return_inverse=True)[1].reshape(-1)
         self.cache = KVCache.init(config.num_decoder_layers, batch, config.num_heads, max_len, config.d_kv,
                                   encoded.dtype)
-        self.key_mask = ops.ones((batch, max_len), ms.int32)  # HF decodes without a decoder mask: causal only
         self.slot = 0
 
-    def _run(self, ids: np.ndarray) -> Tensor:
-        out = decoder_forward(self.params, Tensor(ids.astype(np.int32)), None, self.key_mask, self.encoder_mask,
-                              cache=self.cache, past_length=self.slot, cross_cache=self.cross_cache,
-                              config=self.config, check_ids=False)
-        self.cache, self.slot = out.cache, self.slot + ids.shape[1]
-        return lm_head(self.params, out.last_hidden_state[:, -1], self.config).astype(ms.float32)
+    @property
+    def compiles(self) -> int:
+        """Graphs the compiled step has built so far, over its lifetime (0 when eager)."""
+        return 0 if self._step is None else self._step.compiles
+
+    def _run(self, ids: np.ndarray, beam_idx: Tensor | None = None) -> Tensor:
+        if self._step is None:
+            out = decoder_forward(self.params, Tensor(ids.astype(np.int32)), None, self.key_mask, self.encoder_mask,
+                                  cache=self.cache, past_length=self.slot, cross_cache=self.cross_cache,
+                                  config=self.config, check_ids=False)
+            self.cache, self.slot = out.cache, self.slot + ids.shape[1]
+            return lm_head(self.params, out.last_hidden_state[:, -1], self.config).astype(ms.float32)
+        if self.slot + ids.shape[1] > self.cache.max_len:
+            raise ValueError(f"the decoder cache has {self.cache.max_len} slots: {ids.shape[1]} more tokens after "
+                             f"{self.slot} do not fit (max_new_tokens sizes it)")
+        for column in ids.T:  # the compiled step takes one token per row; the cache makes this exact
+            logits, self.cache = self._step(Tensor(column.astype(np.int32)), Tensor(np.int32(self.slot)),
+                                            self.cross_bias, self.cross_cache, self.cache, beam_idx)
+            self.slot, beam_idx = self.slot + 1, None
+        return logits
 
     def prefill(self) -> Tensor:
         """Logits float32 `[batch, vocab]` after the decoder's prompt; fills its cache slots."""
         return self._run(self.decoder_ids)
 
     def step(self, tokens: np.ndarray, beam_idx: np.ndarray | None = None) -> Tensor:
-        """Logits float32 `[batch, vocab]` after `tokens` (int `[batch]`). `beam_idx` (int `[batch]`):
-        first gather every cache row (self- and cross-attention) and the encoder mask by it (beam search)."""
-        if beam_idx is not None:
-            index = Tensor(beam_idx.astype(np.int32))
+        """Logits float32 `[batch, vocab]` after `tokens` (int `[batch]`). `beam_idx` (int `[batch]`, beam
+        search): first gather the cache rows by it, and the cross-attention keys/values and encoder mask
+        (the compiled path skips those while every row keeps its encoder row, as within a prompt's beams)."""
+        index = None if beam_idx is None else Tensor(beam_idx.astype(np.int32))
+        if index is not None and self._step is None:
             self.cache, self.cross_cache = reorder_cache(self.cache, index), reorder_cache(self.cross_cache, index)
             self.encoder_mask = ops.gather(self.encoder_mask, index, 0)
-        return self._run(tokens[:, None])
+            index = None
+        elif index is not None and (self._encoder_row[beam_idx] != self._encoder_row).any():
+            self.cross_cache = reorder_cache(self.cross_cache, index)
+            self.cross_bias = ops.gather(self.cross_bias, index, 0)
+            self._encoder_row = self._encoder_row[beam_idx]
+        return self._run(tokens[:, None], index)
 
 
 def checkpoint_has_lm_head(model_dir: str | Path) -> bool:

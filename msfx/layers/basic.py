@@ -1,7 +1,9 @@
 """Linear, embedding and activation functions on HF's parameter layouts."""
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+import contextvars
+from typing import Callable, Iterator
 
 import mindspore as ms
 import numpy as np
@@ -9,6 +11,25 @@ from mindspore import Tensor, ops
 
 
 _MATMUL_T = ops.MatMul(transpose_b=True)
+_HOST_READS = contextvars.ContextVar("msfx_host_reads", default=True)
+
+
+@contextlib.contextmanager
+def no_host_reads() -> Iterator[None]:
+    """Within: model code reads no tensor values on the host (range checks, pad positions, label
+    shifts are skipped or computed in the graph). For code that `mindspore.jit` traces in trace
+    mode, where a value read on the host is baked into the graph as a constant of the first call;
+    the caller checks the inputs on the host beforehand. Per thread (a context variable)."""
+    token = _HOST_READS.set(False)
+    try:
+        yield
+    finally:
+        _HOST_READS.reset(token)
+
+
+def host_reads_allowed() -> bool:
+    """False inside `no_host_reads()`."""
+    return _HOST_READS.get()
 
 
 def lacks_bf16_kernels(x: Tensor) -> bool:
@@ -59,7 +80,7 @@ def check_model_inputs(config, input_ids: Tensor | None, inputs_embeds: Tensor |
             kind = f"{input_ids.dtype} {list(input_ids.shape)}" if isinstance(input_ids, Tensor) else type(input_ids)
             raise ValueError(f"input_ids must be an int32/int64 mindspore Tensor [batch, seq], got {kind}")
         b, s = input_ids.shape
-        if check_ids:
+        if check_ids and host_reads_allowed():
             check_token_ids(input_ids, config.vocab_size)
     else:
         b, s = inputs_embeds.shape[0], inputs_embeds.shape[1]

@@ -58,12 +58,15 @@ class GPT2LMHeadModel(GenerationMixin, _GPT2Base):
     `logits` `[batch, seq, vocab]`; `labels` `[batch, seq]` gives HF's shifted cross-entropy
     (`-100` ignored) as `loss`."""
 
+    accepts_loss_kwargs = True  # `num_items_in_batch=` normalizes the loss (HF Trainer's gradient accumulation)
+
     def construct(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                   inputs_embeds=None, labels=None, output_hidden_states=None, return_dict=True,
                   logits_to_keep: int = 0, **kwargs):
         hidden, states, _ = self._backbone(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
                                            output_hidden_states)
-        logits, loss = lm_logits_and_loss(self.arch, self.params, self.config, hidden, labels, logits_to_keep)
+        logits, loss = lm_logits_and_loss(self.arch, self.params, self.config, hidden, labels, logits_to_keep,
+                                          kwargs.get("num_items_in_batch"))
         out = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=states)
         return out if return_dict else out.to_tuple()
 

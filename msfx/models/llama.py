@@ -47,11 +47,14 @@ class LlamaForCausalLM(GenerationMixin, _LlamaBase):
     """Llama with its language-model head. `logits` `[batch, seq, vocab]`; `labels` `[batch, seq]`
     gives HF's shifted cross-entropy (`-100` ignored) as `loss`."""
 
+    accepts_loss_kwargs = True  # `num_items_in_batch=` normalizes the loss (HF Trainer's gradient accumulation)
+
     def construct(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, inputs_embeds=None,
                   output_hidden_states=None, return_dict=True, logits_to_keep: int = 0, **kwargs):
         hidden, states, *_ = self._backbone(input_ids, attention_mask, position_ids, inputs_embeds,
                                            output_hidden_states)
-        logits, loss = lm_logits_and_loss(self.arch, self.params, self.config, hidden, labels, logits_to_keep)
+        logits, loss = lm_logits_and_loss(self.arch, self.params, self.config, hidden, labels, logits_to_keep,
+                                          kwargs.get("num_items_in_batch"))
         out = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=states)
         return out if return_dict else out.to_tuple()
 
@@ -67,7 +70,7 @@ class MoeForCausalLM(LlamaForCausalLM):
                   **kwargs):
         out = self._backbone(input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states)
         logits, loss = lm_logits_and_loss(self.arch, self.params, self.config, out.last_hidden_state, labels,
-                                          logits_to_keep)
+                                          logits_to_keep, kwargs.get("num_items_in_batch"))
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         aux_loss = router_logits = None

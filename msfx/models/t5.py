@@ -16,6 +16,7 @@ from transformers.utils import ModelOutput
 
 from msfx.architectures import t5
 from msfx.generation import GenerationMixin
+from msfx.layers.basic import lacks_bf16_kernels
 from msfx.modeling import PreTrainedModel, as_tensor, masked_cross_entropy, token_ids
 from msfx.params import resolve_model_dir
 
@@ -141,12 +142,15 @@ class T5ForConditionalGeneration(GenerationMixin, _T5Base):
     decoder inputs, the decoder inputs (`_shift_right(labels)`). The head is `lm_head.weight` when the
     checkpoint stores one (v1.1 / Flan-T5), else `shared.weight`; decoder outputs are scaled by
     `d_model ** -0.5` first when `config.scale_decoder_outputs` (original T5). `generate` runs the
-    encoder once and decodes eagerly (`jit` is ignored).
+    encoder once, eagerly, then the decoder token by token: a `mindspore.jit` graph per step with `jit`
+    True or "decode" (the same for both), eagerly with `jit=False`.
 
     Raises:
         ValueError: no decoder inputs and no labels, labels not shaped like the decoder inputs, or bad
             inputs (see `msfx.architectures.t5.forward`).
     """
+
+    _decoder_step: t5.DecoderStep | None = None
 
     @classmethod
     def param_shapes(cls, config):
@@ -192,8 +196,19 @@ class T5ForConditionalGeneration(GenerationMixin, _T5Base):
     def _decode_state(self, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int,
                       jit: bool | str, encoder_inputs: tuple[np.ndarray, np.ndarray] | None = None
                       ) -> t5.Seq2SeqDecodeState:
-        """The encoder-decoder state `generate` decodes with (eager; see `t5.Seq2SeqDecodeState`)."""
-        return t5.Seq2SeqDecodeState(self.params, self.config, *encoder_inputs, input_ids, max_new_tokens)
+        """The encoder-decoder state `generate` decodes with (see `t5.Seq2SeqDecodeState`): the encoder runs
+        eagerly; with `jit` True or "decode" the decoder runs one compiled step per token (the model's
+        `decoder_step`), with False, or bfloat16 on CPU (no graph kernels), eagerly."""
+        compiled = bool(jit) and not lacks_bf16_kernels(self.weights[0])
+        return t5.Seq2SeqDecodeState(self.params, self.config, *encoder_inputs, input_ids, max_new_tokens,
+                                     step=self.decoder_step if compiled else None)
+
+    @property
+    def decoder_step(self) -> t5.DecoderStep:
+        """The model's compiled decoder step (built on first use; its `compiles` counts the graphs traced)."""
+        if self._decoder_step is None:
+            self._decoder_step = t5.DecoderStep(self.params, self.config)
+        return self._decoder_step
 
 
 AUTO_CLASSES = {"AutoModel": T5Model, "AutoModelForSeq2SeqLM": T5ForConditionalGeneration,

@@ -18,7 +18,7 @@ from mindspore import Parameter, Tensor
 from transformers import AutoConfig
 
 from msfx.errors import CheckpointError
-from msfx.params.dtypes import STORED, dtype_name, parse_dtype, to_numpy
+from msfx.params.dtypes import NUMPY_BFLOAT16, STORED, dtype_name, parse_dtype, to_numpy
 from msfx.params.hub import resolve_model_dir
 from msfx.params.safetensors_io import bf16_bits_to_float32, checkpoint_files, iter_tensors, read_shapes, \
     save_safetensors
@@ -78,11 +78,31 @@ def _normalize(found: dict, expected: dict, config, prefix: str) -> tuple[dict, 
     return found, ""
 
 
-def _parameter(array: np.ndarray, dtype, name: str) -> Parameter:
-    """`array` as a MindSpore `Parameter` of `dtype` named by its checkpoint key. Loading builds the
-    wrappers' `Parameter`s directly: wrapping loaded Tensors afterwards copied every weight while
-    the originals were still alive (peak memory 2x the checkpoint)."""
-    return Parameter(Tensor(array).astype(dtype), name=name)
+def _as_tensor(array: np.ndarray, dtype, *, bf16_bits: bool = False, owned: bool = False) -> Tensor:
+    """`array` as a MindSpore Tensor of `dtype`.
+
+    `bf16_bits`: `array` holds raw bfloat16 bits (uint16); they are taken as bfloat16 by a dtype
+    view when MindSpore's numpy bfloat16 is available (else widened exactly to float32 first).
+    `owned`: nothing else uses `array`, so the Tensor takes over its buffer instead of copying it.
+    """
+    if bf16_bits:
+        if NUMPY_BFLOAT16 is not None:
+            array = array.view(NUMPY_BFLOAT16)
+        else:
+            array, owned = bf16_bits_to_float32(array), True
+    tensor = ms.from_numpy(array) if owned and array.flags.c_contiguous and array.flags.writeable else Tensor(array)
+    return tensor if tensor.dtype == dtype else tensor.astype(dtype)
+
+
+def _parameter(array: np.ndarray, dtype, name: str, *, bf16_bits: bool = False, owned: bool = False) -> Parameter:
+    """`array` as a MindSpore `Parameter` of `dtype` named by its checkpoint key (arguments as in
+    `_as_tensor`). With `owned` and no dtype change the weight's storage is `array`'s buffer: a
+    loaded model then holds one copy of the checkpoint, with no per-tensor temporaries."""
+    # Parameter copies its input unless that input has no other reference (MindSpore counts them;
+    # a keyword argument adds one): hence the unnamed positional temporary and the name set after
+    param = Parameter(_as_tensor(array, dtype, bf16_bits=bf16_bits, owned=owned))
+    param.name = name
+    return param
 
 
 def _fresh_heads(flat: dict, missing_heads: list[str], expected: dict, config, target) -> None:
@@ -93,7 +113,7 @@ def _fresh_heads(flat: dict, missing_heads: list[str], expected: dict, config, t
     for key in missing_heads:
         value = np.zeros(expected[key], np.float32) if key.endswith(".bias") else \
             rng.normal(0.0, std, expected[key]).astype(np.float32)
-        flat[key] = _parameter(value, target or ms.float32, key)
+        flat[key] = _parameter(value, target or ms.float32, key, owned=True)
 
 
 def load_params(arch: ModuleType, ref: str | os.PathLike, *, dtype="auto", config=None, gguf_file: str | None = None,
@@ -140,12 +160,8 @@ def load_params(arch: ModuleType, ref: str | os.PathLike, *, dtype="auto", confi
         name = added + name
         if name not in expected:
             continue
-        if stored == "BF16" and target in (None, ms.bfloat16):
-            # bits -> float32 is exact; MindSpore then narrows back to the same bfloat16 values
-            flat[name] = _parameter(bf16_bits_to_float32(array), ms.bfloat16, name)
-            continue
-        array = bf16_bits_to_float32(array) if stored == "BF16" else np.array(array)
-        flat[name] = _parameter(array, target or STORED.get(stored, ms.float32), name)
+        flat[name] = _parameter(array, target or STORED.get(stored, ms.float32), name, bf16_bits=stored == "BF16",
+                                owned=True)
     _fresh_heads(flat, missing_heads, expected, config, target)
     return Params(unflatten_keys(flat), config)
 
@@ -166,7 +182,8 @@ def _load_gguf(arch, ref, gguf_file, target, shapes, prefix, revision, cache_dir
     state, _ = _normalize(gguf_state_dict(reader, config), expected, config, prefix)
     missing_heads = _check_keys({k: v.shape for k, v in state.items()}, expected, str(path), prefix,
                                 getattr(arch, "OPTIONAL_KEYS", ()))
-    flat = {k: _parameter(v, target or ms.float32, k) for k, v in state.items() if k in expected}
+    # the dequantized arrays are this function's own (GGUF's float32 ones are copied out of the file)
+    flat = {k: _parameter(v, target or ms.float32, k, owned=True) for k, v in state.items() if k in expected}
     _fresh_heads(flat, missing_heads, expected, config, target)
     return Params(unflatten_keys(flat), config)
 

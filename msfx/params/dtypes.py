@@ -8,6 +8,14 @@ DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16,
           "fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
 STORED = {"F32": ms.float32, "F16": ms.float16, "BF16": ms.bfloat16, "F64": ms.float32}
 
+try:
+    # MindSpore's numpy bfloat16 (2 bytes, the same bits as torch's): lets raw bfloat16 bits become a
+    # Tensor by a dtype view, with no float32 copy. MindSpore leaves it out when the installed numpy
+    # differs from the one it was built against.
+    from mindspore.common.np_dtype import bfloat16 as NUMPY_BFLOAT16
+except ImportError:
+    NUMPY_BFLOAT16 = None
+
 
 def parse_dtype(dtype) -> "ms.dtype | None":
     """`"float32"`/`"float16"`/`"bfloat16"` (or a MindSpore float dtype) -> MindSpore dtype;
@@ -31,10 +39,12 @@ def dtype_name(dtype) -> str:
 
 
 def to_numpy(tensor) -> tuple[np.ndarray, str]:
-    """A MindSpore tensor as `(array, safetensors dtype)`; bfloat16 as raw bits."""
+    """A MindSpore tensor as `(array, safetensors dtype)`; bfloat16 as raw bits (uint16)."""
     from msfx.params.safetensors_io import float32_to_bf16_bits
 
     if tensor.dtype == ms.bfloat16:
+        if NUMPY_BFLOAT16 is not None:
+            return tensor.asnumpy().view(np.uint16), "BF16"
         return float32_to_bf16_bits(tensor.astype(ms.float32).asnumpy()), "BF16"
     array = tensor.asnumpy()
     return array, {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}.get(array.dtype, "F32")

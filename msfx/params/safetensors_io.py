@@ -2,9 +2,9 @@
 
 The format (https://github.com/huggingface/safetensors) is an 8-byte little-endian header
 length, a JSON header `{name: {dtype, shape, data_offsets}}`, then raw little-endian data. It is
-read one tensor at a time into its own buffer, so peak host memory while loading stays near one
-copy of the model. bfloat16, which numpy lacks (and so `safetensors.numpy` refuses), is
-carried as its raw 16 bits and widened exactly to float32.
+read one tensor at a time into its own buffer, which the loader hands on to MindSpore without a
+copy, so peak host memory while loading stays near one copy of the model. bfloat16, which numpy
+lacks (and so `safetensors.numpy` refuses), is carried as its raw 16 bits.
 """
 from __future__ import annotations
 
@@ -29,8 +29,10 @@ _NUMPY_DTYPES = {
 
 
 def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
-    """Exact widening of raw bfloat16 bits (uint16) to float32."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    """Exact widening of raw bfloat16 bits (uint16, any shape) to float32 of the same shape."""
+    wide = bits.astype(np.uint32)
+    wide <<= 16  # in place: one 4-byte temporary per element, not two
+    return wide.view(np.float32)
 
 
 def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -99,7 +101,9 @@ def read_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
 
 
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray, str]]:
-    """Yield `(name, array, stored_dtype)` lazily; BF16 arrays come as raw uint16 bits.
+    """Yield `(name, array, stored_dtype)` lazily; BF16 arrays come as raw uint16 bits. Each array is a
+    fresh, C-contiguous, writeable buffer that nothing else references (the loader keeps it as the
+    weight's storage).
 
     Raises:
         CorruptCheckpointError: a truncated file or a malformed header.

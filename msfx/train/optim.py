@@ -61,6 +61,10 @@ class AdamW:
     eps: float = 1e-8
     weight_decay: float = 0.0
 
+    def slots(self) -> tuple[str, ...]:
+        """The state's names, one block of leaves each, as torch's state dict keys."""
+        return ("exp_avg", "exp_avg_sq")
+
     def init(self, leaves: Sequence[Tensor]) -> list[Tensor]:
         """Zero moments: `2 * len(leaves)` float32 tensors shaped like the leaves."""
         zeros = [ops.zeros(tuple(p.shape), ms.float32) for p in leaves]
@@ -107,6 +111,10 @@ class SGD:
     def __post_init__(self):
         if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
+    def slots(self) -> tuple[str, ...]:
+        """The state's names, one block of leaves each, as torch's state dict keys."""
+        return ("momentum_buffer",) if self.momentum else ()
 
     def init(self, leaves: Sequence[Tensor]) -> list[Tensor]:
         """Zero momentum buffers (float32, shaped like the leaves), or `[]` without momentum."""

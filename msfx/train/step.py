@@ -1,48 +1,112 @@
 """A whole training step (forward, backward, gradient accumulation, clipping, update) as two graphs
-compiled once each with `mindspore.jit`, over flat positional tensors.
+compiled with `mindspore.jit`, over flat positional tensors.
 
-- the loss graph: `(*param_leaves, num_items, inv_freq, input_ids, attention_mask, labels) -> loss`,
-  differentiated by `mindspore.value_and_grad` from outside (MindSpore builds and caches its
-  backward graph with it);
-- the update graph: `(lr, step, *param_leaves, *opt_state_leaves, *grads of each micro-batch)
-  -> (grad_norm, *new_param_leaves, *new_opt_state_leaves)`: sum, clip, optimizer.
+- the loss graph: `(*param_leaves, num_items, loss_scale, *batch_tensors) -> loss`, differentiated
+  by `mindspore.value_and_grad` from outside (MindSpore builds and caches its backward graph with
+  it); one per batch shape;
+- the update graph: `(lr, step, inv_scale, *param_leaves, *opt_state_leaves, *grads of each
+  micro-batch) -> (grad_norm, *new_param_leaves, *new_opt_state_leaves)`: sum, unscale, clip,
+  optimizer; one per micro-batch count.
 
 Why not one graph: `mindspore.value_and_grad` called inside a trace-mode `jit` runs the backward
 eagerly while tracing and bakes the gradients in as constants (measured, MindSpore 2.10: every
 later call reused the first step's gradients), while the gradient of a trace-compiled function is
 a compiled backward graph. `mindspore.jit` keys tensors inside containers by identity and Python
-scalars by value, so everything is passed as positional tensors (the learning rate and step count
-as 0-d tensors): feeding the new leaves back in reuses both graphs. `value_and_grad` differentiates
-with respect to positional leaves (it does not see through dicts); the tree is rebuilt from them
-inside the loss.
+scalars by value, so everything is passed as positional tensors (the learning rate, step count and
+loss scale as 0-d tensors): feeding the new leaves back in reuses both graphs. `value_and_grad`
+differentiates with respect to positional leaves (it does not see through dicts); the tree is
+rebuilt from them inside the loss, which runs under `no_host_reads()` (a value read on the host
+while tracing would be baked into the graph).
 
-Gradient accumulation follows HF's Trainer: the window's `accumulate` micro-batches are the rows of
-one batch, each micro-batch's summed loss is divided by the valid-token count of the whole window
-(`num_items_in_batch`), and their gradients are summed before one clip and update, so the result
-equals one step on the whole window as a single batch.
+Gradient accumulation follows HF's Trainer: each micro-batch's loss is normalized by a count taken
+over the whole window (`num_items_in_batch`: the valid-token count for causal LMs, the number of
+micro-batches for heads with a mean loss) and their gradients are summed before one clip and update,
+so a causal LM's step equals one step on the whole window as a single batch.
+
+Mixed precision (HF's `bf16` / `fp16` arguments): the leaves stay float32 (the master weights) and
+the loss graph casts them to the compute dtype, so gradients arrive in float32. On MindSpore's CPU
+backend, which has no bfloat16 kernels (2.10), `bf16` rounds the weights to bfloat16 and computes in
+float32. `fp16` scales the loss dynamically (`LossScaler`, torch's `GradScaler` defaults) and skips
+the update of a step whose gradients overflow.
 """
 from __future__ import annotations
 
-import inspect
 import itertools
+from dataclasses import dataclass
 from types import ModuleType
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import mindspore as ms
 import numpy as np
-from mindspore import Parameter, Tensor
+from mindspore import Parameter, Tensor, ops
 
 from msfx.decode.step import cheap_tensor_repr, call_in_fresh_thread
-from msfx.layers.rotary import rope_frequencies
+from msfx.layers.basic import check_token_ids, no_host_reads
 from msfx.params.tree import unflatten
 from msfx.train.losses import IGNORE_INDEX, causal_lm_loss_fn
 from msfx.train.optim import AdamW, SGD, clip_by_global_norm, decay_mask
 
 _STEP_IDS = itertools.count()
+MIXED_PRECISION = (None, "bf16", "fp16")
+
+Batch = Mapping[str, "Tensor | np.ndarray"]
+LossFn = Callable[[dict, dict, Tensor], Tensor]
 
 
-def _as_int32(x) -> np.ndarray:
-    return (x.asnumpy() if isinstance(x, Tensor) else np.asarray(x)).astype(np.int32)
+@dataclass
+class LossScaler:
+    """Dynamic loss scaling for float16 training, as `torch.amp.GradScaler` with its defaults: the
+    loss is multiplied by `scale`; a step whose gradients overflow is skipped and halves the scale,
+    `growth_interval` good steps in a row double it."""
+
+    scale: float = 2.0 ** 16
+    growth_factor: float = 2.0
+    backoff_factor: float = 0.5
+    growth_interval: int = 2000
+    growth_tracker: int = 0
+    skipped_steps: int = 0
+
+    def update(self, finite: bool) -> None:
+        """After a step: `finite` is whether its gradients were all finite (the update was applied)."""
+        if finite:
+            self.growth_tracker += 1
+            if self.growth_tracker == self.growth_interval:
+                self.scale *= self.growth_factor
+                self.growth_tracker = 0
+        else:
+            self.scale *= self.backoff_factor
+            self.growth_tracker = 0
+            self.skipped_steps += 1
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: Mapping) -> None:
+        for name, value in state.items():
+            setattr(self, name, type(getattr(self, name))(value))
+
+
+class StepResult(NamedTuple):
+    """What a `TrainStep` call returns. `loss`: float32 0-d, the window's loss (unscaled);
+    `grad_norm`: float32 0-d global norm of the window's gradients before clipping (inf/NaN when
+    they overflowed); `applied`: False when an fp16 overflow skipped the update (the leaves and
+    state come back unchanged)."""
+
+    loss: Tensor
+    params: list[Tensor]
+    opt_state: list[Tensor]
+    grad_norm: Tensor
+    applied: bool
+
+
+def _to_tensor(x) -> Tensor:
+    """A batch entry as a Tensor: integer and boolean arrays as int32, floating ones as float32."""
+    array = x.asnumpy() if isinstance(x, Tensor) else np.asarray(x)
+    if array.dtype.kind in "iub":
+        return Tensor(array.astype(np.int32))
+    if array.dtype.kind == "f":
+        return Tensor(array.astype(np.float32))
+    raise TypeError(f"batch tensors must be integer, boolean or floating, got {array.dtype}")
 
 
 def _as_f32(x) -> Tensor:
@@ -51,144 +115,230 @@ def _as_f32(x) -> Tensor:
     return Tensor(np.float32(x))
 
 
-class TrainStep:
-    """The compiled step made by `make_train_step`. `traces` counts how often each graph was traced
-    (`{"loss": ..., "update": ...}`; the Python bodies run only while tracing, or on every call
-    with `jit=False`); `compiles` is the number of loss graphs, one per batch shape."""
+def _compute_cast(mixed_precision: str | None) -> Callable[[Tensor], Tensor]:
+    if mixed_precision is None:
+        return lambda leaf: leaf
+    if mixed_precision == "fp16":
+        return lambda leaf: leaf.astype(ms.float16) if leaf.dtype == ms.float32 else leaf
+    if ms.get_context("device_target") == "CPU":  # no bfloat16 kernels: bfloat16 weights, float32 compute
+        return lambda leaf: leaf.astype(ms.bfloat16).astype(ms.float32) if leaf.dtype == ms.float32 else leaf
+    return lambda leaf: leaf.astype(ms.bfloat16) if leaf.dtype == ms.float32 else leaf
 
-    def __init__(self, arch: ModuleType, config, optimizer: AdamW | SGD, keys: Sequence[str],
-                 max_grad_norm: float | None, accumulate: int, jit: bool):
-        self.config, self.optimizer, self.keys = config, optimizer, list(keys)
-        self.accumulate, self.jit = accumulate, jit
+
+class TrainStep:
+    """A compiled training step over flat parameter leaves (see the module docstring).
+
+    Args:
+        loss_fn: `loss_fn(params_tree, batch, num_items) -> float32 0-d loss` of one micro-batch
+            (`batch`: its tensors by name), normalized by `num_items` (a float32 0-d Tensor).
+        keys: the dotted parameter keys in leaf order (`msfx.params.flatten(params)[1]`).
+        optimizer: `AdamW(...)` or `SGD(...)`; weight decay skips biases and norm weights (HF's
+            `get_decay_parameter_names`).
+        count_items: a micro-batch's share of the window's `num_items` (numpy arrays by name);
+            default 1 per micro-batch (a mean loss averaged over the window).
+        check_batch: raises on a bad micro-batch (numpy arrays by name) before any tracing.
+        max_grad_norm: clip the global gradient norm to this (HF's default 1.0); None or 0: no clipping.
+        accumulate: micro-batches a single batch mapping is split into (HF's `gradient_accumulation_steps`).
+        jit: compile with `mindspore.jit` (False runs eagerly, for debugging).
+        mixed_precision: None, "bf16" or "fp16" (see the module docstring).
+
+    `traces` counts how often each graph was traced (`{"loss": ..., "update": ...}`; the Python bodies
+    run only while tracing, or on every call with `jit=False`); `compiles` is the number of loss
+    graphs, one per batch shape. `scaler` is the fp16 `LossScaler` (None otherwise).
+
+    Raises:
+        ValueError: `accumulate` < 1 or an unknown `mixed_precision`.
+    """
+
+    def __init__(self, loss_fn: LossFn, keys: Sequence[str], optimizer: AdamW | SGD, *,
+                 count_items: Callable[[dict], float] | None = None, check_batch: Callable[[dict], None] | None = None,
+                 max_grad_norm: float | None = 1.0, accumulate: int = 1, jit: bool = True,
+                 mixed_precision: str | None = None):
+        if accumulate < 1:
+            raise ValueError(f"accumulate must be >= 1, got {accumulate}")
+        if mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}")
+        self.loss_fn, self.keys, self.optimizer = loss_fn, list(keys), optimizer
+        self.count_items = count_items or (lambda batch: 1.0)
+        self.check_batch, self.max_grad_norm = check_batch, max_grad_norm
+        self.accumulate, self.jit, self.mixed_precision = accumulate, jit, mixed_precision
+        self.scaler = LossScaler() if mixed_precision == "fp16" else None
         self.decay = decay_mask(self.keys)
         self.traces = {"loss": 0, "update": 0}
-        self._signatures: set = set()
-        self._inv_freq: dict[int, Tensor] = {}
-        self._rotary = "inv_freq" in inspect.signature(arch.forward).parameters
-        loss_fn = causal_lm_loss_fn(arch, config)
-        n = len(self.keys)
-
-        def leaf_loss(*args):
-            """`(*param_leaves, num_items, inv_freq, input_ids, attention_mask, labels)` -> this
-            micro-batch's share of the window's loss."""
-            self.traces["loss"] += 1
-            leaves, (num_items, inv_freq, input_ids, attention_mask, labels) = args[:n], args[n:]
-            batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-            return loss_fn(unflatten(leaves, self.keys), batch, num_items,
-                           inv_freq=inv_freq if self._rotary else None, check_ids=False)
-
-        def update(lr, step, *args):
-            """`(lr, step, *leaves, *state, *grads of micro-batch 1, ..., *grads of micro-batch k)`."""
-            self.traces["update"] += 1
-            n_state = len(args) - n - accumulate * n
-            leaves, state, parts = args[:n], args[n:n + n_state], args[n + n_state:]
-            grads = list(parts[:n])
-            for i in range(1, accumulate):
-                grads = [a + b for a, b in zip(grads, parts[i * n:(i + 1) * n])]
-            grads, grad_norm = clip_by_global_norm(grads, max_grad_norm)
-            new_leaves, new_state = optimizer.update(leaves, grads, state, lr, step, self.decay)
-            return (grad_norm, *new_leaves, *new_state)
-
-        # Trace-mode jit caches graphs under the function's name and id(); a unique name keeps a freed
-        # step's graph from being reused by a new closure that happens to get the same id.
-        uid = next(_STEP_IDS)
-        for fn in (leaf_loss, update):
-            fn.__name__ = fn.__qualname__ = f"msfx_train_{fn.__name__}_{uid}"
-        self._loss = ms.jit(leaf_loss, capture_mode="trace") if jit else leaf_loss
-        self._grad = ms.value_and_grad(self._loss, grad_position=tuple(range(n)))
-        self._update = ms.jit(update, capture_mode="trace") if jit else update
+        self._cast = _compute_cast(mixed_precision)
+        self._uid = next(_STEP_IDS)
+        self._grads: dict[tuple[str, ...], Callable] = {}
+        self._updates: dict[int, Callable] = {}
 
     @property
     def compiles(self) -> int:
         return self.traces["loss"] if self.jit else 0
 
-    def _rope_table(self, seq: int) -> Tensor:
-        if not self._rotary:  # the argument is unused: a placeholder keeps the signature fixed
-            return Tensor(np.zeros(1, np.float32))
-        if seq not in self._inv_freq:
-            self._inv_freq[seq] = Tensor(rope_frequencies(self.config, seq)[0])
-        return self._inv_freq[seq]
+    def _named(self, fn: Callable, name: str) -> Callable:
+        # Trace-mode jit caches graphs under the function's name and id(); a unique name keeps a freed
+        # step's graph from being reused by a new closure that happens to get the same id.
+        fn.__name__ = fn.__qualname__ = f"msfx_train_{name}_{self._uid}"
+        return ms.jit(fn, capture_mode="trace") if self.jit else fn
+
+    def _grad_fn(self, names: tuple[str, ...]) -> Callable:
+        """`value_and_grad` of the loss graph for micro-batches with these tensor names."""
+        if names not in self._grads:
+            n = len(self.keys)
+
+            def leaf_loss(*args):
+                """`(*param_leaves, num_items, loss_scale, *batch tensors in `names` order)` -> scaled loss."""
+                self.traces["loss"] += 1
+                leaves, (num_items, scale), tensors = args[:n], args[n:n + 2], args[n + 2:]
+                with no_host_reads():
+                    tree = unflatten([self._cast(leaf) for leaf in leaves], self.keys)
+                    loss = self.loss_fn(tree, dict(zip(names, tensors)), num_items)
+                return loss.astype(ms.float32) * scale
+
+            self._grads[names] = ms.value_and_grad(self._named(leaf_loss, f"loss{len(self._grads)}"),
+                                                   grad_position=tuple(range(n)))
+        return self._grads[names]
+
+    def _update_fn(self, parts: int) -> Callable:
+        """The update graph for windows of `parts` micro-batches."""
+        if parts not in self._updates:
+            n, skip_overflow = len(self.keys), self.scaler is not None
+
+            def update(lr, step, inv_scale, *args):
+                """`(lr, step, inv_scale, *leaves, *state, *grads of micro-batch 1, ..., *grads of micro-batch k)`."""
+                self.traces["update"] += 1
+                n_state = len(args) - n - parts * n
+                leaves, state, grads_in = args[:n], args[n:n + n_state], args[n + n_state:]
+                grads = list(grads_in[:n])
+                for i in range(1, parts):
+                    grads = [a + b for a, b in zip(grads, grads_in[i * n:(i + 1) * n])]
+                if skip_overflow:
+                    grads = [g * inv_scale for g in grads]
+                grads, grad_norm = clip_by_global_norm(grads, self.max_grad_norm)
+                new_leaves, new_state = self.optimizer.update(leaves, grads, state, lr, step, self.decay)
+                if skip_overflow:  # torch's GradScaler skips the optimizer step on inf/NaN gradients
+                    finite = ops.isfinite(grad_norm)
+                    new_leaves = [ops.where(finite, a, b) for a, b in zip(new_leaves, leaves)]
+                    new_state = [ops.where(finite, a, b) for a, b in zip(new_state, state)]
+                return (grad_norm, *new_leaves, *new_state)
+
+            self._updates[parts] = self._named(update, f"update{parts}")
+        return self._updates[parts]
+
+    def _micro_batches(self, batch: Batch | Sequence[Batch]) -> list[dict[str, np.ndarray]]:
+        if isinstance(batch, Mapping):
+            arrays = {k: (v.asnumpy() if isinstance(v, Tensor) else np.asarray(v)) for k, v in batch.items()}
+            rows = {a.shape[0] if a.ndim else 0 for a in arrays.values()}
+            if len(rows) != 1 or 0 in rows:
+                raise ValueError(f"batch tensors must share one non-empty leading batch dimension, got "
+                                 f"{ {k: list(a.shape) for k, a in arrays.items()} }")
+            (total,) = rows
+            if total % self.accumulate:
+                raise ValueError(f"{total} rows do not split into accumulate={self.accumulate} micro-batches")
+            micro = total // self.accumulate
+            parts = [{k: a[i * micro:(i + 1) * micro] for k, a in arrays.items()} for i in range(self.accumulate)]
+        else:
+            parts = [{k: (v.asnumpy() if isinstance(v, Tensor) else np.asarray(v)) for k, v in b.items()}
+                     for b in batch]
+        if not parts:
+            raise ValueError("no micro-batch to train on")
+        names = sorted(parts[0])
+        for part in parts:
+            if sorted(part) != names:
+                raise ValueError(f"the micro-batches of one window must hold the same tensors; got {names} and "
+                                 f"{sorted(part)}")
+            if self.check_batch is not None:
+                self.check_batch(part)
+        return parts
 
     def __call__(self, param_leaves: Sequence[Tensor], opt_state_leaves: Sequence[Tensor],
-                 batch: Mapping[str, Tensor | np.ndarray], lr: Tensor, step: Tensor
-                 ) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor]:
-        """One update: `(loss, new_param_leaves, new_opt_state_leaves, grad_norm)`.
+                 batch: Batch | Sequence[Batch], lr: Tensor | float, step: Tensor | float) -> StepResult:
+        """One update.
 
         Args:
-            param_leaves: the flattened parameters, in the order of `keys` (plain Tensors).
+            param_leaves: the flattened parameters, in the order of `keys` (float32 master weights).
             opt_state_leaves: the optimizer's state (`optimizer.init(param_leaves)` at first).
-            batch: `input_ids` and `labels` `[accumulate * micro_batch, seq]` int (-100: ignored),
-                optional `attention_mask` (default all ones); Tensors or numpy arrays.
-            lr: 0-d float32 learning rate (`learning_rate * schedule(global_step)`).
+            batch: one mapping of `[rows, ...]` tensors or numpy arrays, split into `accumulate`
+                micro-batches by rows, or a sequence of micro-batch mappings (the window; their
+                sequence lengths may differ).
+            lr: 0-d float32 learning rate (`learning_rate * schedule(update_count)`).
             step: 0-d number of this update, 1 for the first (torch's `state["step"]`).
 
-        Returns float32 0-d `loss` (the window's mean over its valid tokens, as HF's loss of the
-        whole window) and `grad_norm` (before clipping).
-
         Raises:
-            KeyError: `input_ids` or `labels` missing.
-            ValueError: mis-shaped batch tensors, rows not a multiple of `accumulate`, or a wrong
-                number of leaves.
+            KeyError, ValueError, TypeError: a bad batch (see `check_batch`), rows not a multiple of
+                `accumulate`, or a wrong number of leaves.
         """
-        for name in ("input_ids", "labels"):
-            if name not in batch:
-                raise KeyError(f"the batch has no {name!r} (it has {sorted(batch)})")
-        input_ids, labels = _as_int32(batch["input_ids"]), _as_int32(batch["labels"])
-        mask = batch.get("attention_mask")
-        mask = np.ones_like(input_ids) if mask is None else _as_int32(mask)
-        if input_ids.ndim != 2 or labels.shape != input_ids.shape or mask.shape != input_ids.shape:
-            raise ValueError(f"input_ids, attention_mask and labels must share one [batch, seq] shape; got "
-                             f"{input_ids.shape}, {mask.shape}, {labels.shape}")
-        if input_ids.shape[0] % self.accumulate:
-            raise ValueError(f"{input_ids.shape[0]} rows do not split into accumulate={self.accumulate} micro-batches")
         if len(param_leaves) != len(self.keys):
             raise ValueError(f"expected {len(self.keys)} parameter leaves, got {len(param_leaves)}")
+        parts = self._micro_batches(batch)
+        names = tuple(sorted(parts[0]))
+        num_items = Tensor(np.float32(sum(self.count_items(part) for part in parts)))
+        scale = 1.0 if self.scaler is None else self.scaler.scale
         # Loaded leaves are `Parameter`s and the step returns plain Tensors; starting from Parameters
         # (or eager op outputs) the graphs traced again on the second call (measured), from host
         # copies they do not.
         param_leaves = [Tensor(t.asnumpy()) if isinstance(t, Parameter) else t for t in param_leaves]
         n = len(param_leaves)
-        num_items = Tensor(np.float32((labels[:, 1:] != IGNORE_INDEX).sum()))  # the window's, as HF's Trainer
-        inv_freq = self._rope_table(input_ids.shape[1])
-        micro = input_ids.shape[0] // self.accumulate
-        signature = (micro, input_ids.shape[1])
+        grad_fn = self._grad_fn(names)
         # Tracing walks the Python stack and fails on frames without source (`python -m` runs under
         # frozen runpy); any call may trace (a new input kind does), so compiled calls run on a fresh thread.
         run = call_in_fresh_thread if self.jit else (lambda fn, *args: fn(*args))
         loss, grads = None, []
         with cheap_tensor_repr():
-            for i in range(self.accumulate):
-                rows = slice(i * micro, (i + 1) * micro)
-                args = (*param_leaves, num_items, inv_freq, *(Tensor(t[rows]) for t in (input_ids, mask, labels)))
-                part_loss, part_grads = run(self._grad, *args)
+            for part in parts:
+                tensors = [_to_tensor(part[name]) for name in names]
+                part_loss, part_grads = run(grad_fn, *param_leaves, num_items, _as_f32(scale), *tensors)
                 loss = part_loss if loss is None else loss + part_loss
                 grads.extend(part_grads)
-            out = run(self._update, _as_f32(lr), _as_f32(step), *param_leaves, *opt_state_leaves, *grads)
-        self._signatures.add(signature)
-        return loss, list(out[1:1 + n]), list(out[1 + n:]), out[0]
+            out = run(self._update_fn(len(parts)), _as_f32(lr), _as_f32(step), _as_f32(1.0 / scale),
+                      *param_leaves, *opt_state_leaves, *grads)
+        grad_norm = out[0]
+        applied = True
+        if self.scaler is not None:
+            loss = loss / scale
+            applied = bool(np.isfinite(grad_norm.asnumpy()))
+            self.scaler.update(applied)
+        return StepResult(loss, list(out[1:1 + n]), list(out[1 + n:]), grad_norm, applied)
+
+
+def causal_lm_items(batch: Mapping[str, np.ndarray]) -> float:
+    """A causal-LM micro-batch's valid next-token targets: `labels[:, 1:] != -100` (HF Trainer's
+    `num_items_in_batch` for models whose loss shifts the labels)."""
+    return float((np.asarray(batch["labels"])[:, 1:] != IGNORE_INDEX).sum())
+
+
+def check_causal_lm_batch(vocab_size: int) -> Callable[[Mapping[str, np.ndarray]], None]:
+    """A `check_batch` for causal LMs: `input_ids` and `labels` present, `[batch, seq]` alike
+    (with `attention_mask`), ids in `[0, vocab_size)`."""
+    def check(batch: Mapping[str, np.ndarray]) -> None:
+        for name in ("input_ids", "labels"):
+            if name not in batch:
+                raise KeyError(f"the batch has no {name!r} (it has {sorted(batch)})")
+        ids = check_token_ids(batch["input_ids"], vocab_size)
+        for name in ("labels", "attention_mask"):
+            if name in batch and np.shape(batch[name]) != ids.shape:
+                raise ValueError(f"input_ids, attention_mask and labels must share one [batch, seq] shape; got "
+                                 f"input_ids {list(ids.shape)}, {name} {list(np.shape(batch[name]))}")
+    return check
 
 
 def make_train_step(arch: ModuleType, config, optimizer: AdamW | SGD, keys: Sequence[str], *,
-                    max_grad_norm: float | None = 1.0, accumulate: int = 1, jit: bool = True) -> TrainStep:
+                    max_grad_norm: float | None = 1.0, accumulate: int = 1, jit: bool = True,
+                    mixed_precision: str | None = None) -> TrainStep:
     """A causal-LM train step for the Llama-like architecture module `arch` (`msfx.architectures.llama`
-    and the families sharing its `forward`).
+    and the families sharing its `forward`): HF's shifted cross-entropy normalized by the window's
+    valid-token count.
 
     Args:
         config: the model's HF config.
-        optimizer: `AdamW(...)` or `SGD(...)`; weight decay skips biases and norm weights (HF's
-            `get_decay_parameter_names`).
-        keys: the dotted parameter keys in leaf order (`msfx.params.flatten(params)[1]`); the
-            leaves passed to the step must follow them.
-        max_grad_norm: clip the global gradient norm to this (HF's default 1.0); None or 0: no clipping.
-        accumulate: micro-batches per update (HF's `gradient_accumulation_steps`).
-        jit: compile with `mindspore.jit` (False runs eagerly, for debugging).
+        optimizer, keys, max_grad_norm, accumulate, jit, mixed_precision: see `TrainStep`.
 
-    Returns a `TrainStep`: `step(param_leaves, opt_state_leaves, batch, lr, step) -> (loss,
-    new_param_leaves, new_opt_state_leaves, grad_norm)`.
+    Returns a `TrainStep`: `step(param_leaves, opt_state_leaves, batch, lr, step) -> StepResult`;
+    the batch holds `input_ids` and `labels` `[batch, seq]` int (-100: ignored) and optionally
+    `attention_mask`.
 
     Raises:
         ValueError: `accumulate` < 1.
     """
-    if accumulate < 1:
-        raise ValueError(f"accumulate must be >= 1, got {accumulate}")
-    return TrainStep(arch, config, optimizer, keys, max_grad_norm, accumulate, jit)
+    return TrainStep(causal_lm_loss_fn(arch, config), keys, optimizer, count_items=causal_lm_items,
+                     check_batch=check_causal_lm_batch(config.vocab_size), max_grad_norm=max_grad_norm,
+                     accumulate=accumulate, jit=jit, mixed_precision=mixed_precision)

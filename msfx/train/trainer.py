@@ -1,0 +1,578 @@
+"""HF's `Trainer` and `TrainingArguments` over msfx models, with the compiled `TrainStep`.
+
+Follows `transformers.Trainer` (5.x): the same arguments (`TrainingArguments` is HF's own
+dataclass, extended), the same loop arithmetic (updates per epoch, `max_steps`, warmup, logging /
+evaluation / saving by strategy through HF's own `DefaultFlowCallback`, `TrainerState`,
+`TrainerControl` and callbacks, `log_history`), the same loss normalization under gradient
+accumulation (`num_items_in_batch` for causal LMs, the mean over micro-batches otherwise), and
+`evaluate` / `predict` returning HF's metric names. Datasets are anything indexable that yields
+dicts (a `datasets.Dataset`, a list of dicts); collators are `transformers`' own with
+`return_tensors="np"`.
+
+What differs from HF, on purpose:
+- the step is `msfx.train.TrainStep` (one compiled loss graph per batch shape: pad to a few shapes,
+  e.g. a collator's `pad_to_multiple_of`, to avoid recompiling);
+- the parameters train as float32 master leaves; `bf16` / `fp16` set the compute dtype (see
+  `msfx.train.step`);
+- checkpoints hold safetensors / JSON instead of torch pickles, are written atomically
+  (`msfx.train.checkpoint`), and resuming continues bit for bit: the data order of every epoch is a
+  function of `seed` and the epoch, and the RNG states are restored.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import mindspore as ms
+import numpy as np
+import transformers
+from mindspore import Tensor
+from safetensors.numpy import load_file, save_file
+from transformers import DataCollatorWithPadding, default_data_collator
+from transformers.trainer_callback import (CallbackHandler, DefaultFlowCallback, ExportableState, PrinterCallback,
+                                           ProgressCallback, TrainerCallback, TrainerControl, TrainerState)
+from transformers.trainer_utils import (EvalPrediction, IntervalStrategy, PredictionOutput, SaveStrategy, TrainOutput,
+                                        speed_metrics)
+
+from msfx.decode.step import cheap_tensor_repr, call_in_fresh_thread
+from msfx.errors import CorruptCheckpointError
+from msfx.layers.basic import check_token_ids, no_host_reads
+from msfx.layers.losses import IGNORE_INDEX
+from msfx.modeling import PreTrainedModel
+from msfx.params import flatten, unflatten
+from msfx.train import checkpoint as ckpt
+from msfx.train.optim import SGD, AdamW
+from msfx.train.schedules import get_schedule, warmup_steps_for
+from msfx.train.step import TrainStep, causal_lm_items
+
+TRAINER_STATE_NAME = "trainer_state.json"
+_LABEL_COLUMNS = ("label", "label_ids", "labels")
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    """`transformers.TrainingArguments` (every argument with HF's name, default and meaning), plus:
+
+    - `warmup_ratio`: HF 4.x's warmup fraction of the total steps (HF 5.x folds it into
+      `warmup_steps` < 1, which works too); used when `warmup_steps` is 0.
+    - `jit`: compile the training and evaluation steps with `mindspore.jit` (False: eager, for debugging).
+    - `use_cpu` defaults to True: it only silences torch's device checks; msfx trains on MindSpore's
+      device (`mindspore.set_context(device_target=...)`).
+    """
+
+    warmup_ratio: float = field(default=0.0, metadata={"help": "Linear warmup over this fraction of the steps."})
+    jit: bool = field(default=True, metadata={"help": "Compile the steps with mindspore.jit."})
+    use_cpu: bool = field(default=True, metadata={"help": "Ignored by msfx (torch's device selection)."})
+
+    def __post_init__(self):
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        super().__post_init__()
+
+
+class MsfxProgressCallback(ProgressCallback):
+    """HF's tqdm progress bar, with the latest loss and learning rate on the bar."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        super().on_log(args, state, control, logs=logs, **kwargs)
+        if self.training_bar is not None and logs and "loss" in logs:
+            self.training_bar.set_postfix(loss=logs["loss"], lr=f"{logs.get('learning_rate', 0):.3g}")
+
+
+def _set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    ms.set_seed(seed)
+
+
+def _rng_state() -> dict:
+    version, state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(state), gauss],
+            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+
+
+def _set_rng_state(saved: Mapping) -> None:
+    version, state, gauss = saved["python"]
+    random.setstate((version, tuple(state), gauss))
+    kind, keys, pos, has_gauss, cached = saved["numpy"]
+    np.random.set_state((kind, np.asarray(keys, np.uint32), pos, has_gauss, cached))
+
+
+def _pad_concat(arrays: list[np.ndarray], pad: int = IGNORE_INDEX) -> np.ndarray:
+    """Concatenate along the batch axis, padding the other axes with `pad` (HF's `nested_concat`)."""
+    if len({a.shape[1:] for a in arrays}) == 1:
+        return np.concatenate(arrays)
+    shape = [max(a.shape[i] for a in arrays) for i in range(1, arrays[0].ndim)]
+    out = np.full((sum(a.shape[0] for a in arrays), *shape), pad, arrays[0].dtype)
+    row = 0
+    for a in arrays:
+        out[(slice(row, row + a.shape[0]), *(slice(0, n) for n in a.shape[1:]))] = a
+        row += a.shape[0]
+    return out
+
+
+class Trainer:
+    """`transformers.Trainer` for msfx models (see the module docstring for what differs).
+
+    Args:
+        model: an msfx `PreTrainedModel` with a loss head (`...ForCausalLM`, `...ForSequenceClassification`,
+            `...ForMaskedLM`, `T5ForConditionalGeneration`, ...).
+        args: `msfx.TrainingArguments` (default: `output_dir="trainer_output"`).
+        data_collator: turns a list of dataset rows into a batch of numpy arrays; default
+            `DataCollatorWithPadding(processing_class, return_tensors="np")` with a tokenizer, else
+            `default_data_collator(..., return_tensors="np")`.
+        train_dataset, eval_dataset: indexable datasets of dict rows (`eval_dataset` may be a dict
+            of them, evaluated under `eval_{name}_` prefixes).
+        processing_class: the tokenizer; saved with every checkpoint.
+        compute_metrics: `EvalPrediction -> dict[str, float]` (predictions: the logits, numpy).
+        callbacks: `transformers.TrainerCallback` classes or instances, added to HF's defaults.
+        preprocess_logits_for_metrics: `(logits, labels) -> array`, applied per evaluation batch.
+
+    Raises:
+        TypeError: `model` is not an msfx model.
+        ValueError: an evaluation strategy without `eval_dataset`; an `optim` msfx lacks.
+    """
+
+    def __init__(self, model: PreTrainedModel, args: TrainingArguments | None = None,
+                 data_collator: Callable | None = None, train_dataset: Sequence | None = None,
+                 eval_dataset: Sequence | Mapping[str, Sequence] | None = None, processing_class=None,
+                 compute_metrics: Callable[[EvalPrediction], dict] | None = None,
+                 callbacks: Sequence[TrainerCallback | type] | None = None,
+                 preprocess_logits_for_metrics: Callable | None = None):
+        if not isinstance(model, PreTrainedModel):
+            raise TypeError(f"msfx.Trainer trains msfx models (msfx.PreTrainedModel), got {type(model).__name__}; "
+                            "load the checkpoint with the msfx class of the same name")
+        self.model, self.args = model, args if args is not None else TrainingArguments(output_dir="trainer_output")
+        self.processing_class, self.compute_metrics = processing_class, compute_metrics
+        self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        if data_collator is None:
+            data_collator = DataCollatorWithPadding(processing_class, return_tensors="np") \
+                if hasattr(processing_class, "pad") else (lambda rows: default_data_collator(rows, return_tensors="np"))
+        self.data_collator = data_collator
+        if self.args.eval_strategy != IntervalStrategy.NO and eval_dataset is None:
+            raise ValueError(f"eval_strategy={self.args.eval_strategy.value!r} needs an eval_dataset")
+        self.optimizer = self._optimizer()
+        self._inputs = {name for name in inspect.signature(model.construct).parameters if name != "kwargs"}
+        self._causal = bool(getattr(model, "accepts_loss_kwargs", False))
+        self.state = TrainerState()
+        self.control = TrainerControl()
+        defaults = [DefaultFlowCallback, *self._reporting_callbacks(),
+                    PrinterCallback if self.args.disable_tqdm else MsfxProgressCallback]
+        self.callback_handler = CallbackHandler(defaults, model, processing_class, self.optimizer, None)
+        for callback in callbacks or ():
+            self.callback_handler.add_callback(callback)
+        self._leaves = [Tensor(p.asnumpy().astype(np.float32)) for p in model.weights]
+        self._keys = flatten(dict(model.params))[1]
+        self._opt_state: list[Tensor] | None = None
+        self._optimizer_steps = 0
+        self._step: TrainStep | None = None
+        self._eval_fns: dict[tuple, Callable] = {}
+        self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
+
+    # ----------------------------------------------------------------------------------- setup
+
+    def _reporting_callbacks(self) -> list:
+        if not self.args.report_to:
+            return []
+        from transformers.integrations import get_reporting_integration_callbacks
+        return get_reporting_integration_callbacks(self.args.report_to)
+
+    def _optimizer(self) -> AdamW | SGD:
+        """HF's `optim` by name: the `adamw_*` variants are AdamW (torch's arithmetic), `sgd` SGD."""
+        name = str(getattr(self.args.optim, "value", self.args.optim))
+        if name.startswith("adamw"):
+            return AdamW(betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon,
+                         weight_decay=self.args.weight_decay)
+        if name == "sgd":
+            return SGD(weight_decay=self.args.weight_decay)
+        raise ValueError(f"optim={name!r} is not supported by msfx.Trainer: use an adamw_* optimizer or 'sgd'")
+
+    def _schedule(self, max_steps: int) -> Callable[[int], float]:
+        args = self.args
+        warmup = warmup_steps_for(max_steps, args.warmup_steps, args.warmup_ratio)
+        kwargs = dict(args.lr_scheduler_kwargs or {})
+        name = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+        if name == "polynomial":
+            kwargs.setdefault("lr_init", args.learning_rate)
+        return get_schedule(name, warmup, max_steps, **kwargs)
+
+    def add_callback(self, callback) -> None:
+        self.callback_handler.add_callback(callback)
+
+    def pop_callback(self, callback):
+        return self.callback_handler.pop_callback(callback)
+
+    def remove_callback(self, callback) -> None:
+        self.callback_handler.remove_callback(callback)
+
+    # ------------------------------------------------------------------------------------ data
+
+    def _row(self, dataset, index: int) -> dict:
+        row = dataset[int(index)]
+        if not isinstance(row, Mapping):
+            raise TypeError(f"dataset rows must be dicts of model inputs, row {index} is a {type(row).__name__}")
+        if self.args.remove_unused_columns:  # as HF: drop what the model's forward does not take (text columns)
+            row = {k: v for k, v in row.items() if k in self._inputs or k in _LABEL_COLUMNS}
+        return dict(row)
+
+    def _batch(self, dataset, indices: Sequence[int], training: bool) -> dict[str, np.ndarray]:
+        """Collate rows into numpy arrays and check them on the host, before any graph sees them."""
+        batch = self.data_collator([self._row(dataset, i) for i in indices])
+        batch = {k: np.asarray(v) for k, v in dict(batch).items() if v is not None}
+        config = self.model.config
+        if "labels" in batch and getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" not in batch:
+            batch["decoder_input_ids"] = self.model._shift_right(batch["labels"]).asnumpy()
+        self._check_batch(batch, training)
+        return batch
+
+    def _check_batch(self, batch: Mapping[str, np.ndarray], training: bool) -> None:
+        """Raises ValueError / TypeError with the tensor named for what the compiled step cannot check."""
+        config = self.model.config
+        if "input_ids" not in batch and "pixel_values" not in batch:
+            raise ValueError(f"the batch has no 'input_ids' (it has {sorted(batch)})")
+        if training and "labels" not in batch:
+            raise ValueError(f"the batch has no 'labels' (it has {sorted(batch)}): the Trainer trains on the model's "
+                             "loss; for causal LMs DataCollatorForLanguageModeling(tokenizer, mlm=False) makes them")
+        for name in ("input_ids", "decoder_input_ids"):
+            if name in batch:
+                try:
+                    check_token_ids(batch[name], config.vocab_size)
+                except ValueError as e:
+                    raise ValueError(f"{name}: {e}") from None
+        mask, ids = batch.get("attention_mask"), batch.get("input_ids")
+        if mask is not None and ids is not None and mask.shape != ids.shape:
+            raise ValueError(f"attention_mask has shape {list(batch['attention_mask'].shape)}, input_ids "
+                             f"{list(batch['input_ids'].shape)}")
+        labels = batch.get("labels")
+        if labels is None:
+            return
+        classification = type(self.model).__name__.endswith("ForSequenceClassification")
+        if labels.dtype.kind == "f" and classification:
+            return  # regression / multi-label targets
+        if labels.dtype.kind not in "iu":
+            raise TypeError(f"labels must be integer class or token ids, got {labels.dtype}")
+        classes = config.num_labels if classification else config.vocab_size
+        bad = labels[(labels != IGNORE_INDEX) & ((labels < 0) | (labels >= classes))]
+        if bad.size:
+            raise ValueError(f"label {bad[0]} is out of range: labels must be -100 (ignored) or in [0, {classes})")
+
+    def _epoch_order(self, epoch: int, size: int) -> np.ndarray:
+        """The row order of an epoch: a function of the seed and the epoch alone (resumable)."""
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return np.random.default_rng([seed, epoch]).permutation(size)
+
+    # ---------------------------------------------------------------------------------- losses
+
+    def _loss_fn(self, tree: dict, batch: dict, num_items: Tensor) -> Tensor:
+        with self.model.using_params(tree):
+            if self._causal:  # normalized by the window's token count, as HF passes num_items_in_batch
+                return self.model(**batch, num_items_in_batch=num_items).loss
+            return self.model(**batch).loss / num_items
+
+    def _count_items(self, batch: Mapping[str, np.ndarray]) -> float:
+        return causal_lm_items(batch) if self._causal else 1.0
+
+    # ---------------------------------------------------------------------------------- training
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs) -> TrainOutput:
+        """Train on `train_dataset`; `resume_from_checkpoint` True resumes from the newest complete
+        checkpoint in `output_dir`, a path from that checkpoint.
+
+        Returns HF's `TrainOutput(global_step, training_loss, metrics)`.
+
+        Raises:
+            ValueError: no or an empty `train_dataset`, `resume_from_checkpoint=True` without a
+                checkpoint, a bad batch (see `_check_batch`).
+            CorruptCheckpointError: the checkpoint to resume from is incomplete or damaged (named).
+        """
+        args = self.args
+        dataset = self.train_dataset
+        if dataset is None or len(dataset) == 0:
+            raise ValueError("Trainer.train needs a non-empty train_dataset")
+        ckpt.clean_partial(args.output_dir)
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = ckpt.latest_checkpoint(args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({args.output_dir})")
+        batch_size, gas = args.per_device_train_batch_size, args.gradient_accumulation_steps
+        rows = len(dataset)
+        batches_per_epoch = rows // batch_size if args.dataloader_drop_last else math.ceil(rows / batch_size)
+        if batches_per_epoch == 0:
+            raise ValueError(f"train_dataset has {len(dataset)} rows, fewer than one batch of {batch_size} with "
+                             "dataloader_drop_last=True")
+        updates_per_epoch = max(math.ceil(batches_per_epoch / gas), 1)
+        if args.max_steps > 0:
+            max_steps, epochs = args.max_steps, math.ceil(args.max_steps / updates_per_epoch)
+        else:
+            max_steps, epochs = math.ceil(args.num_train_epochs * updates_per_epoch), math.ceil(args.num_train_epochs)
+        schedule = self._schedule(max_steps)
+        _set_seed(args.seed)
+        self.state = TrainerState(stateful_callbacks=[cb for cb in self.callback_handler.callbacks
+                                                      if isinstance(cb, ExportableState)])
+        self.state.compute_steps(args, max_steps)
+        self.state.max_steps, self.state.num_train_epochs, self.state.train_batch_size = max_steps, epochs, batch_size
+        self._step = TrainStep(self._loss_fn, self._keys, self.optimizer, count_items=self._count_items,
+                               max_grad_norm=args.max_grad_norm, jit=args.jit,
+                               mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else None)
+        self._opt_state = self.optimizer.init(self._leaves)
+        self._optimizer_steps = 0
+        if resume_from_checkpoint:
+            self._load_checkpoint(Path(resume_from_checkpoint))
+        epochs_done, windows_done = divmod(self.state.global_step, updates_per_epoch)
+        self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
+        start, total_loss, logged_loss, last_logged = time.time(), 0.0, 0.0, self.state.global_step
+        steps_at_start = self.state.global_step
+        grad_norm = None
+        for epoch in range(epochs_done, epochs):
+            order = self._epoch_order(epoch, len(dataset))
+            batches = [order[i * batch_size:(i + 1) * batch_size] for i in range(batches_per_epoch)]
+            windows = [batches[i:i + gas] for i in range(0, len(batches), gas)]
+            self.control = self.callback_handler.on_epoch_begin(args, self.state, self.control)
+            for w, window in enumerate(windows):
+                if epoch == epochs_done and w < windows_done:
+                    continue  # trained before the checkpoint we resumed from
+                self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
+                micro = [self._batch(dataset, indices, training=True) for indices in window]
+                lr = args.learning_rate * schedule(self._optimizer_steps)
+                self.control = self.callback_handler.on_pre_optimizer_step(args, self.state, self.control)
+                result = self._step(self._leaves, self._opt_state, micro, lr, self._optimizer_steps + 1)
+                self.control = self.callback_handler.on_optimizer_step(args, self.state, self.control)
+                if result.applied:
+                    self._leaves, self._opt_state = result.params, result.opt_state
+                    self._optimizer_steps += 1
+                loss = float(result.loss.asnumpy())
+                if args.logging_nan_inf_filter and not math.isfinite(loss):  # as HF: the running mean instead
+                    loss = logged_loss / max(1, self.state.global_step - last_logged)
+                logged_loss += loss
+                total_loss += loss
+                grad_norm = float(result.grad_norm.asnumpy())
+                self.state.global_step += 1
+                self.state.epoch = epoch + (w + 1) / len(windows)
+                self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+                if self.control.should_log and self.state.global_step > last_logged:
+                    self.log({"loss": logged_loss / (self.state.global_step - last_logged), "grad_norm": grad_norm,
+                              "learning_rate": lr})
+                    logged_loss, last_logged = 0.0, self.state.global_step
+                self._maybe_evaluate_and_save()
+                if self.control.should_epoch_stop or self.control.should_training_stop:
+                    break
+            self.control = self.callback_handler.on_epoch_end(args, self.state, self.control)
+            self._maybe_evaluate_and_save()
+            if self.control.should_training_stop:
+                break
+        if args.load_best_model_at_end and self.state.best_model_checkpoint:
+            self._leaves = self._checkpoint_leaves(Path(self.state.best_model_checkpoint))
+        self._sync_model()
+        steps = self.state.global_step - steps_at_start
+        metrics = speed_metrics("train", start, num_samples=steps * batch_size * gas, num_steps=steps)
+        metrics["train_loss"] = total_loss / max(steps, 1)
+        if self._step.scaler is not None:
+            metrics["train_skipped_steps"] = self._step.scaler.skipped_steps
+        self.log(dict(metrics))
+        self.control = self.callback_handler.on_train_end(args, self.state, self.control)
+        return TrainOutput(self.state.global_step, metrics["train_loss"], metrics)
+
+    def _maybe_evaluate_and_save(self) -> None:
+        if self.control.should_evaluate:
+            metrics = self.evaluate()
+            self._update_best(metrics)
+        if self.control.should_save:
+            self._save_checkpoint()
+            self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+
+    def _update_best(self, metrics: Mapping[str, float]) -> None:
+        """HF's `_determine_best_metric`."""
+        name = self.args.metric_for_best_model
+        if name is None:
+            return
+        key = name if name.startswith("eval_") else f"eval_{name}"
+        if key not in metrics:
+            raise KeyError(f"metric_for_best_model is {key!r}, which is not in the evaluation metrics "
+                           f"{sorted(metrics)}")
+        better = np.greater if self.args.greater_is_better else np.less
+        if self.state.best_metric is None:
+            self.state.best_metric = float("-inf") if self.args.greater_is_better else float("inf")
+        if better(metrics[key], self.state.best_metric):
+            self.state.best_metric = metrics[key]
+            if self.args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST):
+                self.state.best_global_step = self.state.global_step
+
+    def log(self, logs: dict[str, float]) -> None:
+        """Append `logs` (with `epoch` and `step`) to `state.log_history` and call `on_log`."""
+        if self.state.epoch is not None:
+            logs["epoch"] = self.state.epoch
+        self.state.log_history.append({**logs, "step": self.state.global_step})
+        self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs)
+
+    def _sync_model(self) -> None:
+        """Write the trained leaves into the model's Parameters (in the model's dtype)."""
+        for param, leaf in zip(self.model.weights, self._leaves):
+            param.set_data(leaf if leaf.dtype == param.dtype else leaf.astype(param.dtype))
+        self.model._steps = {}  # generation steps compiled before training are rebuilt on the new weights
+
+    # ------------------------------------------------------------------------------ checkpoints
+
+    def _save_checkpoint(self) -> None:
+        """`checkpoint-{global_step}`, written atomically (`msfx.train.checkpoint`), then rotated."""
+        args, state = self.args, self.state
+        best = Path(args.output_dir) / f"{ckpt.PREFIX}-{state.best_global_step}" if state.best_global_step else None
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, ExportableState):
+                state.stateful_callbacks[callback.__class__.__name__] = callback.state()
+
+        def write(path: Path) -> None:
+            self._sync_model()
+            self.model.save_pretrained(path)
+            if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
+                self.processing_class.save_pretrained(path)
+            slots = self.optimizer.slots()
+            n = len(self._keys)
+            save_file({f"{slot}.{key}": self._opt_state[i * n + j].asnumpy()
+                       for i, slot in enumerate(slots) for j, key in enumerate(self._keys)},
+                      str(path / "optimizer.safetensors"))
+            scaler = None if self._step.scaler is None else self._step.scaler.state_dict()
+            (path / "scheduler.json").write_text(json.dumps({"optimizer_steps": self._optimizer_steps,
+                                                             "loss_scaler": scaler}, indent=2))
+            (path / "rng_state.json").write_text(json.dumps(_rng_state()))
+            (path / "training_args.json").write_text(args.to_json_string())
+            saved = TrainerState(**{**vars(state)})
+            if best is not None and (best.is_dir() or best.name == f"{ckpt.PREFIX}-{state.global_step}"):
+                saved.best_model_checkpoint = str(best)
+            saved.save_to_json(str(path / TRAINER_STATE_NAME))
+
+        ckpt.write_checkpoint(args.output_dir, state.global_step, write)
+        if best is not None and best.is_dir():
+            state.best_model_checkpoint = str(best)
+        ckpt.rotate_checkpoints(args.output_dir, args.save_total_limit,
+                                Path(state.best_model_checkpoint) if state.best_model_checkpoint else None)
+
+    def _checkpoint_leaves(self, path: Path) -> list[Tensor]:
+        """The float32 parameter leaves stored in checkpoint `path` (HF layout, any msfx-saved head)."""
+        loaded = type(self.model).from_pretrained(ckpt.verify_checkpoint(path), dtype="float32")
+        return [Tensor(p.asnumpy()) for p in flatten(dict(loaded.params))[0]]
+
+    def _load_checkpoint(self, path: Path) -> None:
+        """Restore the parameters, optimizer and scheduler state, loss scaler, RNG states and
+        `TrainerState` from a complete checkpoint."""
+        ckpt.verify_checkpoint(path)
+        self._leaves = self._checkpoint_leaves(path)
+        try:
+            stored = load_file(str(path / "optimizer.safetensors"))
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            raise CorruptCheckpointError(f"cannot read {path / 'optimizer.safetensors'}: {e}") from e
+        names = [f"{slot}.{key}" for slot in self.optimizer.slots() for key in self._keys]
+        missing = [name for name in names if name not in stored]
+        if missing:
+            raise CorruptCheckpointError(f"{path / 'optimizer.safetensors'} lacks the optimizer state "
+                                         f"{missing[:5]}{' ...' if len(missing) > 5 else ''} (another optimizer?)")
+        self._opt_state = [Tensor(stored[name]) for name in names]
+        scheduler = ckpt.read_json(path / "scheduler.json")
+        self._optimizer_steps = int(scheduler["optimizer_steps"])
+        if self._step.scaler is not None and scheduler.get("loss_scaler"):
+            self._step.scaler.load_state_dict(scheduler["loss_scaler"])
+        _set_rng_state(ckpt.read_json(path / "rng_state.json"))
+        saved = ckpt.read_json(path / TRAINER_STATE_NAME)
+        for name in ("global_step", "epoch", "log_history", "best_metric", "best_global_step",
+                     "best_model_checkpoint", "total_flos"):
+            setattr(self.state, name, saved.get(name, getattr(self.state, name)))
+        for callback in self.callback_handler.callbacks:  # HF's `_load_callback_state`
+            stored_state = (saved.get("stateful_callbacks") or {}).get(callback.__class__.__name__)
+            if isinstance(callback, ExportableState) and isinstance(stored_state, dict):
+                for attr, value in stored_state.get("attributes", {}).items():
+                    setattr(callback, attr, value)
+
+    def save_model(self, output_dir: str | os.PathLike | None = None) -> None:
+        """`save_pretrained` of the trained model (and the tokenizer) into `output_dir` (default `args.output_dir`)."""
+        output_dir = output_dir or self.args.output_dir
+        self._sync_model()
+        self.model.save_pretrained(output_dir)
+        if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
+            self.processing_class.save_pretrained(output_dir)
+
+    # ------------------------------------------------------------------------------- evaluation
+
+    def _eval_fn(self, names: tuple[str, ...]) -> Callable:
+        """`(*leaves, *batch tensors) -> (loss or 0, logits)`, compiled per input names."""
+        if names not in self._eval_fns:
+            n, keys, model = len(self._keys), self._keys, self.model
+            has_labels = "labels" in names
+
+            def forward(*args):
+                with no_host_reads(), model.using_params(unflatten(list(args[:n]), keys)):
+                    out = model(**dict(zip(names, args[n:])))
+                loss = out.loss if has_labels else ms.ops.zeros((), ms.float32)
+                return loss.astype(ms.float32), out.logits
+
+            forward.__name__ = forward.__qualname__ = f"msfx_eval_{id(self)}_{len(self._eval_fns)}"
+            self._eval_fns[names] = ms.jit(forward, capture_mode="trace") if self.args.jit else forward
+        return self._eval_fns[names]
+
+    def _prediction_loop(self, dataset, prefix: str) -> PredictionOutput:
+        if dataset is None or len(dataset) == 0:
+            raise ValueError(f"{prefix}: the dataset is empty or missing")
+        size, start = self.args.per_device_eval_batch_size, time.time()
+        losses, predictions, labels = [], [], []
+        run = call_in_fresh_thread if self.args.jit else (lambda fn, *a: fn(*a))
+        with cheap_tensor_repr():
+            for begin in range(0, len(dataset), size):
+                batch = self._batch(dataset, range(begin, min(begin + size, len(dataset))), training=False)
+                names = tuple(sorted(batch))
+                tensors = [Tensor(batch[k].astype(np.float32 if batch[k].dtype.kind == "f" else np.int32))
+                           for k in names]
+                loss, logits = run(self._eval_fn(names), *self._leaves, *tensors)
+                rows = next(iter(batch.values())).shape[0]
+                logits = logits.asnumpy()
+                if "labels" in batch:
+                    losses.append(float(loss.asnumpy()) * rows)
+                    labels.append(batch["labels"])
+                if self.preprocess_logits_for_metrics is not None:
+                    logits = np.asarray(self.preprocess_logits_for_metrics(logits, batch.get("labels")))
+                predictions.append(logits)
+        preds = _pad_concat(predictions)
+        label_ids = _pad_concat(labels) if labels else None
+        metrics = {}
+        if self.compute_metrics is not None and label_ids is not None:
+            metrics = dict(self.compute_metrics(EvalPrediction(predictions=preds, label_ids=label_ids)))
+        if losses:
+            metrics["loss"] = sum(losses) / len(dataset)
+        metrics = {k if k.startswith(f"{prefix}_") else f"{prefix}_{k}": v for k, v in metrics.items()}
+        metrics.update(speed_metrics(prefix, start, num_samples=len(dataset),
+                                     num_steps=math.ceil(len(dataset) / size)))
+        return PredictionOutput(predictions=preds, label_ids=label_ids, metrics=metrics)
+
+    def evaluate(self, eval_dataset=None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Loss (`eval_loss`, the mean over rows) and `compute_metrics` over `eval_dataset`
+        (default the Trainer's; a dict of datasets gives `eval_{name}_...` metrics for each).
+
+        Raises:
+            ValueError: no evaluation dataset, or an empty one.
+        """
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if isinstance(dataset, Mapping):
+            metrics = {}
+            for name, part in dataset.items():
+                metrics.update(self.evaluate(part, ignore_keys, f"{metric_key_prefix}_{name}"))
+            return metrics
+        metrics = self._prediction_loop(dataset, metric_key_prefix).metrics
+        self.log(dict(metrics))
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
+        return metrics
+
+    def predict(self, test_dataset, ignore_keys: list[str] | None = None,
+                metric_key_prefix: str = "test") -> PredictionOutput:
+        """HF's `PredictionOutput(predictions, label_ids, metrics)` over `test_dataset`: the logits
+        (padded with -100 across batches of different lengths) and, with labels, the metrics."""
+        output = self._prediction_loop(test_dataset, metric_key_prefix)
+        self.control = self.callback_handler.on_predict(self.args, self.state, self.control, metrics=output.metrics)
+        return output
+
