@@ -377,3 +377,17 @@ def test_collator_tokenizer_and_hf_reload(tiny_llama, tmp_path):
     got = model(**{k: Tensor(v.astype(np.int32)) for k, v in ids.items()}).logits.asnumpy()
     print(f"\nafter training, HF PyTorch reload of save_model: logits max abs diff {np.abs(got - expected).max():.2g}")
     assert np.abs(got - expected).max() < 1e-4
+
+
+def test_mis_shaped_labels_are_refused_before_tracing(tiny_llama, tmp_path):
+    _, path = tiny_llama
+    args = msfx.TrainingArguments(**args_for(tmp_path, max_steps=1))
+    longer = [{**r, "labels": r["labels"] + [5]} for r in lm_rows(4)]
+    with pytest.raises(ValueError, match=r"labels have shape \[4, 9\], expected like input_ids \[4, 8\]"):
+        msfx.Trainer(model=msfx.LlamaForCausalLM.from_pretrained(path), args=args, train_dataset=longer).train()
+    _, cls_path = make_hf_llama(tmp_path / "cls", seed=3, cls_name="LlamaForSequenceClassification", num_labels=2)
+    model = msfx.LlamaForSequenceClassification.from_pretrained(cls_path)
+    wrong = [{**r, "label": [0.5, 0.5, 0.5]} for r in separable_rows(4, 0)]
+    for run in (lambda t: t.train(), lambda t: t.evaluate(wrong)):
+        with pytest.raises(ValueError, match=r"labels have shape \[4, 3\], expected \[batch\] or"):
+            run(msfx.Trainer(model=model, args=args, train_dataset=wrong))

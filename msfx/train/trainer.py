@@ -256,6 +256,17 @@ class Trainer:
         if labels is None:
             return
         classification = type(self.model).__name__.endswith("ForSequenceClassification")
+        rows = next(iter(batch.values())).shape[0]
+        if classification:
+            expected = "[batch] or [batch, num_labels]"
+            fits = labels.shape in ((rows,), (rows, config.num_labels))
+        elif getattr(config, "is_encoder_decoder", False):
+            expected, fits = "[batch, target_length]", labels.ndim == 2 and labels.shape[0] == rows
+        else:
+            expected, fits = f"like input_ids {list(ids.shape) if ids is not None else ''}", \
+                ids is not None and labels.shape == ids.shape
+        if not fits:
+            raise ValueError(f"labels have shape {list(labels.shape)}, expected {expected}")
         if labels.dtype.kind == "f" and classification:
             return  # regression / multi-label targets
         if labels.dtype.kind not in "iu":
