@@ -391,3 +391,24 @@ def test_mis_shaped_labels_are_refused_before_tracing(tiny_llama, tmp_path):
     for run in (lambda t: t.train(), lambda t: t.evaluate(wrong)):
         with pytest.raises(ValueError, match=r"labels have shape \[4, 3\], expected \[batch\] or"):
             run(msfx.Trainer(model=model, args=args, train_dataset=wrong))
+
+
+def test_window_without_labels_and_save_best(tiny_llama, tmp_path):
+    """A window whose labels are all -100 leaves the weights finite (zero loss and gradients, as HF);
+    `save_strategy="best"` saves exactly when the evaluation metric improves."""
+    _, path = tiny_llama
+    model = msfx.LlamaForCausalLM.from_pretrained(path)
+    unlabeled = [{**r, "labels": [-100] * SEQ} for r in lm_rows(4)]
+    trainer = msfx.Trainer(model=model, args=msfx.TrainingArguments(**args_for(tmp_path, max_steps=2)),
+                           train_dataset=unlabeled)
+    trainer.train()
+    assert all(np.isfinite(w.asnumpy()).all() for w in model.weights)
+    args = msfx.TrainingArguments(**args_for(tmp_path, max_steps=4, learning_rate=5e-2, save_strategy="best",
+                                             eval_strategy="steps", eval_steps=1, metric_for_best_model="loss",
+                                             load_best_model_at_end=True))
+    trainer = msfx.Trainer(model=msfx.LlamaForCausalLM.from_pretrained(path), args=args,
+                           train_dataset=lm_rows(8, seed=1), eval_dataset=lm_rows(8, seed=5))
+    trainer.train()
+    best = trainer.state.best_global_step
+    assert best and trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best}")
+    assert (Path(args.output_dir) / f"checkpoint-{best}").is_dir()

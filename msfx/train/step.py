@@ -271,7 +271,8 @@ class TrainStep:
             raise ValueError(f"expected {len(self.keys)} parameter leaves, got {len(param_leaves)}")
         parts = self._micro_batches(batch)
         names = tuple(sorted(parts[0]))
-        num_items = Tensor(np.float32(sum(self.count_items(part) for part in parts)))
+        # a window without a valid label: a zero loss and zero gradients (as HF), not 0 / 0 = NaN weights
+        num_items = Tensor(np.float32(max(sum(self.count_items(part) for part in parts), 1.0)))
         scale = 1.0 if self.scaler is None else self.scaler.scale
         # Loaded leaves are `Parameter`s and the step returns plain Tensors; starting from Parameters
         # (or eager op outputs) the graphs traced again on the second call (measured), from host

@@ -394,17 +394,18 @@ class Trainer:
 
     def _maybe_evaluate_and_save(self) -> None:
         if self.control.should_evaluate:
-            metrics = self.evaluate()
-            self._update_best(metrics)
+            new_best = self._update_best(self.evaluate())
+            if self.args.save_strategy == SaveStrategy.BEST:  # HF saves exactly when the metric improves
+                self.control.should_save = new_best
         if self.control.should_save:
             self._save_checkpoint()
             self.control = self.callback_handler.on_save(self.args, self.state, self.control)
 
-    def _update_best(self, metrics: Mapping[str, float]) -> None:
-        """HF's `_determine_best_metric`."""
+    def _update_best(self, metrics: Mapping[str, float]) -> bool:
+        """HF's `_determine_best_metric`: True when `metrics` hold a new best."""
         name = self.args.metric_for_best_model
         if name is None:
-            return
+            return False
         key = name if name.startswith("eval_") else f"eval_{name}"
         if key not in metrics:
             raise KeyError(f"metric_for_best_model is {key!r}, which is not in the evaluation metrics "
@@ -416,6 +417,8 @@ class Trainer:
             self.state.best_metric = metrics[key]
             if self.args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST):
                 self.state.best_global_step = self.state.global_step
+            return True
+        return False
 
     def log(self, logs: dict[str, float]) -> None:
         """Append `logs` (with `epoch` and `step`) to `state.log_history` and call `on_log`."""
