@@ -99,7 +99,7 @@ class StepResult(NamedTuple):
     applied: bool
 
 
-def _to_tensor(x) -> Tensor:
+def batch_tensor(x) -> Tensor:
     """A batch entry as a Tensor: integer and boolean arrays as int32, floating ones as float32."""
     array = x.asnumpy() if isinstance(x, Tensor) else np.asarray(x)
     if array.dtype.kind in "iub":
@@ -107,6 +107,12 @@ def _to_tensor(x) -> Tensor:
     if array.dtype.kind == "f":
         return Tensor(array.astype(np.float32))
     raise TypeError(f"batch tensors must be integer, boolean or floating, got {array.dtype}")
+
+
+def runner(jit: bool) -> Callable:
+    """`run(fn, *args)`: a compiled `fn` runs on a fresh thread (tracing walks the Python stack and
+    fails on frames without source, as under `python -m`; any call may trace), an eager one directly."""
+    return call_in_fresh_thread if jit else (lambda fn, *args: fn(*args))
 
 
 def _as_f32(x) -> Tensor:
@@ -280,13 +286,11 @@ class TrainStep:
         param_leaves = [Tensor(t.asnumpy()) if isinstance(t, Parameter) else t for t in param_leaves]
         n = len(param_leaves)
         grad_fn = self._grad_fn(names)
-        # Tracing walks the Python stack and fails on frames without source (`python -m` runs under
-        # frozen runpy); any call may trace (a new input kind does), so compiled calls run on a fresh thread.
-        run = call_in_fresh_thread if self.jit else (lambda fn, *args: fn(*args))
+        run = runner(self.jit)
         loss, grads = None, []
         with cheap_tensor_repr():
             for part in parts:
-                tensors = [_to_tensor(part[name]) for name in names]
+                tensors = [batch_tensor(part[name]) for name in names]
                 part_loss, part_grads = run(grad_fn, *param_leaves, num_items, _as_f32(scale), *tensors)
                 loss = part_loss if loss is None else loss + part_loss
                 grads.extend(part_grads)

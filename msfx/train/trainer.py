@@ -41,7 +41,7 @@ from transformers.trainer_callback import (CallbackHandler, DefaultFlowCallback,
 from transformers.trainer_utils import (EvalPrediction, IntervalStrategy, PredictionOutput, SaveStrategy, TrainOutput,
                                         speed_metrics)
 
-from msfx.decode.step import cheap_tensor_repr, call_in_fresh_thread
+from msfx.decode.step import cheap_tensor_repr
 from msfx.errors import CorruptCheckpointError
 from msfx.layers.basic import check_token_ids, no_host_reads
 from msfx.layers.losses import IGNORE_INDEX
@@ -50,7 +50,7 @@ from msfx.params import flatten, unflatten
 from msfx.train import checkpoint as ckpt
 from msfx.train.optim import SGD, AdamW
 from msfx.train.schedules import get_schedule, warmup_steps_for
-from msfx.train.step import TrainStep, causal_lm_items
+from msfx.train.step import TrainStep, batch_tensor, causal_lm_items, runner
 
 TRAINER_STATE_NAME = "trainer_state.json"
 _LABEL_COLUMNS = ("label", "label_ids", "labels")
@@ -444,10 +444,7 @@ class Trainer:
                 state.stateful_callbacks[callback.__class__.__name__] = callback.state()
 
         def write(path: Path) -> None:
-            self._sync_model()
-            self.model.save_pretrained(path)
-            if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
-                self.processing_class.save_pretrained(path)
+            self.save_model(path)
             slots = self.optimizer.slots()
             n = len(self._keys)
             save_file({f"{slot}.{key}": self._opt_state[i * n + j].asnumpy()
@@ -535,13 +532,12 @@ class Trainer:
             raise ValueError(f"{prefix}: the dataset is empty or missing")
         size, start = self.args.per_device_eval_batch_size, time.time()
         losses, predictions, labels = [], [], []
-        run = call_in_fresh_thread if self.args.jit else (lambda fn, *a: fn(*a))
+        run = runner(self.args.jit)
         with cheap_tensor_repr():
             for begin in range(0, len(dataset), size):
                 batch = self._batch(dataset, range(begin, min(begin + size, len(dataset))), training=False)
                 names = tuple(sorted(batch))
-                tensors = [Tensor(batch[k].astype(np.float32 if batch[k].dtype.kind == "f" else np.int32))
-                           for k in names]
+                tensors = [batch_tensor(batch[k]) for k in names]
                 loss, logits = run(self._eval_fn(names), *self._leaves, *tensors)
                 rows = next(iter(batch.values())).shape[0]
                 logits = logits.asnumpy()
