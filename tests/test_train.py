@@ -126,8 +126,12 @@ def test_gradient_accumulation_equals_one_batch(tiny):
         results[accumulate] = step(leaves, state, batch, lr, first)
         assert step.compiles == 1 and step.traces == {"loss": 1, "update": 1}
     (loss1, leaves1, state1, norm1, _), (loss4, leaves4, state4, norm4, _) = results[1], results[4]
-    param_diff = max(float(np.abs(a.asnumpy() - b.asnumpy()).max()) for a, b in zip(leaves1, leaves4))
     moment_diff = max(float(np.abs(a.asnumpy() - b.asnumpy()).max()) for a, b in zip(state1, state4))
+    # AdamW's first update is lr * g / (|g| + eps): where |g| is within ~100 eps of zero, fp32 noise
+    # in the gradient sum moves the update by up to lr, so those elements are left to the moment check.
+    first_moments = state1[:len(leaves1)]  # 0.1 * g on the first step
+    param_diff = max(float(np.abs(a.asnumpy() - b.asnumpy())[np.abs(m.asnumpy()) > 1e-7].max(initial=0.0))
+                     for a, b, m in zip(leaves1, leaves4, first_moments))
     loss_rel = abs(float(loss1.asnumpy()) - float(loss4.asnumpy())) / float(loss1.asnumpy())
     norm_rel = abs(float(norm1.asnumpy()) - float(norm4.asnumpy())) / float(norm1.asnumpy())
     print(f"\naccumulate 4x2 vs 8: loss rel {loss_rel:.2g}, param max abs {param_diff:.2g}, "
