@@ -143,12 +143,13 @@ class GenerationMixin:
                 `suppress_tokens`, `begin_suppress_tokens`, `forced_bos_token_id`,
                 `forced_eos_token_id`, `remove_invalid_values`, `renormalize_logits`,
                 `num_beams`, `length_penalty`, `early_stopping`, `num_return_sequences`,
-                `use_cache`, `return_dict_in_generate` with `output_scores` / `output_logits`.
+                `use_cache` (False: the whole sequence runs each step, eagerly, as HF recomputes),
+                `return_dict_in_generate` with `output_scores` / `output_logits`.
             streamer: an object with `put` / `end`, e.g. `transformers.TextStreamer` (not with beams).
             jit: True compiles the prompt's forward and the decode step with `mindspore.jit`
                 (one graph per shape bucket, see `msfx.decode.generate`); "decode" compiles only
                 the decode step (for a single prompt, compiling its graph costs more than it
-                saves); False runs eagerly. bfloat16 on CPU always runs eagerly.
+                saves); False runs eagerly. bfloat16 on CPU and `use_cache=False` always run eagerly.
             logits_processor: numpy callables `(input_ids [batch, cur_len], scores [batch, vocab])
                 -> scores` (e.g. `msfx.decode.processors` classes), merged with the built-in
                 ones as HF merges its `logits_processor=` (HF's torch processors do not apply).
@@ -242,7 +243,8 @@ class GenerationMixin:
             return output_class(sequences=ids.astype(np.int64)) if as_dict else ids.astype(np.int64)
 
         self.last_generation_stats = stats = GenerationStats(prompt_tokens=int(mask.sum()) // copies)
-        state = self._decode_state(ids, mask, max_new, jit, encoder_inputs)
+        use_cache = config.use_cache is not False
+        state = self._decode_state(ids, mask, max_new, jit if use_cache else False, encoder_inputs, use_cache)
         loop_args = dict(logits_processor=processors, stopping_criteria=criteria, max_time=config.max_time,
                          do_sample=bool(config.do_sample), rng=make_rng(seed) if config.do_sample else None,
                          stats=stats, scores_out=scores, logits_out=logits)
@@ -262,18 +264,20 @@ class GenerationMixin:
             scores=_as_tuple(scores), logits=_as_tuple(logits), beam_indices=result.beam_indices)
 
     def _decode_state(self, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int, jit: bool | str,
-                      encoder_inputs: tuple[np.ndarray, np.ndarray] | None = None) -> DecodeState:
+                      encoder_inputs: tuple[np.ndarray, np.ndarray] | None = None,
+                      use_cache: bool = True) -> DecodeState:
         """The model side of one generation over `input_ids` / `attention_mask` `[batch, seq]` (already
         repeated per beam / returned sequence). An encoder-decoder wrapper overrides this: it gets
         the encoder's `(input_ids, attention_mask)` as `encoder_inputs`, runs the encoder once,
-        and decodes from `input_ids` (the `decoder_start_token_id` column)."""
+        and decodes from `input_ids` (the `decoder_start_token_id` column). Without `use_cache`
+        each step runs the whole sequence (`generate` passes `jit` False then)."""
         # MindSpore 2.10's CPU graph compiler has no bfloat16 kernels at all (not even Reshape)
         if lacks_bf16_kernels(self.weights[0]):
             jit = False
         step = self._compiled_step(bool(jit))
         prefill = step if jit is True else self._compiled_step(False)
         return DecodeState(self.config, prefill, step, input_ids, attention_mask, max_new_tokens,
-                           prefill_bucket=PREFILL_BUCKET if jit is True else None)
+                           prefill_bucket=PREFILL_BUCKET if jit is True else None, use_cache=use_cache)
 
     def _merge_generation_config(self, generation_config: GenerationConfig | None,
                                  kwargs: dict) -> tuple[GenerationConfig, bool]:

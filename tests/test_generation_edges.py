@@ -82,10 +82,12 @@ def test_use_cache_false_recomputes_every_step_as_hf(short_llama, jit):
 def test_use_cache_false_with_beam_search_as_hf(short_llama):
     name, torch_model, model = short_llama
     ids, mask = left_padded(2, 8, [0, 3], seed=3)
-    kwargs = dict(max_new_tokens=12, eos_token_id=None, use_cache=False, num_beams=3, num_return_sequences=2)
+    kwargs = dict(max_new_tokens=12, eos_token_id=None, use_cache=False, num_beams=3, num_return_sequences=2,
+                  output_scores=True)
     expected = hf_generate(torch_model, ids, mask, **kwargs)
-    got = model.generate(ids, attention_mask=mask, jit=False, **kwargs)
-    np.testing.assert_array_equal(got, expected.sequences.numpy())
+    got = model.generate(ids, attention_mask=mask, jit=False, return_dict_in_generate=True, **kwargs)
+    np.testing.assert_array_equal(got.sequences, expected.sequences.numpy())
+    np.testing.assert_allclose(got.sequences_scores, expected.sequences_scores.numpy(), atol=TOL, rtol=0)
 
 
 @pytest.fixture(scope="module")
