@@ -142,7 +142,7 @@ def test_encoder_decoder_without_attention_mask_attends_to_pads_as_hf(hf_t5):
     assert (T5_IDS == torch_model.config.pad_token_id).any()
     for kwargs in (dict(max_new_tokens=6), dict(max_new_tokens=6, num_beams=2)):
         expected = hf_generate(torch_model, T5_IDS, use_cache=False, **kwargs)
-        for jit, use_cache in ((False, True), (True, True), (False, False), (True, False)):
+        for jit, use_cache in ((False, True), (True, True), (False, False)):  # use_cache=False runs eagerly
             got = model.generate(T5_IDS, jit=jit, use_cache=use_cache, return_dict_in_generate=True,
                                  output_logits=True, **kwargs)
             np.testing.assert_array_equal(got.sequences, expected.sequences.numpy())
