@@ -119,6 +119,9 @@ class GenerationMixin:
     `_decode_state` (e.g. an encoder-decoder runs its encoder there, once).
     """
 
+    # True where positions index a learned table (GPT-2's `wpe`): no length past `max_position_embeddings`
+    _learned_positions = False
+
     def generate(self, input_ids=None, attention_mask=None, generation_config: GenerationConfig | None = None,
                  streamer=None, jit: bool | str = True, *, logits_processor=None, stopping_criteria=None,
                  tokenizer=None, seed: int | None = None,
@@ -128,7 +131,8 @@ class GenerationMixin:
         Args:
             input_ids: `[batch, seq]` token ids (left-pad batches); a MindSpore tensor or array.
             attention_mask: `[batch, seq]` 1/0; default: 0 where `input_ids == pad_token_id`
-                (when pad differs from eos), else all ones, as HF infers it.
+                (when pad differs from eos), else all ones, as HF infers it; all ones for an
+                encoder-decoder (HF 5.x infers no encoder mask).
             generation_config: defaults to the checkpoint's `generation_config.json`; keyword
                 arguments override it and unset values fall back to the checkpoint's, then to
                 HF's global defaults (e.g. `top_k=50`, 20 new tokens), as in HF. Supported:
@@ -139,12 +143,13 @@ class GenerationMixin:
                 `suppress_tokens`, `begin_suppress_tokens`, `forced_bos_token_id`,
                 `forced_eos_token_id`, `remove_invalid_values`, `renormalize_logits`,
                 `num_beams`, `length_penalty`, `early_stopping`, `num_return_sequences`,
-                `use_cache`, `return_dict_in_generate` with `output_scores` / `output_logits`.
+                `use_cache` (False: the whole sequence runs each step, eagerly, as HF recomputes),
+                `return_dict_in_generate` with `output_scores` / `output_logits`.
             streamer: an object with `put` / `end`, e.g. `transformers.TextStreamer` (not with beams).
             jit: True compiles the prompt's forward and the decode step with `mindspore.jit`
                 (one graph per shape bucket, see `msfx.decode.generate`); "decode" compiles only
                 the decode step (for a single prompt, compiling its graph costs more than it
-                saves); False runs eagerly. bfloat16 on CPU always runs eagerly.
+                saves); False runs eagerly. bfloat16 on CPU and `use_cache=False` always run eagerly.
             logits_processor: numpy callables `(input_ids [batch, cur_len], scores [batch, vocab])
                 -> scores` (e.g. `msfx.decode.processors` classes), merged with the built-in
                 ones as HF merges its `logits_processor=` (HF's torch processors do not apply).
@@ -164,7 +169,9 @@ class GenerationMixin:
 
         Raises:
             TypeError: transformers' own (torch) processors or stopping criteria.
-            ValueError: out-of-range token ids, a total length beyond `max_position_embeddings`,
+            ValueError: out-of-range token ids, a total length beyond a learned position table
+                (GPT-2's `n_positions`; past a rotary model's `max_position_embeddings` HF and msfx
+                warn and go on),
                 `num_return_sequences` above `num_beams` (or above 1 for greedy), a streamer
                 with beam search, `stop_strings` without `tokenizer`, an unknown keyword, or an
                 invalid processor argument (as HF raises them).
@@ -236,7 +243,8 @@ class GenerationMixin:
             return output_class(sequences=ids.astype(np.int64)) if as_dict else ids.astype(np.int64)
 
         self.last_generation_stats = stats = GenerationStats(prompt_tokens=int(mask.sum()) // copies)
-        state = self._decode_state(ids, mask, max_new, jit, encoder_inputs)
+        use_cache = config.use_cache is not False
+        state = self._decode_state(ids, mask, max_new, jit if use_cache else False, encoder_inputs, use_cache)
         loop_args = dict(logits_processor=processors, stopping_criteria=criteria, max_time=config.max_time,
                          do_sample=bool(config.do_sample), rng=make_rng(seed) if config.do_sample else None,
                          stats=stats, scores_out=scores, logits_out=logits)
@@ -256,18 +264,20 @@ class GenerationMixin:
             scores=_as_tuple(scores), logits=_as_tuple(logits), beam_indices=result.beam_indices)
 
     def _decode_state(self, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int, jit: bool | str,
-                      encoder_inputs: tuple[np.ndarray, np.ndarray] | None = None) -> DecodeState:
+                      encoder_inputs: tuple[np.ndarray, np.ndarray] | None = None,
+                      use_cache: bool = True) -> DecodeState:
         """The model side of one generation over `input_ids` / `attention_mask` `[batch, seq]` (already
         repeated per beam / returned sequence). An encoder-decoder wrapper overrides this: it gets
         the encoder's `(input_ids, attention_mask)` as `encoder_inputs`, runs the encoder once,
-        and decodes from `input_ids` (the `decoder_start_token_id` column)."""
+        and decodes from `input_ids` (the `decoder_start_token_id` column). Without `use_cache`
+        each step runs the whole sequence (`generate` passes `jit` False then)."""
         # MindSpore 2.10's CPU graph compiler has no bfloat16 kernels at all (not even Reshape)
         if lacks_bf16_kernels(self.weights[0]):
             jit = False
         step = self._compiled_step(bool(jit))
         prefill = step if jit is True else self._compiled_step(False)
         return DecodeState(self.config, prefill, step, input_ids, attention_mask, max_new_tokens,
-                           prefill_bucket=PREFILL_BUCKET if jit is True else None)
+                           prefill_bucket=PREFILL_BUCKET if jit is True else None, use_cache=use_cache)
 
     def _merge_generation_config(self, generation_config: GenerationConfig | None,
                                  kwargs: dict) -> tuple[GenerationConfig, bool]:
@@ -288,8 +298,11 @@ class GenerationMixin:
         return GenerationConfig.from_dict({**merged, **kwargs}), default_max_length  # validates, as HF
 
     def _attention_mask(self, ids: np.ndarray, attention_mask, pad: int | None, eos: list[int]) -> np.ndarray:
-        """The given mask (checked), or HF's inferred one (`_prepare_attention_mask_for_generation`)."""
-        if attention_mask is None:
+        """The given mask (checked), or HF's inferred one (`_prepare_attention_mask_for_generation`), which
+        HF 5.x infers for decoder-only models only: an encoder-decoder's source is attended whole."""
+        if attention_mask is None and self.config.is_encoder_decoder:
+            mask = np.ones_like(ids, np.int32)
+        elif attention_mask is None:
             infer = pad is not None and pad not in eos and (ids == pad).any()
             mask = (ids != pad).astype(np.int32) if infer else np.ones_like(ids, np.int32)
             if pad is not None and pad in eos and ids.shape[0] > 1 and (ids == pad).any():
@@ -309,8 +322,11 @@ class GenerationMixin:
     def _max_new_tokens(self, config: GenerationConfig, prompt_len: int, default_max_length: bool) -> int:
         """New tokens to generate from `max_new_tokens` / `max_length`, as HF counts them.
 
+        A total beyond `max_position_embeddings` is logged as a warning (rotary and relative positions
+        extend, as in HF), except for `_learned_positions` models.
+
         Raises:
-            ValueError: `max_length` not above the prompt, or a total beyond the model's positions.
+            ValueError: `max_length` not above the prompt, or a total beyond a learned position table.
         """
         limit = getattr(self.config, "max_position_embeddings", None) or float("inf")  # none for relative positions
         if config.max_new_tokens is not None:
@@ -322,7 +338,12 @@ class GenerationMixin:
         if max_new <= 0 and config.max_new_tokens is None:
             raise ValueError(f"Input length of input_ids is {prompt_len}, but `max_length` is set to "
                              f"{config.max_length}: increase `max_length` or set `max_new_tokens`")
-        if prompt_len + max_new > limit:
+        if prompt_len + max_new > limit and self._learned_positions:
             raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new}) exceeds the model's "
-                             f"max_position_embeddings ({limit})")
+                             f"max_position_embeddings ({limit}): its learned position embeddings have no "
+                             "rows beyond")
+        if prompt_len + max_new > limit:  # HF's `MaxLengthCriteria` warns (once the length passes it) and goes on
+            logger.warning("This is a friendly reminder - the current text generation call has exceeded the model's "
+                           f"predefined maximum length ({limit}). Depending on the model, you may observe "
+                           "exceptions, performance degradation, or nothing at all.")
         return max_new

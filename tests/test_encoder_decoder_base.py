@@ -44,7 +44,7 @@ class ToySeq2Seq(GenerationMixin):
         self.generation_config = GenerationConfig.from_model_config(self.config)
         self.encoder_calls = []
 
-    def _decode_state(self, input_ids, attention_mask, max_new_tokens, jit, encoder_inputs=None):
+    def _decode_state(self, input_ids, attention_mask, max_new_tokens, jit, encoder_inputs=None, use_cache=True):
         self.encoder_calls.append(encoder_inputs)
         return ToyState(*encoder_inputs, input_ids)
 

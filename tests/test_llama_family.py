@@ -49,10 +49,11 @@ FAMILIES = {  # name -> (HF config class, HF causal LM class, config overrides)
 }
 
 
-def make_hf(tmp_path, family: str, seed: int = 0):
+def make_hf(tmp_path, family: str, seed: int = 0, **extra):
+    """The tiny HF model of `family` (config overrides from `FAMILIES`, then `extra`), saved to `tmp_path`."""
     config_cls, model_cls, overrides = FAMILIES[family]
     torch.manual_seed(seed)
-    config = getattr(transformers, config_cls)(**{**BASE, **overrides})
+    config = getattr(transformers, config_cls)(**{**BASE, **overrides, **extra})
     config._attn_implementation = "eager"
     model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():  # HF initializes norms to 1 and biases to 0: randomize both, so a missed one shows

@@ -14,8 +14,16 @@ from msfx.layers.rotary import PARTIAL_DEFAULT_ROPE
 
 MODEL_TYPE = "phi3"
 CONFIG_CLASS = Phi3Config
-__all__ = ["CONFIG_CLASS", "MODEL_TYPE", "cache_lengths", "forward", "init_params", "lm_head", "load", "model_forward",
-           "param_shapes"]
+__all__ = ["CONFIG_CLASS", "MODEL_TYPE", "cache_lengths", "cache_refill_length", "forward", "init_params", "lm_head",
+           "load", "model_forward", "param_shapes"]
+
+
+def cache_refill_length(config) -> int:
+    """The cached tokens at which generation recomputes the whole cache with the next token: HF's
+    `Phi3ForCausalLM.prepare_inputs_for_generation` drops its cache when the sequence reaches
+    `original_max_position_embeddings + 1` tokens, so that keys rotated with LongRoPE's short factors
+    are rotated again (with the long ones once a position passes that length)."""
+    return config.original_max_position_embeddings
 
 
 def spec(config) -> llama.DecoderSpec:

@@ -516,17 +516,22 @@ class Seq2SeqDecodeState:
     (the `decoder_start_token_id` column), rows already repeated per beam / returned sequence. With
     `step` (a `DecoderStep`), every decoder token runs the compiled step, over a cache rounded up to
     `CACHE_BUCKET` slots so that one graph serves generations of similar lengths; without, the decoder
-    runs eagerly (`decoder_forward`).
+    runs eagerly (`decoder_forward`); without `use_cache` too, running all its tokens at each step (HF's
+    `use_cache=False`).
 
     Raises:
-        ValueError: a decoder id outside `[0, vocab_size)`; in compiled steps, more tokens than the cache holds
-            (checked before the step runs: an error while tracing would hang the process at exit).
+        ValueError: a decoder id outside `[0, vocab_size)`; a `step` without `use_cache`; in compiled steps,
+            more tokens than the cache holds (checked before the step runs: an error while tracing would hang
+            the process at exit).
     """
 
     def __init__(self, params: dict, config, encoder_ids: np.ndarray, encoder_mask: np.ndarray,
-                 decoder_ids: np.ndarray, max_new_tokens: int, step: DecoderStep | None = None):
-        self.params, self.config, self._step = params, config, step
-        self.decoder_ids = check_token_ids(decoder_ids, config.vocab_size)
+                 decoder_ids: np.ndarray, max_new_tokens: int, step: DecoderStep | None = None,
+                 use_cache: bool = True):
+        if step is not None and not use_cache:
+            raise ValueError("use_cache=False runs the decoder eagerly: pass no compiled step")
+        self.params, self.config, self._step, self._use_cache = params, config, step, use_cache
+        self.decoder_ids = check_token_ids(decoder_ids, config.vocab_size)  # then each new token
         self.encoder_mask = Tensor(encoder_mask.astype(np.int32))
         encoded = encoder_forward(params, Tensor(encoder_ids.astype(np.int32)), self.encoder_mask, config=config,
                                   check_ids=False).last_hidden_state
@@ -575,6 +580,13 @@ class Seq2SeqDecodeState:
         search): first gather the cache rows by it, and the cross-attention keys/values and encoder mask
         (the compiled path skips those while every row keeps its encoder row, as within a prompt's beams)."""
         index = None if beam_idx is None else Tensor(beam_idx.astype(np.int32))
+        previous = self.decoder_ids if beam_idx is None else self.decoder_ids[beam_idx]
+        self.decoder_ids = np.concatenate([previous, tokens[:, None]], 1)
+        if not self._use_cache:  # the whole decoder sequence again, from slot 0
+            self.encoder_mask = self.encoder_mask if index is None else ops.gather(self.encoder_mask, index, 0)
+            self.cross_cache = self.cross_cache if index is None else reorder_cache(self.cross_cache, index)
+            self.slot = 0
+            return self._run(self.decoder_ids)
         if index is not None and self._step is None:
             self.cache, self.cross_cache = reorder_cache(self.cache, index), reorder_cache(self.cross_cache, index)
             self.encoder_mask = ops.gather(self.encoder_mask, index, 0)

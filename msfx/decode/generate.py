@@ -54,27 +54,34 @@ def new_cache(config, batch: int, max_len: int, dtype, lengths: tuple[int, ...] 
 
 
 class DecodeState:
-    """One generation's model-side state: the KV cache, the key mask over its slots, the next
-    positions, and the rope frequencies; runs the prompt (`prefill`) and each new token (`step`).
+    """One generation's model-side state: the KV cache, the key mask over its slots, the ids and
+    positions written so far, and the rope frequencies; runs the prompt (`prefill`) and each new
+    token (`step`).
 
     `input_ids` / `attention_mask`: `[batch, prompt]` numpy (left-padded, mask 0 on pads). With
     `prefill_bucket`, the prompt is left-padded further (masked, so the logits do not change) to a
     multiple of it, for a compiled prefill. The cache holds the prompt plus `max_new_tokens`
-    slots, rounded up to `CACHE_BUCKET`.
+    slots, rounded up to `CACHE_BUCKET`. With `use_cache` False every step runs the whole
+    sequence through `prefill` again (HF's `use_cache=False`). An architecture with a
+    `cache_refill_length(config)` has its cache recomputed once, at the step whose sequence
+    (HF-counted: without the bucket's padding) holds that many tokens before the new one
+    (Phi-3's switch to the long rope factors).
     """
 
     def __init__(self, config, prefill: CompiledStep, step: CompiledStep, input_ids: np.ndarray,
-                 attention_mask: np.ndarray, max_new_tokens: int, prefill_bucket: int | None = None):
-        self.config, self._prefill, self._step = config, prefill, step
-        if prefill_bucket:
-            extra = -input_ids.shape[1] % prefill_bucket
-            input_ids = np.pad(input_ids, ((0, 0), (extra, 0)))
-            attention_mask = np.pad(attention_mask, ((0, 0), (extra, 0)))
-        self.input_ids = input_ids
+                 attention_mask: np.ndarray, max_new_tokens: int, prefill_bucket: int | None = None,
+                 use_cache: bool = True):
+        self.config, self._prefill, self._step, self._use_cache = config, prefill, step, use_cache
+        extra = -input_ids.shape[1] % prefill_bucket if prefill_bucket else 0
+        input_ids = np.pad(input_ids, ((0, 0), (extra, 0)))
+        attention_mask = np.pad(attention_mask, ((0, 0), (extra, 0)))
+        self.input_ids = input_ids  # then each new token: the ids in cache slots 0..slot-1
         batch, self.prompt_len = input_ids.shape
         max_len = -(-(self.prompt_len + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
         lengths = getattr(prefill.arch, "cache_lengths", None)  # ring buffers for sliding-window layers
         self.cache = new_cache(config, batch, max_len, prefill.leaves[0].dtype, lengths and lengths(config, max_len))
+        refill = getattr(prefill.arch, "cache_refill_length", None)
+        self._refill_slot = None if refill is None else refill(config) + extra
         key_mask = np.ones((batch, max_len), np.int32)
         key_mask[:, :self.prompt_len] = attention_mask
         self.key_mask = Tensor(key_mask)
@@ -84,7 +91,7 @@ class DecodeState:
         else:  # dynamic and longrope frequencies depend on the length reached: computed per call
             dynamic = rope.get("rope_type", "default") in ("dynamic", "longrope")
             self._inv_freq = None if dynamic else Tensor(rope_frequencies(config)[0])
-        self.position_ids = left_padding_positions(attention_mask)
+        self.position_ids = left_padding_positions(attention_mask)  # of slots 0..slot-1
         self.slot = 0
 
     @property
@@ -98,23 +105,34 @@ class DecodeState:
             return self._inv_freq
         return Tensor(rope_frequencies(self.config, int(position_ids.max()) + 1)[0])
 
-    def prefill(self) -> Tensor:
-        """The prompt's last-position logits, float32 `[batch, vocab]`; fills the cache."""
+    def _run_from_start(self) -> Tensor:
+        """Every id written so far run through `prefill`, rewriting cache slots 0..slot-1."""
         positions = self.position_ids
         logits, self.cache = self._prefill(Tensor(self.input_ids.astype(np.int32)), self.key_mask, Tensor(positions),
-                                           Tensor(np.arange(self.prompt_len, dtype=np.int32)),
+                                           Tensor(np.arange(self.slot, dtype=np.int32)),
                                            self._frequencies(positions), self.cache)
-        self.position_ids, self.slot = positions[:, -1:] + 1, self.prompt_len  # HF 5.x: last position + 1
         return logits
+
+    def prefill(self) -> Tensor:
+        """The prompt's last-position logits, float32 `[batch, vocab]`; fills the cache."""
+        self.slot = self.prompt_len
+        return self._run_from_start()
 
     def step(self, tokens: np.ndarray, beam_idx: np.ndarray | None = None) -> Tensor:
         """Logits float32 `[batch, vocab]` after `tokens` (int `[batch]`), written to the next cache slot.
         `beam_idx` (int `[batch]`): first reorder the cache rows (beam search)."""
-        positions = self.position_ids
+        if beam_idx is not None:
+            self.input_ids, self.position_ids = self.input_ids[beam_idx], self.position_ids[beam_idx]
+        positions = self.position_ids[:, -1:] + 1  # HF 5.x: last position + 1
+        recompute = not self._use_cache or self.slot == self._refill_slot  # HF drops its cache: all slots rewritten
+        self.input_ids = np.concatenate([self.input_ids, tokens[:, None]], 1)
+        self.position_ids = np.concatenate([self.position_ids, positions], 1)
+        self.slot += 1
+        if recompute:
+            return self._run_from_start()
         logits, self.cache = self._step(Tensor(tokens[:, None].astype(np.int32)), self.key_mask, Tensor(positions),
-                                        Tensor(np.array([self.slot], np.int32)), self._frequencies(positions),
+                                        Tensor(np.array([self.slot - 1], np.int32)), self._frequencies(positions),
                                         self.cache, None if beam_idx is None else Tensor(beam_idx.astype(np.int32)))
-        self.position_ids, self.slot = positions + 1, self.slot + 1
         return logits
 
 

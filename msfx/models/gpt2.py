@@ -59,6 +59,7 @@ class GPT2LMHeadModel(GenerationMixin, _GPT2Base):
     (`-100` ignored) as `loss`."""
 
     accepts_loss_kwargs = True  # `num_items_in_batch=` normalizes the loss (HF Trainer's gradient accumulation)
+    _learned_positions = True  # `wpe` has `n_positions` rows: generation may not go past them
 
     def construct(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                   inputs_embeds=None, labels=None, output_hidden_states=None, return_dict=True,

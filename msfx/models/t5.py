@@ -194,14 +194,15 @@ class T5ForConditionalGeneration(GenerationMixin, _T5Base):
         return out if return_dict else out.to_tuple()
 
     def _decode_state(self, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int,
-                      jit: bool | str, encoder_inputs: tuple[np.ndarray, np.ndarray] | None = None
-                      ) -> t5.Seq2SeqDecodeState:
+                      jit: bool | str, encoder_inputs: tuple[np.ndarray, np.ndarray] | None = None,
+                      use_cache: bool = True) -> t5.Seq2SeqDecodeState:
         """The encoder-decoder state `generate` decodes with (see `t5.Seq2SeqDecodeState`): the encoder runs
         eagerly; with `jit` True or "decode" the decoder runs one compiled step per token (the model's
-        `decoder_step`), with False, or bfloat16 on CPU (no graph kernels), eagerly."""
-        compiled = bool(jit) and not lacks_bf16_kernels(self.weights[0])
+        `decoder_step`), with False, or bfloat16 on CPU (no graph kernels), eagerly; without `use_cache`
+        eagerly over the whole decoder sequence at each step."""
+        compiled = bool(jit) and use_cache and not lacks_bf16_kernels(self.weights[0])
         return t5.Seq2SeqDecodeState(self.params, self.config, *encoder_inputs, input_ids, max_new_tokens,
-                                     step=self.decoder_step if compiled else None)
+                                     step=self.decoder_step if compiled else None, use_cache=use_cache)
 
     @property
     def decoder_step(self) -> t5.DecoderStep:
