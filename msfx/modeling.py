@@ -200,7 +200,7 @@ def hf_arguments(method):
     means `config.return_dict`, as in HF.
 
     Raises:
-        TypeError: an argument name HF's method does not know either (a typo), as Python does.
+        TypeError: a name neither in the signature nor in `UNSUPPORTED_HF_ARGUMENTS` (a typo), as Python does.
         NotImplementedError: a name in `UNSUPPORTED_HF_ARGUMENTS` with a value other than None or False.
         ValueError: both `cache` and `past_key_values` (as HF).
     """

@@ -113,7 +113,8 @@ class LlamaForSequenceClassification(_LlamaBase):
         logits = linear(out.last_hidden_state, self.params["score"]["weight"])
         pooled = last_token_logits(logits, input_ids, self.config.pad_token_id, self.config.vocab_size)
         loss = None if labels is None else sequence_classification_loss(pooled, as_tensor(labels, None), self.config)
-        out = SequenceClassifierOutputWithPast(loss=loss, logits=pooled, cache=out.cache, hidden_states=out.hidden_states)
+        out = SequenceClassifierOutputWithPast(loss=loss, logits=pooled, cache=out.cache,
+                                               hidden_states=out.hidden_states)
         return out if return_dict else out.to_tuple()
 
 
