@@ -26,7 +26,7 @@ from msfx.decode.cache import KVCache
 from msfx.decode.generate import GenerationStats
 from msfx.decode.step import CompiledStep
 from msfx.layers.attention import arange
-from msfx.layers.basic import check_token_ids, host_reads_allowed, lacks_bf16_kernels
+from msfx.layers.basic import check_token_ids, host_reads_allowed
 from msfx.layers.losses import causal_lm_loss, masked_cross_entropy
 from msfx.params import Params, flatten, load_params, save_params, unflatten
 from msfx.params.hub import resolve_model_dir
@@ -230,9 +230,7 @@ def hf_arguments(method):
 def _padded(buffer: Tensor, slots: int) -> Tensor:
     """`buffer` `[b, h, n, d]` with `slots` zero slots appended along axis 2."""
     zeros = ops.zeros((buffer.shape[0], buffer.shape[1], slots, buffer.shape[3]), buffer.dtype)
-    if lacks_bf16_kernels(buffer):  # exact: bfloat16 values round-trip through float32
-        return ops.concat((buffer.astype(ms.float32), zeros.astype(ms.float32)), 2).astype(buffer.dtype)
-    return ops.concat((buffer, zeros), 2)
+    return ops.concat((buffer, zeros), 2)  # MindSpore 2.10 has a bfloat16 CPU Concat (checked)
 
 
 def past_cache(config, cache, use_cache, inputs) -> tuple[KVCache | None, Tensor | None, bool]:
