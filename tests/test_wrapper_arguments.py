@@ -3,7 +3,7 @@
 HF's manual decode loop (`out = model(ids, use_cache=True)`, then `model(next_ids,
 past_key_values=out.past_key_values, attention_mask=<one column longer>)`) runs over msfx's
 `KVCache` with logits within 1e-4 of HF's `DynamicCache` loop, on a left-padded batch, for Llama,
-GPT-2 and Mistral (sliding window shorter than the loop). On every wrapper class an unknown
+GPT-2, Mistral and Gemma 2 (sliding windows shorter than the loop) and Qwen3-MoE. On every wrapper class an unknown
 keyword raises TypeError (HF 5.25 swallows `foo=1`; msfx is stricter), a known HF argument msfx
 lacks raises NotImplementedError naming it unless it has HF's default value, which passes.
 """
@@ -71,7 +71,9 @@ def msfx_run(model):
 
 DECODERS = {"llama": lambda path: make_hf_llama(path, num_key_value_heads=2),
             "gpt2": lambda path: make_hf_gpt2(path),
-            "mistral": lambda path: make_hf(path, "mistral")}  # sliding window 6 < 7 + 5 positions
+            "mistral": lambda path: make_hf(path, "mistral"),  # sliding window 6 < 7 + 5 positions
+            "gemma2": lambda path: make_hf(path, "gemma2"),  # soft-caps, sliding and full layers
+            "qwen3_moe": lambda path: make_hf(path, "qwen3_moe")}  # MoeForCausalLM
 
 
 @pytest.mark.parametrize("positions", [False, True], ids=["default_positions", "cumsum_positions"])
