@@ -7,6 +7,8 @@ objects; every call goes to the architecture module's pure functions.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
 import os
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from transformers import GenerationConfig
 from transformers.utils import ModelOutput
 
+from msfx.decode.cache import KVCache
 from msfx.decode.generate import GenerationStats
 from msfx.decode.step import CompiledStep
 from msfx.layers.attention import arange
@@ -176,6 +179,91 @@ def sequence_classification_loss(logits: Tensor, labels: Tensor, config) -> Tens
                                                 ops.ones_like(logits), ops.ones_like(logits))
 
 
+# HF argument names (`TransformersKwargs`, cache, cross-attention, packing and older spellings) that a
+# wrapper without them in its signature accepts only at HF's default, None or False: the HF Trainer
+# and pipelines pass those. Any other value raises NotImplementedError; any other name, TypeError.
+UNSUPPORTED_HF_ARGUMENTS = frozenset({
+    "output_attentions", "output_hidden_states", "output_router_logits", "use_cache", "cache", "past_key_values",
+    "cache_position", "inputs_embeds", "position_ids", "token_type_ids", "labels", "num_items_in_batch",
+    "encoder_hidden_states", "encoder_attention_mask", "head_mask", "decoder_head_mask", "cross_attn_head_mask",
+    "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx", "is_causal"})
+
+# wrapper methods with HF's arguments, checked by `hf_arguments` in every subclass that defines them
+HF_METHODS = ("construct", "get_text_features", "get_image_features")
+
+
+def hf_arguments(method):
+    """`method` (a wrapper's `construct`, ...) strict about keyword arguments outside its signature,
+    where HF's `**kwargs` swallows them silently (transformers 5.25 runs `LlamaForCausalLM(ids, foo=1)`).
+
+    `past_key_values=` is renamed to `cache=` (HF 5.25's deprecated spelling) and `return_dict=None`
+    means `config.return_dict`, as in HF.
+
+    Raises:
+        TypeError: a name neither in the signature nor in `UNSUPPORTED_HF_ARGUMENTS` (a typo), as Python does.
+        NotImplementedError: a name in `UNSUPPORTED_HF_ARGUMENTS` with a value other than None or False.
+        ValueError: both `cache` and `past_key_values` (as HF).
+    """
+    own = set(inspect.signature(method).parameters)
+
+    @functools.wraps(method)
+    def checked(self, *args, **kwargs):
+        where = f"{type(self).__name__}.{method.__name__}()"
+        if "past_key_values" in kwargs and "cache" in own:
+            if kwargs.get("cache") is not None:
+                raise ValueError(f"{where}: give one of cache and past_key_values (the same argument), not both")
+            kwargs["cache"] = kwargs.pop("past_key_values")
+        for name in [k for k in kwargs if k not in own]:
+            value = kwargs.pop(name)
+            if name not in UNSUPPORTED_HF_ARGUMENTS:
+                raise TypeError(f"{where} got an unexpected keyword argument {name!r}")
+            if value is not None and value is not False:
+                raise NotImplementedError(f"{where} does not support {name} in msfx (only its HF default, None or "
+                                          f"False, is accepted); got {type(value).__name__} {value!r:.60}")
+        if "return_dict" in kwargs and kwargs["return_dict"] is None:
+            kwargs["return_dict"] = getattr(self.config, "return_dict", True)
+        return method(self, *args, **kwargs)
+
+    return checked
+
+
+def _padded(buffer: Tensor, slots: int) -> Tensor:
+    """`buffer` `[b, h, n, d]` with `slots` zero slots appended along axis 2."""
+    zeros = ops.zeros((buffer.shape[0], buffer.shape[1], slots, buffer.shape[3]), buffer.dtype)
+    return ops.concat((buffer, zeros), 2)  # MindSpore 2.10 has a bfloat16 CPU Concat (checked)
+
+
+def past_cache(config, cache, use_cache, inputs) -> tuple[KVCache | None, Tensor | None, bool]:
+    """HF's cache contract for a decoder wrapper: `(cache, cache_position, returns_cache)` for the core.
+
+    A past `cache` (the `KVCache` a previous call returned, whose buffers `[batch, kv_heads, past,
+    head_dim]` hold exactly the positions seen) is grown by the `seq` new tokens of `inputs`
+    (`input_ids` `[batch, seq]` or `inputs_embeds`), written at `cache_position` `past..past+seq-1`,
+    as HF's `DynamicCache` appends; the caller's `attention_mask` then covers `past + seq` keys. The
+    call returns a cache when given one or with `use_cache` (None: `config.use_cache`, as HF).
+
+    Raises:
+        NotImplementedError: a cache other than an msfx `KVCache` (HF `Cache` objects, legacy tuples).
+        ValueError: a cache whose layers differ in length (a preallocated `generate` cache) or batch.
+    """
+    if use_cache is None:
+        use_cache = getattr(config, "use_cache", False)
+    if cache is None:
+        return None, None, bool(use_cache)
+    if not isinstance(cache, KVCache):
+        raise NotImplementedError(f"cache / past_key_values must be the msfx KVCache a previous call returned "
+                                  f"(out.past_key_values), got {type(cache).__name__}")
+    shape = np.shape(inputs)
+    batch, seq = (1, shape[0]) if len(shape) == 1 else shape[:2]  # 1-D ids are one row, as `token_ids` takes them
+    shapes = {(k.shape[0], k.shape[2]) for k in cache.leaves()}
+    if len(shapes) != 1 or cache.keys[0].shape[0] != batch:
+        raise ValueError(f"cache has (batch, length) {sorted(shapes)} across its layers; expected one length, the "
+                         f"positions seen, and batch {batch} (the KVCache a previous call with use_cache returned)")
+    past = cache.keys[0].shape[2]
+    grown = KVCache(tuple(_padded(k, seq) for k in cache.keys), tuple(_padded(v, seq) for v in cache.values))
+    return grown, Tensor(np.arange(past, past + seq, dtype=np.int32)), True
+
+
 def _as_parameter(value: Tensor, name: str) -> Parameter:
     """`value` as a `Parameter` named `name`: a loaded `Parameter` is taken as is (no copy of the weight)."""
     if isinstance(value, Parameter):
@@ -193,11 +281,18 @@ class PreTrainedModel(nn.Cell):
     """Base of the HF-named wrappers: parameters, `from_pretrained`, `save_pretrained`.
 
     Subclasses set `arch` (the architecture module) and may override `param_shapes` (the keys
-    this head owns) and `base_model_prefix` handling.
+    this head owns) and `base_model_prefix` handling. Their `HF_METHODS` are wrapped by
+    `hf_arguments` (no argument is swallowed).
     """
 
     arch: ModuleType
     base_model_prefix = "model"
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name in HF_METHODS:
+            if name in cls.__dict__:
+                setattr(cls, name, hf_arguments(cls.__dict__[name]))
 
     def __init__(self, config, params: dict | None = None):
         super().__init__(auto_prefix=False)

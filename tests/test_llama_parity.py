@@ -253,7 +253,7 @@ def test_functional_forward_equals_wrapper_and_jit_trace_equals_eager(hf_llama):
     eager = msfx.llama.forward(params, ms_ids(ids))
     wrapper = LlamaForCausalLM.from_pretrained(path)(ms_ids(ids))
     assert np.array_equal(to_np(eager.logits), to_np(wrapper.logits))
-    assert eager.hidden_states is None and eager.cache is None
+    assert eager.hidden_states is None and eager.cache.max_len == ids.shape[1]  # this call's keys and values
     check_close("functional forward vs torch", eager.logits, hf_run(torch_model, ids).logits)
 
     # mindspore.jit in trace mode over flat tensor leaves (as msfx.decode.step does); the rotary
@@ -487,10 +487,10 @@ def test_outputs_and_parameters_follow_hf_conventions(hf_llama, tied):
     with_loss = model(ms_ids(ids), labels=ids)
     assert with_loss[0] is with_loss.loss and with_loss[1] is with_loss.logits
     as_tuple = model(ms_ids(ids), labels=ids, return_dict=False)
-    assert isinstance(as_tuple, tuple) and len(as_tuple) == 2
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 3  # loss, logits, cache (config.use_cache), as HF
     assert float(to_np(as_tuple[0])) == float(to_np(with_loss.loss))
     np.testing.assert_array_equal(to_np(as_tuple[1]), to_np(out.logits))
-    hidden_tuple = model(ms_ids(ids), output_hidden_states=True, return_dict=False)
+    hidden_tuple = model(ms_ids(ids), output_hidden_states=True, return_dict=False, use_cache=False)
     assert isinstance(hidden_tuple, tuple) and len(hidden_tuple) == 2
     assert len(hidden_tuple[1]) == TINY["num_hidden_layers"] + 1
     base = LlamaModel.from_pretrained(path)(ms_ids(ids), return_dict=False)

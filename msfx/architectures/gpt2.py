@@ -199,7 +199,7 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
         `last_hidden_state` `[batch, seq, hidden]` (after `ln_f`) in the params' dtype;
         `hidden_states` (with `output_hidden_states`): the embeddings, then each block's output,
         the last one after `ln_f` (HF's convention), each `[batch, seq, hidden]`; else None;
-        the updated `KVCache`, or None when none was passed.
+        the updated `KVCache`, or with none passed this call's keys and values (`seq` slots).
 
     Raises:
         ValueError: no config, missing/both of `input_ids`/`inputs_embeds`, non-integer or
@@ -245,8 +245,7 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
     x = layer_norm(x, p["ln_f"]["weight"], p["ln_f"]["bias"], config.layer_norm_epsilon).reshape(b, s, -1)
     if output_hidden_states:
         hidden_states[-1] = x
-    new_cache = None if cache is None else KVCache(tuple(new_keys), tuple(new_values))
-    return x, (tuple(hidden_states) if output_hidden_states else None), new_cache
+    return x, (tuple(hidden_states) if output_hidden_states else None), KVCache(tuple(new_keys), tuple(new_values))
 
 
 def lm_head(params: dict, hidden: Tensor, config) -> Tensor:

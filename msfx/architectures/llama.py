@@ -35,7 +35,7 @@ CONFIG_CLASS = LlamaConfig
 class CausalLMOutput(NamedTuple):
     """`logits` `[batch, seq, vocab]`; `hidden_states`: embeddings then each layer's output
     (the last one final-normed), each `[batch, seq, hidden]`, or None; `cache`: the
-    updated cache, or None when none was passed; `router_logits`: each sparse layer's
+    updated cache, or with none passed this call's keys and values (`seq` slots); `router_logits`: each sparse layer's
     `[batch * seq, experts]` (mixture-of-experts families), else None."""
 
     logits: Tensor | None
@@ -334,8 +334,8 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
     x = rms_norm(x, params["model"]["norm"]["weight"], config.rms_norm_eps, spec.norm_offset).reshape(b, s, -1)
     if output_hidden_states:
         hidden_states[-1] = x
-    new_cache = None if cache is None else KVCache(tuple(new_keys), tuple(new_values))
-    return DecoderOutput(x, tuple(hidden_states) if output_hidden_states else None, new_cache,
+    return DecoderOutput(x, tuple(hidden_states) if output_hidden_states else None,
+                         KVCache(tuple(new_keys), tuple(new_values)),
                          tuple(router_logits) if router_logits else None)
 
 

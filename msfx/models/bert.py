@@ -38,7 +38,7 @@ class BertModel(_BertBase):
         return self.params["bert"]  # HF saves the base model without the `bert.` prefix
 
     def construct(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                  inputs_embeds=None, output_hidden_states=None, return_dict=True, **kwargs):
+                  inputs_embeds=None, output_hidden_states=None, return_dict=True):
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
                            output_hidden_states)
         out = BaseModelOutputWithPooling(last_hidden_state=out.last_hidden_state, pooler_output=out.pooler_output,
@@ -56,7 +56,7 @@ class BertForMaskedLM(_BertBase):
         return cls.arch.param_shapes(config, with_pooler=False, with_mlm_head=True)
 
     def construct(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                  inputs_embeds=None, labels=None, output_hidden_states=None, return_dict=True, **kwargs):
+                  inputs_embeds=None, labels=None, output_hidden_states=None, return_dict=True):
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
                            output_hidden_states)
         logits = self.arch.mlm_head(self.params, out.last_hidden_state, self.config)
@@ -76,7 +76,7 @@ class BertForSequenceClassification(_BertBase):
                                                 "classifier.bias": (config.num_labels,)}
 
     def construct(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                  inputs_embeds=None, labels=None, output_hidden_states=None, return_dict=True, **kwargs):
+                  inputs_embeds=None, labels=None, output_hidden_states=None, return_dict=True):
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
                            output_hidden_states)
         head = self.params["classifier"]

@@ -130,7 +130,7 @@ class CLIPTextModel(_TextMixin, _TowerModel):
     base_model_prefix = clip.TEXT_PREFIX
 
     def construct(self, input_ids=None, attention_mask=None, position_ids=None, output_hidden_states=None,
-                  return_dict=True, **kwargs):
+                  return_dict=True):
         out = _pooling_output(self._text(self.config, input_ids, attention_mask, position_ids, output_hidden_states))
         return out if return_dict else out.to_tuple()
 
@@ -147,7 +147,7 @@ class CLIPTextModelWithProjection(_TextMixin, _TowerModel):
         return cls.arch.param_shapes(config, with_projection=True)
 
     def construct(self, input_ids=None, attention_mask=None, position_ids=None, output_hidden_states=None,
-                  return_dict=True, **kwargs):
+                  return_dict=True):
         out = self._text(self.config, input_ids, attention_mask, position_ids, output_hidden_states)
         out = CLIPTextModelOutput(text_embeds=clip.project(self.params, "text_projection", out.pooler_output),
                                   last_hidden_state=out.last_hidden_state, hidden_states=out.hidden_states)
@@ -169,7 +169,7 @@ class CLIPVisionModel(_VisionMixin, _TowerModel):
     main_input_name = "pixel_values"
 
     def construct(self, pixel_values=None, interpolate_pos_encoding=False, output_hidden_states=None,
-                  return_dict=True, **kwargs):
+                  return_dict=True):
         out = _pooling_output(self._vision(self.config, pixel_values, interpolate_pos_encoding, output_hidden_states))
         return out if return_dict else out.to_tuple()
 
@@ -187,7 +187,7 @@ class CLIPVisionModelWithProjection(_VisionMixin, _TowerModel):
         return cls.arch.param_shapes(config, with_projection=True)
 
     def construct(self, pixel_values=None, interpolate_pos_encoding=False, output_hidden_states=None,
-                  return_dict=True, **kwargs):
+                  return_dict=True):
         out = self._vision(self.config, pixel_values, interpolate_pos_encoding, output_hidden_states)
         out = CLIPVisionModelOutput(image_embeds=clip.project(self.params, "visual_projection", out.pooler_output),
                                     last_hidden_state=out.last_hidden_state, hidden_states=out.hidden_states)
@@ -213,19 +213,19 @@ class CLIPModel(_TextMixin, _VisionMixin, PreTrainedModel):
     base_model_prefix = clip.PREFIX
 
     def get_text_features(self, input_ids=None, attention_mask=None, position_ids=None, output_hidden_states=None,
-                          return_dict=True, **kwargs):
+                          return_dict=True):
         out = self._text(self.config.text_config, input_ids, attention_mask, position_ids, output_hidden_states)
         out = _pooling_output(out, clip.project(self.params, "text_projection", out.pooler_output))
         return out if return_dict else out.to_tuple()
 
     def get_image_features(self, pixel_values=None, interpolate_pos_encoding=False, output_hidden_states=None,
-                           return_dict=True, **kwargs):
+                           return_dict=True):
         out = self._vision(self.config.vision_config, pixel_values, interpolate_pos_encoding, output_hidden_states)
         out = _pooling_output(out, clip.project(self.params, "visual_projection", out.pooler_output))
         return out if return_dict else out.to_tuple()
 
     def construct(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, return_loss=None,
-                  interpolate_pos_encoding=False, output_hidden_states=None, return_dict=True, **kwargs):
+                  interpolate_pos_encoding=False, output_hidden_states=None, return_dict=True):
         text_config = self.config.text_config
         out = clip.forward(self.params, token_ids(input_ids, text_config.vocab_size), as_tensor(pixel_values, None),
                            as_tensor(attention_mask), as_tensor(position_ids), config=self.config,

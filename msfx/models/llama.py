@@ -2,7 +2,8 @@
 
 Each forwards to its `arch` module (`msfx.architectures.llama`; the Llama-like families
 subclass these with their own); see `transformers.models.llama.modeling_llama` for the
-behaviour they reproduce.
+behaviour they reproduce. Arguments take HF 5.25's names and order; `cache` (or `past_key_values`)
+and `use_cache` run HF's manual decode loop over an msfx `KVCache` (see `msfx.modeling.past_cache`).
 """
 from __future__ import annotations
 
@@ -12,17 +13,23 @@ from msfx.layers.basic import linear
 from msfx.layers.moe import load_balancing_loss
 from msfx.modeling import (BaseModelOutputWithPast, CausalLMOutputWithPast, MoeCausalLMOutputWithPast, PreTrainedModel,
                            SequenceClassifierOutputWithPast, as_tensor, lm_logits_and_loss, last_token_logits,
-                           sequence_classification_loss, token_ids)
+                           past_cache, sequence_classification_loss, token_ids)
 
 
 class _LlamaBase(PreTrainedModel):
     arch = llama
 
-    def _backbone(self, input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states):
-        return self.arch.model_forward(self.params, token_ids(input_ids, self.config.vocab_size),
-                                       as_tensor(attention_mask), as_tensor(position_ids), inputs_embeds=inputs_embeds,
-                                       config=self.config, output_hidden_states=bool(output_hidden_states),
-                                       check_ids=False)
+    def _backbone(self, input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states, cache=None,
+                  use_cache=None) -> llama.DecoderOutput:
+        """The decoder stack; its `cache` is the grown past cache (see `msfx.modeling.past_cache`) or
+        this call's keys and values, or None when the call returns none."""
+        cache, cache_position, returns_cache = past_cache(self.config, cache, use_cache,
+                                                          input_ids if inputs_embeds is None else inputs_embeds)
+        out = self.arch.model_forward(self.params, token_ids(input_ids, self.config.vocab_size),
+                                      as_tensor(attention_mask), as_tensor(position_ids), cache, cache_position,
+                                      inputs_embeds=inputs_embeds, config=self.config,
+                                      output_hidden_states=bool(output_hidden_states), check_ids=False)
+        return out if returns_cache else out._replace(cache=None)
 
 
 class LlamaModel(_LlamaBase):
@@ -35,11 +42,12 @@ class LlamaModel(_LlamaBase):
     def state_tree(self) -> dict:
         return self.params["model"]  # HF saves the base model without the `model.` prefix
 
-    def construct(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
-                  output_hidden_states=None, return_dict=True, **kwargs):
-        hidden, states, *_ = self._backbone(input_ids, attention_mask, position_ids, inputs_embeds,
-                                           output_hidden_states)
-        out = BaseModelOutputWithPast(last_hidden_state=hidden, hidden_states=states)
+    def construct(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                  use_cache=None, output_hidden_states=None, return_dict=True):
+        out = self._backbone(input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states, cache,
+                             use_cache)
+        out = BaseModelOutputWithPast(last_hidden_state=out.last_hidden_state, cache=out.cache,
+                                      hidden_states=out.hidden_states)
         return out if return_dict else out.to_tuple()
 
 
@@ -49,13 +57,14 @@ class LlamaForCausalLM(GenerationMixin, _LlamaBase):
 
     accepts_loss_kwargs = True  # `num_items_in_batch=` normalizes the loss (HF Trainer's gradient accumulation)
 
-    def construct(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, inputs_embeds=None,
-                  output_hidden_states=None, return_dict=True, logits_to_keep: int = 0, **kwargs):
-        hidden, states, *_ = self._backbone(input_ids, attention_mask, position_ids, inputs_embeds,
-                                           output_hidden_states)
-        logits, loss = lm_logits_and_loss(self.arch, self.params, self.config, hidden, labels, logits_to_keep,
-                                          kwargs.get("num_items_in_batch"))
-        out = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=states)
+    def construct(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                  labels=None, use_cache=None, logits_to_keep: int = 0, output_hidden_states=None, return_dict=True,
+                  num_items_in_batch=None):
+        out = self._backbone(input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states, cache,
+                             use_cache)
+        logits, loss = lm_logits_and_loss(self.arch, self.params, self.config, out.last_hidden_state, labels,
+                                          logits_to_keep, num_items_in_batch)
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)
         return out if return_dict else out.to_tuple()
 
 
@@ -65,12 +74,13 @@ class MoeForCausalLM(LlamaForCausalLM):
     also each sparse layer's `router_logits` `[batch * seq, experts]` and the load-balancing
     `aux_loss`, added to `loss` times `config.router_aux_loss_coef` when `labels` are given."""
 
-    def construct(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, inputs_embeds=None,
-                  output_hidden_states=None, output_router_logits=None, return_dict=True, logits_to_keep: int = 0,
-                  **kwargs):
-        out = self._backbone(input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states)
+    def construct(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                  labels=None, use_cache=None, output_router_logits=None, logits_to_keep: int = 0,
+                  output_hidden_states=None, return_dict=True, num_items_in_batch=None):
+        out = self._backbone(input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states, cache,
+                             use_cache)
         logits, loss = lm_logits_and_loss(self.arch, self.params, self.config, out.last_hidden_state, labels,
-                                          logits_to_keep, kwargs.get("num_items_in_batch"))
+                                          logits_to_keep, num_items_in_batch)
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         aux_loss = router_logits = None
@@ -80,8 +90,8 @@ class MoeForCausalLM(LlamaForCausalLM):
             aux_loss = load_balancing_loss(router_logits, spec.num_experts, spec.top_k, as_tensor(attention_mask))
             if loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss
-        result = MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits, hidden_states=out.hidden_states,
-                                           router_logits=router_logits)
+        result = MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits, cache=out.cache,
+                                           hidden_states=out.hidden_states, router_logits=router_logits)
         return result if return_dict else result.to_tuple()
 
 
@@ -96,14 +106,15 @@ class LlamaForSequenceClassification(_LlamaBase):
         shapes["score.weight"] = (config.num_labels, config.hidden_size)
         return shapes
 
-    def construct(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, inputs_embeds=None,
-                  output_hidden_states=None, return_dict=True, **kwargs):
-        hidden, states, *_ = self._backbone(input_ids, attention_mask, position_ids, inputs_embeds,
-                                           output_hidden_states)
-        logits = linear(hidden, self.params["score"]["weight"])
+    def construct(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                  labels=None, use_cache=None, output_hidden_states=None, return_dict=True):
+        out = self._backbone(input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states, cache,
+                             use_cache)
+        logits = linear(out.last_hidden_state, self.params["score"]["weight"])
         pooled = last_token_logits(logits, input_ids, self.config.pad_token_id, self.config.vocab_size)
         loss = None if labels is None else sequence_classification_loss(pooled, as_tensor(labels, None), self.config)
-        out = SequenceClassifierOutputWithPast(loss=loss, logits=pooled, hidden_states=states)
+        out = SequenceClassifierOutputWithPast(loss=loss, logits=pooled, cache=out.cache,
+                                               hidden_states=out.hidden_states)
         return out if return_dict else out.to_tuple()
 
 

@@ -66,12 +66,6 @@ _CHECKPOINT_LM_HEAD: ContextVar[bool | None] = ContextVar("t5_checkpoint_lm_head
 _HUB_KEYS = ("revision", "cache_dir", "local_files_only", "token")
 
 
-def _unsupported(kwargs: dict) -> None:
-    for name in ("output_hidden_states", "output_attentions"):
-        if kwargs.get(name):
-            raise NotImplementedError(f"msfx T5 does not return {name.removeprefix('output_')} yet")
-
-
 class _T5Base(PreTrainedModel):
     arch = t5
     base_model_prefix = t5.PREFIX
@@ -112,8 +106,7 @@ class T5Model(_T5Base):
     """
 
     def construct(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
-                  encoder_outputs=None, inputs_embeds=None, decoder_inputs_embeds=None, return_dict=True, **kwargs):
-        _unsupported(kwargs)
+                  encoder_outputs=None, inputs_embeds=None, decoder_inputs_embeds=None, return_dict=True):
         t5._decoder_inputs(decoder_input_ids, decoder_inputs_embeds)
         encoded = self._encoder_states(input_ids, attention_mask, inputs_embeds, encoder_outputs)
         hidden = self._decode(encoded, attention_mask, decoder_input_ids, decoder_attention_mask,
@@ -130,8 +123,7 @@ class T5EncoderModel(_T5Base):
     def param_shapes(cls, config):
         return cls.arch.param_shapes(config, decoder=False)
 
-    def construct(self, input_ids=None, attention_mask=None, inputs_embeds=None, return_dict=True, **kwargs):
-        _unsupported(kwargs)
+    def construct(self, input_ids=None, attention_mask=None, inputs_embeds=None, return_dict=True):
         out = BaseModelOutput(last_hidden_state=self._encoder_states(input_ids, attention_mask, inputs_embeds, None))
         return out if return_dict else out.to_tuple()
 
@@ -173,8 +165,7 @@ class T5ForConditionalGeneration(GenerationMixin, _T5Base):
 
     def construct(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                   encoder_outputs=None, inputs_embeds=None, decoder_inputs_embeds=None, labels=None,
-                  return_dict=True, **kwargs):
-        _unsupported(kwargs)
+                  return_dict=True):
         if labels is not None:
             labels = as_tensor(labels)
             target = decoder_input_ids if decoder_input_ids is not None else decoder_inputs_embeds
