@@ -201,7 +201,8 @@ def hf_arguments(method):
 
     Raises:
         TypeError: a name neither in the signature nor in `UNSUPPORTED_HF_ARGUMENTS` (a typo), as Python does.
-        NotImplementedError: a name in `UNSUPPORTED_HF_ARGUMENTS` with a value other than None or False.
+        NotImplementedError: a name in `UNSUPPORTED_HF_ARGUMENTS` with a value other than None or False
+            (or, for `token_type_ids`, other than all zeros: a tokenizer's single-segment output).
         ValueError: both `cache` and `past_key_values` (as HF).
     """
     own = set(inspect.signature(method).parameters)
@@ -217,14 +218,19 @@ def hf_arguments(method):
             value = kwargs.pop(name)
             if name not in UNSUPPORTED_HF_ARGUMENTS:
                 raise TypeError(f"{where} got an unexpected keyword argument {name!r}")
-            if value is not None and value is not False:
-                raise NotImplementedError(f"{where} does not support {name} in msfx (only its HF default, None or "
-                                          f"False, is accepted); got {type(value).__name__} {value!r:.60}")
+            if value is None or value is False or (name == "token_type_ids" and not _any_nonzero(value)):
+                continue  # all-zero token types (one segment) are what a model without them computes
+            raise NotImplementedError(f"{where} does not support {name} in msfx (only its HF default, None or "
+                                      f"False, is accepted); got {type(value).__name__} {value!r:.60}")
         if "return_dict" in kwargs and kwargs["return_dict"] is None:
             kwargs["return_dict"] = getattr(self.config, "return_dict", True)
         return method(self, *args, **kwargs)
 
     return checked
+
+
+def _any_nonzero(value) -> bool:
+    return bool(np.any(value.asnumpy() if isinstance(value, Tensor) else np.asarray(value)))
 
 
 def _padded(buffer: Tensor, slots: int) -> Tensor:

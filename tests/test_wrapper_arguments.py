@@ -198,3 +198,13 @@ def test_clip_feature_methods_are_checked_too():
         model.get_text_features(_IDS, pixel_values=_PIXELS)
     with pytest.raises(NotImplementedError, match="output_attentions"):
         model.get_image_features(_PIXELS, output_attentions=True)
+
+
+def test_single_segment_token_type_ids_pass_on_models_without_them():
+    """`model(**tokenizer(text))` with a tokenizer that returns all-zero `token_type_ids` works on a
+    decoder, as in HF; other segment ids are refused (the model has no segment embedding)."""
+    model = _model(msfx.LlamaForCausalLM)
+    plain = model(input_ids=_IDS).logits.asnumpy()
+    np.testing.assert_array_equal(model(input_ids=_IDS, token_type_ids=np.zeros_like(_IDS)).logits.asnumpy(), plain)
+    with pytest.raises(NotImplementedError, match="token_type_ids"):
+        model(input_ids=_IDS, token_type_ids=np.ones_like(_IDS))
