@@ -166,10 +166,14 @@ def load_params(arch: ModuleType, ref: str | os.PathLike, *, dtype="auto", confi
                 token=None) -> Params:
     """Load a checkpoint into a `Params` tree for architecture module `arch`.
 
+    As HF 5.x: `model.safetensors` is read when present (an index beside it is not), and under
+    `tie_word_embeddings` a checkpoint's head and embedding are tied as `_tie` says.
+
     Args:
         ref: local directory or hub id (see `resolve_model_dir`).
         dtype: "auto" (each tensor's stored dtype; float32 for GGUF), "float32", "float16",
-            "bfloat16".
+            "bfloat16"; the tensors HF keeps in float32 (`arch.KEEP_IN_FP32_MODULES`, T5's `wo`)
+            stay float32 in a float16 load.
         config: an HF config to use instead of the checkpoint's `config.json`.
         gguf_file: a GGUF file name inside `ref` (or a path) to load instead of safetensors.
         shapes: `config -> {key: shape}` of the tensors to load; default `arch.param_shapes`
