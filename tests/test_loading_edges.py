@@ -159,7 +159,9 @@ def test_t5_missing_decoder_blocks_raise_naming_them(hf_t5, tmp_path):
 
 
 def test_keys_under_an_unknown_prefix_raise(hf_clip, hf_t5, tmp_path):
-    for name, (_, path), cls in (("clip", hf_clip, CLIPModel), ("t5", hf_t5, T5ForConditionalGeneration)):
+    llama = make_hf_llama(tmp_path / "llama_source")
+    for name, (_, path), cls in (("clip", hf_clip, CLIPModel), ("t5", hf_t5, T5ForConditionalGeneration),
+                                 ("llama", llama, LlamaForCausalLM)):
         moved = rewrite_checkpoint(path, tmp_path / name, lambda state: state.update(
             {"wrapper." + k: state.pop(k) for k in list(state)}))
         with pytest.raises(CheckpointError, match=r"missing tensors: .*no checkpoint key fits the model "

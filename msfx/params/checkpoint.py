@@ -41,7 +41,7 @@ def _names(keys: list[str], limit: int = 30) -> str:
 
 
 def _check_keys(found: dict[str, tuple], expected: dict[str, tuple], source: str, base: tuple[str, ...],
-                optional: tuple[str, ...] = ()) -> list[str]:
+                optional: tuple[str, ...] = (), stored: list[str] | tuple = ()) -> list[str]:
     """Raise on missing, unexpected or mis-shaped tensors of the base model; return the head tensors
     the checkpoint lacks (a new task head: HF initializes those freshly).
 
@@ -49,7 +49,8 @@ def _check_keys(found: dict[str, tuple], expected: dict[str, tuple], source: str
     checked strictly, so a base weight is never silently random. Keys of another class (`lm_head`
     in a base-model load, a decoder in `T5EncoderModel`) are dropped by the caller, as in HF. Keys
     starting with one of `optional` (an architecture's `OPTIONAL_KEYS`: base-model parts some
-    classes or older checkpoints lack, as BERT's pooler) are treated as head tensors."""
+    classes or older checkpoints lack, as BERT's pooler) are treated as head tensors. `stored`: the
+    checkpoint's own keys (before renaming), named when none fits."""
     strict = tuple(p for p in base if any(k.startswith(p) for k in expected))
 
     def body(key: str) -> bool:
@@ -63,7 +64,7 @@ def _check_keys(found: dict[str, tuple], expected: dict[str, tuple], source: str
     if [k for k in missing if body(k)]:
         problems.append(f"missing tensors: {_names([k for k in missing if body(k)])}")
         if found and not set(found) & set(expected):
-            tops = sorted({k.split(".")[0] for k in found})
+            tops = sorted({k.split(".")[0] for k in stored})
             problems.append(f"no checkpoint key fits the model (they start with {_names(tops, 5)})")
     if unexpected:
         problems.append(f"unexpected tensors: {_names(unexpected)}")
@@ -207,7 +208,7 @@ def load_params(arch: ModuleType, ref: str | os.PathLike, *, dtype="auto", confi
     names, config, expected = _tie(_key_names(found, expected, prefix), lambda k: read_tensor(files, k), expected,
                                    config, arch, shapes)
     missing_heads = _check_keys({names[k]: found[k] for k in names}, expected, str(ref), _base_keys(arch, prefix),
-                                getattr(arch, "OPTIONAL_KEYS", ()))
+                                getattr(arch, "OPTIONAL_KEYS", ()), list(names))
     kept = _kept_in_float32(arch, target)
     flat = {}
     for name, array, stored in iter_tensors(files):
@@ -254,7 +255,7 @@ def _load_gguf(arch, ref, gguf_file, target, shapes, prefix, revision, cache_dir
                                    arch, shapes)
     state = {names[k]: stored[k] for k in names}
     missing_heads = _check_keys({k: v.shape for k, v in state.items()}, expected, str(path), _base_keys(arch, prefix),
-                                getattr(arch, "OPTIONAL_KEYS", ()))
+                                getattr(arch, "OPTIONAL_KEYS", ()), list(names))
     kept = _kept_in_float32(arch, target)
     # the dequantized arrays are this function's own (GGUF's float32 ones are copied out of the file)
     flat = {k: _parameter(v, ms.float32 if kept and kept.search(k) else target or ms.float32, k, owned=True)
