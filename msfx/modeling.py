@@ -327,7 +327,10 @@ class PreTrainedModel(nn.Cell):
                         token=None, gguf_file: str | None = None, **config_kwargs) -> "PreTrainedModel":
         """Load HF weights from a local directory, a hub id or a GGUF file (`gguf_file=`).
 
-        `dtype` is "auto" (as stored; float32 for GGUF), "float32", "float16" or "bfloat16".
+        `dtype` is "auto" (as stored; float32 for GGUF), "float32", "float16" or "bfloat16" (in
+        float16, HF's `_keep_in_fp32_modules` stay float32, as T5's `wo`).
+        A missing base-model tensor raises `CheckpointError`; a missing task head (a new
+        classification head) is initialized with a warning naming it, as HF.
         Extra keyword arguments override config attributes (e.g. `num_labels=3`), as in HF.
 
         Raises:

@@ -33,9 +33,11 @@ from msfx.params.tree import Params, unflatten_keys
 
 MODEL_TYPE = "clip"
 CONFIG_CLASS = CLIPConfig
-PREFIX = "clip"  # HF's `base_model_prefix`; no key carries it, so a CLIP checkpoint's keys are used as stored
+PREFIX = "clip"  # HF's `base_model_prefix`: a checkpoint whose every key carries it loads without it
 TEXT_PREFIX = "text_model"
 VISION_PREFIX = "vision_model"
+# `CLIPModel` is all base model (no key carries `PREFIX`): a checkpoint must hold every tensor of it.
+BASE_KEYS = (TEXT_PREFIX + ".", VISION_PREFIX + ".", "text_projection.", "visual_projection.", "logit_scale")
 
 
 class TowerOutput(NamedTuple):

@@ -33,6 +33,8 @@ from msfx.params.tree import Params, config_of, unflatten_keys
 MODEL_TYPE = "gpt2"
 CONFIG_CLASS = GPT2Config
 BASE_MODEL_PREFIX = "transformer"
+# HF's `_tied_weights_keys` under `tie_word_embeddings` ({head: embedding}; see `msfx.params.load_params`)
+TIED_KEYS = {"lm_head.weight": "transformer.wte.weight"}
 
 _MATMUL = ops.MatMul()
 

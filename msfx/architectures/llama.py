@@ -30,6 +30,8 @@ from msfx.params.tree import Params, config_of, unflatten_keys
 
 MODEL_TYPE = "llama"
 CONFIG_CLASS = LlamaConfig
+# HF's `_tied_weights_keys` under `tie_word_embeddings` ({head: embedding}; see `msfx.params.load_params`)
+TIED_KEYS = {"lm_head.weight": "model.embed_tokens.weight"}
 
 
 class CausalLMOutput(NamedTuple):

@@ -9,13 +9,14 @@ from __future__ import annotations
 from transformers import Phi3Config
 
 from msfx.architectures import llama
-from msfx.architectures.llama import cache_lengths, forward, init_params, lm_head, model_forward, param_shapes
+from msfx.architectures.llama import (TIED_KEYS, cache_lengths, forward, init_params, lm_head, model_forward,
+                                      param_shapes)
 from msfx.layers.rotary import PARTIAL_DEFAULT_ROPE
 
 MODEL_TYPE = "phi3"
 CONFIG_CLASS = Phi3Config
-__all__ = ["CONFIG_CLASS", "MODEL_TYPE", "cache_lengths", "cache_refill_length", "forward", "init_params", "lm_head",
-           "load", "model_forward", "param_shapes"]
+__all__ = ["CONFIG_CLASS", "MODEL_TYPE", "TIED_KEYS", "cache_lengths", "cache_refill_length", "forward", "init_params",
+           "lm_head", "load", "model_forward", "param_shapes"]
 
 
 def cache_refill_length(config) -> int:

@@ -11,12 +11,13 @@ from __future__ import annotations
 from transformers import Qwen3MoeConfig
 
 from msfx.architectures import llama
-from msfx.architectures.llama import cache_lengths, forward, init_params, lm_head, model_forward, param_shapes
+from msfx.architectures.llama import (TIED_KEYS, cache_lengths, forward, init_params, lm_head, model_forward,
+                                      param_shapes)
 
 MODEL_TYPE = "qwen3_moe"
 CONFIG_CLASS = Qwen3MoeConfig
-__all__ = ["CONFIG_CLASS", "MODEL_TYPE", "cache_lengths", "forward", "init_params", "lm_head", "load", "model_forward",
-           "param_shapes"]
+__all__ = ["CONFIG_CLASS", "MODEL_TYPE", "TIED_KEYS", "cache_lengths", "forward", "init_params", "lm_head", "load",
+           "model_forward", "param_shapes"]
 
 
 def spec(config) -> llama.DecoderSpec:

@@ -38,12 +38,17 @@ from msfx.params.tree import Params, config_of, flatten, unflatten, unflatten_ke
 
 MODEL_TYPE = "t5"
 CONFIG_CLASS = T5Config
-# No T5 key carries HF's `base_model_prefix` ("transformer"); the encoder is the part every T5 class
-# has, so its keys are the ones a load checks strictly (a missing decoder or `shared` is initialized
-# freshly with a warning, as HF does, and a checkpoint's decoder is dropped by `T5EncoderModel`).
-PREFIX = "encoder"
-# Older checkpoints also store the embeddings tied to `shared.weight`; HF ignores them when loading.
-OPTIONAL_KEYS = ("encoder.embed_tokens.",)
+# HF's `base_model_prefix`; no T5 key carries it (a checkpoint whose every key does loads without it).
+PREFIX = "transformer"
+# The base model: a missing tensor of it raises (`T5EncoderModel` has no decoder: a checkpoint's is dropped).
+BASE_KEYS = ("shared.", "encoder.", "decoder.")
+# Older checkpoints also store the embeddings tied to `shared.weight`, and a cross-attention position bias
+# no block reads; HF ignores them when loading.
+OPTIONAL_KEYS = ("encoder.embed_tokens.", "decoder.embed_tokens.",
+                 "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.")
+# HF's `T5PreTrainedModel._keep_in_fp32_modules`: `wo` stays float32 in a float16 load (its output overflows
+# float16 in large T5s) and `feed_forward` computes it in float32.
+KEEP_IN_FP32_MODULES = ("wo",)
 
 
 class T5StackOutput(NamedTuple):
@@ -192,7 +197,22 @@ def _clamp_fp16(x: Tensor) -> Tensor:
 
 
 def _norm(x: Tensor, p: dict, config) -> Tensor:
-    return rms_norm(x, p["weight"], config.layer_norm_epsilon)
+    """HF's `T5LayerNorm`: the output takes the weight's dtype (a float32 residual stream, after a float32
+    `wo`, is normalized in float32 and cast to a float16 weight's dtype)."""
+    weight = p["weight"]
+    if x.dtype == weight.dtype:
+        return rms_norm(x, weight, config.layer_norm_epsilon)
+    h = x.astype(ms.float32)
+    h = h * ops.rsqrt(ops.mean(h * h, -1, keep_dims=True) + config.layer_norm_epsilon)
+    return weight * h.astype(weight.dtype)
+
+
+def _residual(x: Tensor, h: Tensor) -> Tensor:
+    """`x + h` with torch's type promotion (float16 plus a float32 `wo` output is float32), then HF's
+    float16 clamp (`_clamp_fp16`)."""
+    if x.dtype != h.dtype:
+        x, h = x.astype(ms.float32), h.astype(ms.float32)
+    return _clamp_fp16(x + h)
 
 
 def _heads(x: Tensor, batch: int, config) -> Tensor:
@@ -227,13 +247,15 @@ def attention(x: Tensor, p: dict, bias: Tensor, batch: int, config, kv: tuple[Te
 
 def feed_forward(x: Tensor, p: dict, config) -> Tensor:
     """`T5DenseActDense` (`wo(act(wi(x)))`) or, with `wi_0` / `wi_1`, `T5DenseGatedActDense`
-    (`wo(act(wi_0(x)) * wi_1(x))`); `act` is `config.dense_act_fn` ("gated-gelu" -> gelu_new)."""
+    (`wo(act(wi_0(x)) * wi_1(x))`); `act` is `config.dense_act_fn` ("gated-gelu" -> gelu_new). The input of
+    `wo` takes its dtype: a float32 `wo` (`KEEP_IN_FP32_MODULES`) gives a float32 output, as HF."""
     act = activation(config.dense_act_fn)
     if "wi_0" in p:
         h = act(linear(x, p["wi_0"]["weight"])) * linear(x, p["wi_1"]["weight"])
     else:
         h = act(linear(x, p["wi"]["weight"]))
-    return linear(h, p["wo"]["weight"])
+    wo = p["wo"]["weight"]
+    return linear(h if h.dtype == wo.dtype else h.astype(wo.dtype), wo)  # HF casts to `wo`'s dtype (float32 kept)
 
 
 def _embed(params: dict, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
@@ -265,8 +287,8 @@ def encoder_forward(params: dict, input_ids: Tensor | None = None, attention_mas
     x = x.reshape(b * s, -1)
     for block in blocks:
         sa, ff = block["layer"]
-        x = _clamp_fp16(x + attention(_norm(x, sa["layer_norm"], config), sa["SelfAttention"], bias, b, config)[0])
-        x = _clamp_fp16(x + feed_forward(_norm(x, ff["layer_norm"], config), ff["DenseReluDense"], config))
+        x = _residual(x, attention(_norm(x, sa["layer_norm"], config), sa["SelfAttention"], bias, b, config)[0])
+        x = _residual(x, feed_forward(_norm(x, ff["layer_norm"], config), ff["DenseReluDense"], config))
     x = _norm(x, params["encoder"]["final_layer_norm"], config)
     return T5StackOutput(x.reshape(b, s, -1))
 
@@ -340,11 +362,11 @@ def _decoder_blocks(params: dict, x: Tensor, batch: int, self_bias: Tensor, cros
                               layer_cache=layer_cache, cache_position=cache_position)
         new_keys.append(k)
         new_values.append(v)
-        x = _clamp_fp16(x + h)
+        x = _residual(x, h)
         h, _ = attention(_norm(x, ca["layer_norm"], config), ca["EncDecAttention"], cross_bias, batch, config,
                          kv=(cross_cache.keys[i], cross_cache.values[i]))
-        x = _clamp_fp16(x + h)
-        x = _clamp_fp16(x + feed_forward(_norm(x, ff["layer_norm"], config), ff["DenseReluDense"], config))
+        x = _residual(x, h)
+        x = _residual(x, feed_forward(_norm(x, ff["layer_norm"], config), ff["DenseReluDense"], config))
     x = _norm(x, params["decoder"]["final_layer_norm"], config)
     return x, None if cache is None else KVCache(tuple(new_keys), tuple(new_values))
 

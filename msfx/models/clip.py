@@ -6,9 +6,10 @@ Each forwards to `msfx.architectures.clip`; see `transformers.models.clip.modeli
 Token ids come from `CLIPTokenizer`, pixel values `[batch, 3, H, W]` float32 from
 `CLIPImageProcessor(..., return_tensors="np")`; arrays, lists and Tensors are accepted.
 
-The towers load from their own checkpoints (`clip_text_model` / `clip_vision_model`) or from a
-full CLIP checkpoint, whose `text_config` / `vision_config` and `text_model.` / `vision_model.`
-keys they take, as HF does; they save with those prefixes, as HF 5.24.
+The towers load from their own checkpoints (`clip_text_model` / `clip_vision_model`, with or
+without the `text_model.` / `vision_model.` prefix, the projection beside it) or from a full CLIP
+checkpoint, whose `text_config` / `vision_config` and `text_model.` / `vision_model.` keys they
+take, as HF does; they save with those prefixes, as HF 5.24.
 """
 from __future__ import annotations
 
@@ -205,8 +206,9 @@ class CLIPModel(_TextMixin, _VisionMixin, PreTrainedModel):
     `get_image_features` return the tower's `BaseModelOutputWithPooling` with the projected (not
     normalized) `pooler_output` `[n, projection_dim]`, as transformers 5.24.
 
-    Loading follows HF: checkpoint tensors the model lacks are dropped, and missing ones are
-    initialized freshly with a warning (see `msfx.params.load_params`).
+    Loading: checkpoint tensors the model lacks are dropped (as HF); a missing one raises
+    `CheckpointError` naming it (HF would initialize it randomly), and keys under HF's
+    `base_model_prefix` (`clip.`) load too (see `msfx.params.load_params`).
     """
 
     arch = clip

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import re
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
@@ -21,7 +22,7 @@ from msfx.errors import CheckpointError
 from msfx.params.dtypes import NUMPY_BFLOAT16, STORED, dtype_name, parse_dtype, to_numpy
 from msfx.params.hub import resolve_model_dir
 from msfx.params.safetensors_io import bf16_bits_to_float32, checkpoint_files, iter_tensors, read_shapes, \
-    save_safetensors
+    read_tensor, save_safetensors
 from msfx.params.tree import Params, flatten_keys, unflatten_keys
 
 logger = logging.getLogger(__name__)
@@ -34,15 +35,26 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids", "embeddin
                      ".attn.masked_bias")
 
 
-def _check_keys(found: dict[str, tuple], expected: dict[str, tuple], source: str, prefix: str,
-                optional: tuple[str, ...] = ()) -> list[str]:
-    """Raise on missing, unexpected or mis-shaped tensors of the base model (under `prefix.`);
-    return the head tensors the checkpoint lacks (HF initializes those freshly). Head tensors of
-    another class (`lm_head` in a base-model load) are dropped by the caller, as in HF. Keys
+def _names(keys: list[str], limit: int = 30) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" ... and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _check_keys(found: dict[str, tuple], expected: dict[str, tuple], source: str, base: tuple[str, ...],
+                optional: tuple[str, ...] = (), stored: list[str] | tuple = ()) -> list[str]:
+    """Raise on missing, unexpected or mis-shaped tensors of the base model; return the head tensors
+    the checkpoint lacks (a new task head: HF initializes those freshly).
+
+    `base`: key prefixes of the base model (an architecture's `BASE_KEYS`); those this model has are
+    checked strictly, so a base weight is never silently random. Keys of another class (`lm_head`
+    in a base-model load, a decoder in `T5EncoderModel`) are dropped by the caller, as in HF. Keys
     starting with one of `optional` (an architecture's `OPTIONAL_KEYS`: base-model parts some
-    classes lack, as BERT's pooler) are treated as head tensors."""
+    classes or older checkpoints lack, as BERT's pooler) are treated as head tensors. `stored`: the
+    checkpoint's own keys (before renaming), named when none fits."""
+    strict = tuple(p for p in base if any(k.startswith(p) for k in expected))
+
     def body(key: str) -> bool:
-        return key.startswith(prefix + ".") and not key.startswith(optional)
+        return key.startswith(strict) and not key.startswith(optional)
 
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(k for k in set(found) - set(expected) if body(k))
@@ -50,9 +62,12 @@ def _check_keys(found: dict[str, tuple], expected: dict[str, tuple], source: str
                   for k in sorted(set(found) & set(expected)) if tuple(found[k]) != tuple(expected[k])]
     problems = []
     if [k for k in missing if body(k)]:
-        problems.append(f"missing tensors: {', '.join(k for k in missing if body(k))}")
+        problems.append(f"missing tensors: {_names([k for k in missing if body(k)])}")
+        if found and not set(found) & set(expected):
+            tops = sorted({k.split(".")[0] for k in stored})
+            problems.append(f"no checkpoint key fits the model (they start with {_names(tops, 5)})")
     if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(unexpected)}")
+        problems.append(f"unexpected tensors: {_names(unexpected)}")
     if mismatched:
         problems.append(f"mis-shaped tensors: {'; '.join(mismatched)}")
     if problems:
@@ -66,16 +81,46 @@ def _check_model_type(config, arch: ModuleType, source: str) -> None:
                               f"{arch.MODEL_TYPE!r}")
 
 
-def _normalize(found: dict, expected: dict, config, prefix: str) -> tuple[dict, str]:
-    """Drop keys no model reads, and add the base prefix to a base-model checkpoint's keys.
-    Returns the filtered mapping and the prefix added to its keys ("" or `prefix.`)."""
-    tied_head = getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in expected
-    found = {k: v for k, v in found.items()
-             if not k.endswith(_IGNORED_SUFFIXES) and not (tied_head and k == "lm_head.weight")}
+def _key_names(found, expected: dict, prefix: str) -> dict[str, str]:
+    """Checkpoint key -> model key, for the keys a model may read (buffers no model reads left out).
+
+    As HF: a base-model checkpoint saved without the base prefix (`LlamaModel`'s keys without
+    `model.`) gets it on the keys the model has only under it, and a checkpoint whose every key
+    carries HF's base prefix where the model's keys do not (`clip.` for `CLIPModel`) loses it."""
+    keys = [k for k in found if not k.endswith(_IGNORED_SUFFIXES)]
     body = prefix + "."
-    if not any(k.startswith(body) for k in found) and any(k.startswith(body) for k in expected):
-        return {body + k: v for k, v in found.items()}, body
-    return found, ""
+    if any(k.startswith(body) for k in expected):
+        if not any(k.startswith(body) for k in keys):
+            return {k: k if k in expected else body + k for k in keys}
+    elif keys and all(k.startswith(body) for k in keys):
+        return {k: k.removeprefix(body) for k in keys}
+    return {k: k for k in keys}
+
+
+def _tie(names: dict[str, str], value: Callable[[str], np.ndarray], expected: dict, config, arch,
+         shapes: Callable[[Any], dict]) -> tuple[dict[str, str], Any, dict]:
+    """HF 5.x's tying at load time for `arch.TIED_KEYS` (`{head key: embedding key}`) when
+    `config.tie_word_embeddings`: a checkpoint holding only the head loads it as the embedding; one
+    holding both with different values keeps them apart with a warning (HF's
+    `PreTrainedModel.tie_weights`; here by a config copy with `tie_word_embeddings=False`, so the
+    model and its `save_pretrained` carry both). `value(checkpoint key)` reads a tensor.
+    Returns `names`, `config` and `expected`, updated."""
+    if not getattr(config, "tie_word_embeddings", False):
+        return names, config, expected
+    for head, embedding in getattr(arch, "TIED_KEYS", {}).items():
+        stored = {model: key for key, model in names.items()}
+        if embedding not in expected or head not in stored:
+            continue
+        if embedding not in stored:
+            names = {k: embedding if k == stored[head] else v for k, v in names.items()}
+        elif not np.array_equal(value(stored[head]), value(stored[embedding])):
+            untied = copy.deepcopy(config)
+            untied.tie_word_embeddings = False
+            if head in shapes(untied):  # else the head belongs to another class (`LlamaModel`): dropped
+                logger.warning("config.tie_word_embeddings is True but the checkpoint holds %s and %s with "
+                               "different values: they are kept apart (as HF)", embedding, head)
+                config, expected = untied, shapes(untied)
+    return names, config, expected
 
 
 def _as_tensor(array: np.ndarray, dtype, *, bf16_bits: bool = False, owned: bool = False) -> Tensor:
@@ -122,20 +167,27 @@ def load_params(arch: ModuleType, ref: str | os.PathLike, *, dtype="auto", confi
                 token=None) -> Params:
     """Load a checkpoint into a `Params` tree for architecture module `arch`.
 
+    As HF 5.x: `model.safetensors` is read when present (an index beside it is not), and under
+    `tie_word_embeddings` a checkpoint's head and embedding are tied as `_tie` says.
+
     Args:
         ref: local directory or hub id (see `resolve_model_dir`).
         dtype: "auto" (each tensor's stored dtype; float32 for GGUF), "float32", "float16",
-            "bfloat16".
+            "bfloat16"; the tensors HF keeps in float32 (`arch.KEEP_IN_FP32_MODULES`, T5's `wo`)
+            stay float32 in a float16 load.
         config: an HF config to use instead of the checkpoint's `config.json`.
         gguf_file: a GGUF file name inside `ref` (or a path) to load instead of safetensors.
         shapes: `config -> {key: shape}` of the tensors to load; default `arch.param_shapes`
             (a wrapper class passes its own, e.g. without `lm_head`).
-        prefix: the base model's key prefix; a checkpoint saved without it still loads.
+        prefix: the base model's key prefix; a checkpoint saved without it still loads (and one
+            whose every key carries it where the model's keys do not, as HF's `clip.`).
         config_kwargs: config attributes to override when reading `config.json` (`num_labels=3`).
 
     Raises:
         ModelNotFoundError: `ref` cannot be resolved.
-        CheckpointError: wrong architecture, or missing/unexpected/mis-shaped tensors (all named).
+        CheckpointError: wrong architecture, or missing/unexpected/mis-shaped tensors of the base
+            model (named); a missing task head (not under `arch.BASE_KEYS` / `prefix.`) is
+            initialized freshly with a warning naming it, as HF.
         CorruptCheckpointError: a truncated or malformed weights file.
         ValueError: an unknown dtype.
     """
@@ -151,19 +203,38 @@ def load_params(arch: ModuleType, ref: str | os.PathLike, *, dtype="auto", confi
         config = AutoConfig.from_pretrained(model_dir, **(config_kwargs or {}))
     _check_model_type(config, arch, str(ref))
     files = checkpoint_files(model_dir)
-    expected = shapes(config)
     found = read_shapes(files)
-    normalized, added = _normalize(found, expected, config, prefix)
-    missing_heads = _check_keys(normalized, expected, str(ref), prefix, getattr(arch, "OPTIONAL_KEYS", ()))
+    expected = shapes(config)
+    names, config, expected = _tie(_key_names(found, expected, prefix), lambda k: read_tensor(files, k), expected,
+                                   config, arch, shapes)
+    missing_heads = _check_keys({names[k]: found[k] for k in names}, expected, str(ref), _base_keys(arch, prefix),
+                                getattr(arch, "OPTIONAL_KEYS", ()), list(names))
+    kept = _kept_in_float32(arch, target)
     flat = {}
     for name, array, stored in iter_tensors(files):
-        name = added + name
+        name = names.get(name)
         if name not in expected:
             continue
-        flat[name] = _parameter(array, target or STORED.get(stored, ms.float32), name, bf16_bits=stored == "BF16",
-                                owned=True)
+        dtype = ms.float32 if kept and kept.search(name) else target or STORED.get(stored, ms.float32)
+        flat[name] = _parameter(array, dtype, name, bf16_bits=stored == "BF16", owned=True)
     _fresh_heads(flat, missing_heads, expected, config, target)
     return Params(unflatten_keys(flat), config)
+
+
+def _base_keys(arch, prefix: str) -> tuple[str, ...]:
+    """The base model's key prefixes: `arch.BASE_KEYS` where the base model has no single prefix
+    (CLIP, T5), else `prefix.`."""
+    return getattr(arch, "BASE_KEYS", (prefix + ".",))
+
+
+def _kept_in_float32(arch, target) -> "re.Pattern | None":
+    """HF's `_get_dtype_plan`: the keys kept in float32 under a float16 load (`arch.KEEP_IN_FP32_MODULES`,
+    HF's `_keep_in_fp32_modules`, e.g. T5's `wo`) or a float16/bfloat16 one (`KEEP_IN_FP32_MODULES_STRICT`),
+    matched anywhere in the key (`re.search`) as HF does; None when nothing is kept."""
+    modules = list(getattr(arch, "KEEP_IN_FP32_MODULES_STRICT", ())) if target in (ms.float16, ms.bfloat16) else []
+    if target == ms.float16:
+        modules += getattr(arch, "KEEP_IN_FP32_MODULES", ())
+    return re.compile("|".join(modules)) if modules else None
 
 
 def _load_gguf(arch, ref, gguf_file, target, shapes, prefix, revision, cache_dir, local_files_only, token) -> Params:
@@ -179,11 +250,16 @@ def _load_gguf(arch, ref, gguf_file, target, shapes, prefix, revision, cache_dir
     config = gguf_config(reader)
     _check_model_type(config, arch, str(path))
     expected = shapes(config)
-    state, _ = _normalize(gguf_state_dict(reader, config), expected, config, prefix)
-    missing_heads = _check_keys({k: v.shape for k, v in state.items()}, expected, str(path), prefix,
-                                getattr(arch, "OPTIONAL_KEYS", ()))
+    stored = gguf_state_dict(reader, config)
+    names, config, expected = _tie(_key_names(stored, expected, prefix), stored.__getitem__, expected, config,
+                                   arch, shapes)
+    state = {names[k]: stored[k] for k in names}
+    missing_heads = _check_keys({k: v.shape for k, v in state.items()}, expected, str(path), _base_keys(arch, prefix),
+                                getattr(arch, "OPTIONAL_KEYS", ()), list(names))
+    kept = _kept_in_float32(arch, target)
     # the dequantized arrays are this function's own (GGUF's float32 ones are copied out of the file)
-    flat = {k: _parameter(v, target or ms.float32, k, owned=True) for k, v in state.items() if k in expected}
+    flat = {k: _parameter(v, ms.float32 if kept and kept.search(k) else target or ms.float32, k, owned=True)
+            for k, v in state.items() if k in expected}
     _fresh_heads(flat, missing_heads, expected, config, target)
     return Params(unflatten_keys(flat), config)
 

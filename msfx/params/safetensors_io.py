@@ -75,19 +75,20 @@ def _read_header(path: Path) -> tuple[dict, int]:
 
 
 def checkpoint_files(model_dir: str | os.PathLike) -> list[Path]:
-    """The safetensors files of a checkpoint directory: the index's shards, or `model.safetensors`.
+    """The safetensors files of a checkpoint directory: `model.safetensors`, else the index's shards
+    (HF's `from_pretrained` order).
 
     Raises:
         FileNotFoundError: neither is present.
     """
     model_dir = Path(model_dir)
+    single = model_dir / SAFE_WEIGHTS_NAME
+    if single.is_file():  # HF looks for the single file first: an index next to it is not read
+        return [single]
     index = model_dir / SAFE_WEIGHTS_INDEX_NAME
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
         return [model_dir / name for name in sorted(set(weight_map.values()))]
-    single = model_dir / SAFE_WEIGHTS_NAME
-    if single.is_file():
-        return [single]
     raise FileNotFoundError(f"no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} in {model_dir}")
 
 
@@ -98,6 +99,27 @@ def read_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
         header, _ = _read_header(path)
         shapes.update({name: tuple(info["shape"]) for name, info in header.items()})
     return shapes
+
+
+def read_tensor(files: list[Path], name: str) -> np.ndarray:
+    """The tensor `name` from `files` (BF16 as raw uint16 bits).
+
+    Raises:
+        KeyError: no file holds `name`.
+        CorruptCheckpointError: a truncated file or a malformed header.
+    """
+    for path in files:
+        header, start = _read_header(path)
+        if name in header:
+            info = header[name]
+            begin, end = info["data_offsets"]
+            with open(path, "rb") as f:
+                f.seek(start + begin)
+                data = f.read(end - begin)
+            if len(data) != end - begin:
+                raise CorruptCheckpointError(f"{path}: truncated while reading tensor {name!r}")
+            return np.frombuffer(data, _NUMPY_DTYPES[info["dtype"]]).reshape(info["shape"])
+    raise KeyError(name)
 
 
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray, str]]:
