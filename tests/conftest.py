@@ -27,6 +27,16 @@ def make_hf_llama(tmp_path, seed: int = 0, cls_name: str = "LlamaForCausalLM", *
     return model, tmp_path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def msfx_cache(tmp_path_factory):
+    """msfx's cache (GGUF files converted to safetensors) in a directory of this test session, for
+    this process and the processes tests start, instead of the user's `~/.cache/msfx`."""
+    import os
+
+    os.environ["MSFX_CACHE_DIR"] = str(tmp_path_factory.mktemp("msfx_cache"))
+    return os.environ["MSFX_CACHE_DIR"]
+
+
 @pytest.fixture
 def hf_llama(tmp_path):
     """Factory: `hf_llama(**config_overrides) -> (torch_model, path)`."""

@@ -238,7 +238,8 @@ def _kept_in_float32(arch, target) -> "re.Pattern | None":
 
 
 def _load_gguf(arch, ref, gguf_file, target, shapes, prefix, revision, cache_dir, local_files_only, token) -> Params:
-    from msfx.params.gguf import gguf_config, gguf_state_dict, read_gguf
+    """A GGUF file loads as the HF directory `gguf_checkpoint` converts it to once (float32 weights)."""
+    from msfx.params.gguf import gguf_checkpoint
 
     path = Path(gguf_file)
     if not path.is_file():
@@ -246,22 +247,7 @@ def _load_gguf(arch, ref, gguf_file, target, shapes, prefix, revision, cache_dir
                                  token=token, gguf_file=gguf_file) / gguf_file
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {gguf_file!r} not found in {ref}")
-    reader = read_gguf(str(path))
-    config = gguf_config(reader)
-    _check_model_type(config, arch, str(path))
-    expected = shapes(config)
-    stored = gguf_state_dict(reader, config)
-    names, config, expected = _tie(_key_names(stored, expected, prefix), stored.__getitem__, expected, config,
-                                   arch, shapes)
-    state = {names[k]: stored[k] for k in names}
-    missing_heads = _check_keys({k: v.shape for k, v in state.items()}, expected, str(path), _base_keys(arch, prefix),
-                                getattr(arch, "OPTIONAL_KEYS", ()), list(names))
-    kept = _kept_in_float32(arch, target)
-    # the dequantized arrays are this function's own (GGUF's float32 ones are copied out of the file)
-    flat = {k: _parameter(v, ms.float32 if kept and kept.search(k) else target or ms.float32, k, owned=True)
-            for k, v in state.items() if k in expected}
-    _fresh_heads(flat, missing_heads, expected, config, target)
-    return Params(unflatten_keys(flat), config)
+    return load_params(arch, gguf_checkpoint(path), dtype=target, shapes=shapes, prefix=prefix)
 
 
 def save_params(params: dict, config, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
