@@ -19,7 +19,8 @@ __all__ = ["CONFIG_CLASS", "MODEL_TYPE", "cache_lengths", "forward", "init_param
 
 
 def spec(config) -> llama.DecoderSpec:
-    return llama.DecoderSpec(fused_projections=True, sliding_windows=llama.sliding_windows(config))
+    return llama.DecoderSpec(fused_projections=True, sliding_windows=llama.sliding_windows(config),
+                             resid_pdrop=config.resid_pdrop)
 
 
 llama.SPECS[MODEL_TYPE] = spec
