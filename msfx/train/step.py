@@ -28,6 +28,10 @@ the loss graph casts them to the compute dtype, so gradients arrive in float32. 
 backend, which has no bfloat16 kernels (2.10), `bf16` rounds the weights to bfloat16 and computes in
 float32. `fp16` scales the loss dynamically (`LossScaler`, torch's `GradScaler` defaults) and skips
 the update of a step whose gradients overflow.
+
+Dropout (`dropout_seed`): the loss graph takes one more input, a 0-d int32 key per micro-batch drawn
+from the seed and the step (`msfx.layers.dropout.step_key`), so the masks change every step without
+a new trace and a resumed run draws the same ones.
 """
 from __future__ import annotations
 
