@@ -96,6 +96,29 @@ def test_train_sampling_strategies(tiny_llama, tmp_path):
     assert lengths[grouped[0]] == max(lengths)
 
 
+class _ColumnDataset(list):
+    """A `datasets.Dataset` stand-in: rows by index, columns by name, `column_names`."""
+
+    column_names = ["input_ids", "length"]
+
+    def __getitem__(self, key):
+        return [row[key] for row in self] if isinstance(key, str) else super().__getitem__(key)
+
+
+def test_group_by_length_reads_the_length_column_or_refuses(tiny_llama, tmp_path):
+    _, path = tiny_llama
+    rows = _ColumnDataset({"input_ids": [5] * n, "length": 10 - n} for n in range(1, 6))
+
+    def lengths(dataset, **overrides):
+        args = msfx.TrainingArguments(**args_for(tmp_path, train_sampling_strategy="group_by_length", **overrides))
+        return msfx.Trainer(model=msfx.LlamaForCausalLM.from_pretrained(path), args=args)._row_lengths(dataset)
+
+    assert lengths(rows) == [9, 8, 7, 6, 5]
+    assert lengths(rows, length_column_name="n") == [1, 2, 3, 4, 5]  # no such column: the input_ids' lengths
+    with pytest.raises(ValueError, match="'input_ids' key"):
+        lengths([{"text": "a"}])
+
+
 @pytest.mark.parametrize("size, batch", [(40, 2), (1000, 4), (7, 4)])
 def test_length_grouped_indices_match_hf(size, batch):
     lengths = np.random.default_rng(size).integers(1, 50, size).tolist()
