@@ -282,7 +282,8 @@ def test_trainer_applies_dropout_and_evaluates_without(tmp_path):
 
 def test_sigkill_and_resume_is_exact_with_dropout(tmp_path):
     """`RESUMABLE_RUN` of test_trainer on a Llama with attention_dropout 0.3: killed after step 5
-    (checkpoint-4 saved) and resumed, it ends bit-identical to the straight run."""
+    (checkpoint-4 saved) and resumed, it ends bit-identical to the straight run. Its first loss is not
+    the plain forward's loss on the first window (which it equals without dropout): dropout is on."""
     _, path = make_hf_llama(tmp_path / "model", attention_dropout=0.3)
     script = tmp_path / "run.py"
     script.write_text(RESUMABLE_RUN)
@@ -295,3 +296,8 @@ def test_sigkill_and_resume_is_exact_with_dropout(tmp_path):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     losses = json.loads((straight / "losses.json").read_text())
     assert json.loads((interrupted / "losses.json").read_text()) == losses and len(losses) == 8
+    rng = np.random.default_rng(0)  # the script's rows; the first window: 2 x 2 rows of epoch 0 with seed 7
+    rows = [rng.integers(3, 99, 8) for _ in range(12)]
+    window = np.stack([rows[i] for i in np.random.default_rng([7, 0]).permutation(12)[:4]])
+    plain = msfx.LlamaForCausalLM.from_pretrained(path)(input_ids=window, labels=window).loss
+    assert abs(losses[0][1] - float(plain.asnumpy())) > 1e-3
