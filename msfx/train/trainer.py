@@ -175,8 +175,8 @@ def length_grouped_indices(lengths: Sequence[int], batch_size: int, order: Seque
     longest first, and the longest row of all moved to the front."""
     mult = max(min(len(lengths) // (batch_size * 4), 50), 1)
     size = mult * batch_size
-    megabatches = [sorted(order[i:i + size].tolist(), key=lambda i: lengths[i], reverse=True)
-                   for i in range(0, len(lengths), size)]
+    megabatches = [sorted((int(row) for row in order[start:start + size]), key=lambda row: lengths[row], reverse=True)
+                   for start in range(0, len(lengths), size)]
     longest = int(np.argmax([lengths[m[0]] for m in megabatches]))
     megabatches[0][0], megabatches[longest][0] = megabatches[longest][0], megabatches[0][0]
     return [i for megabatch in megabatches for i in megabatch]
