@@ -9,6 +9,8 @@ passed as `config=`.
 Layout of one layer (post-LayerNorm, as the original BERT):
 `x = LN(x + attention.output.dense(self_attention(x)))`, then
 `x = LN(x + output.dense(act(intermediate.dense(x))))`.
+Dropout (training only, `msfx.layers.dropout`) where HF applies it: on the embeddings, the attention
+probabilities and both dense outputs before their residual.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from transformers import BertConfig
 
 from msfx.layers.attention import arange, attention_bias, padding_bias, scaled_dot_product_attention
 from msfx.layers.basic import activation, check_model_inputs, embedding, host_reads_allowed, linear, tanh
+from msfx.layers.dropout import dropout
 from msfx.layers.norms import layer_norm
 from msfx.params import load_params
 from msfx.params.tree import Params, config_of, unflatten_keys
@@ -145,7 +148,8 @@ def embeddings(params: dict, input_ids: Tensor | None, token_type_ids: Tensor, p
     x = embedding(input_ids, p["word_embeddings"]["weight"]) if inputs_embeds is None else inputs_embeds
     x = x + embedding(token_type_ids, p["token_type_embeddings"]["weight"])
     x = x + embedding(position_ids, p["position_embeddings"]["weight"])
-    return layer_norm(x, p["LayerNorm"]["weight"], p["LayerNorm"]["bias"], config.layer_norm_eps)
+    x = layer_norm(x, p["LayerNorm"]["weight"], p["LayerNorm"]["bias"], config.layer_norm_eps)
+    return dropout(x, config.hidden_dropout_prob)
 
 
 def _dense(x: Tensor, p: dict) -> Tensor:
@@ -161,14 +165,15 @@ def encoder_layer(x: Tensor, p: dict, config, bias: Tensor, batch: int) -> Tenso
     def project(name):
         return _dense(x, a["self"][name]).reshape(batch, s, heads, d).transpose(0, 2, 1, 3)
 
-    ctx = scaled_dot_product_attention(project("query"), project("key"), project("value"), bias, d ** -0.5)
+    ctx = scaled_dot_product_attention(project("query"), project("key"), project("value"), bias, d ** -0.5,
+                                       dropout_rate=config.attention_probs_dropout_prob)
     ctx = ctx.transpose(0, 2, 1, 3).reshape(batch * s, -1)
-    out = a["output"]
-    x = layer_norm(_dense(ctx, out["dense"]) + x, out["LayerNorm"]["weight"], out["LayerNorm"]["bias"],
+    out, rate = a["output"], config.hidden_dropout_prob
+    x = layer_norm(dropout(_dense(ctx, out["dense"]), rate) + x, out["LayerNorm"]["weight"], out["LayerNorm"]["bias"],
                    config.layer_norm_eps)
     h = activation(config.hidden_act)(_dense(x, p["intermediate"]["dense"]))
     out = p["output"]
-    return layer_norm(_dense(h, out["dense"]) + x, out["LayerNorm"]["weight"], out["LayerNorm"]["bias"],
+    return layer_norm(dropout(_dense(h, out["dense"]), rate) + x, out["LayerNorm"]["weight"], out["LayerNorm"]["bias"],
                       config.layer_norm_eps)
 
 

@@ -192,7 +192,8 @@ def encoder_layer(x: Tensor, p: dict, config, bias: Tensor, batch: int) -> Tenso
     def project(name):
         return linear(h, a[name]["weight"], a[name]["bias"]).reshape(batch, s, heads, d).transpose(0, 2, 1, 3)
 
-    ctx = scaled_dot_product_attention(project("q_proj"), project("k_proj"), project("v_proj"), bias, d ** -0.5)
+    ctx = scaled_dot_product_attention(project("q_proj"), project("k_proj"), project("v_proj"), bias, d ** -0.5,
+                                       dropout_rate=config.attention_dropout)
     ctx = ctx.transpose(0, 2, 1, 3).reshape(batch * s, -1)
     x = x + linear(ctx, a["out_proj"]["weight"], a["out_proj"]["bias"])
     m = p["mlp"]

@@ -26,6 +26,7 @@ from msfx.decode.cache import KVCache, write_cache
 from msfx.layers.attention import arange, attention_bias, scaled_dot_product_attention
 from msfx.layers.basic import (activation, check_model_inputs, embedding, host_reads_allowed, lacks_bf16_kernels,
                               linear)
+from msfx.layers.dropout import dropout
 from msfx.layers.norms import layer_norm
 from msfx.params import load_params
 from msfx.params.tree import Params, config_of, unflatten_keys
@@ -130,16 +131,17 @@ def _attention(x, p, config, layer_idx, b, s, bias, layer_cache, cache_position)
         # (HF then rounds the probabilities to v's dtype before `@ v`; here the product stays float32
         # and the output is rounded once. In float32 both paths are the plain attention.)
         out = scaled_dot_product_attention(q.astype(ms.float32), k.astype(ms.float32), v.astype(ms.float32),
-                                           bias, scale).astype(q.dtype)
+                                           bias, scale, dropout_rate=config.attn_pdrop).astype(q.dtype)
     else:
-        out = scaled_dot_product_attention(q, k, v, bias, scale)
+        out = scaled_dot_product_attention(q, k, v, bias, scale, dropout_rate=config.attn_pdrop)
     out = out.transpose(0, 2, 1, 3).reshape(b * s, h)
-    return conv1d(out, p["c_proj"]["weight"], p["c_proj"]["bias"]), (k, v)
+    return dropout(conv1d(out, p["c_proj"]["weight"], p["c_proj"]["bias"]), config.resid_pdrop), (k, v)
 
 
 def block(x: Tensor, p: dict, config, layer_idx: int, batch: int, seq: int, bias: Tensor,
           layer_cache: tuple[Tensor, Tensor] | None = None, cache_position: Tensor | None = None):
-    """One `GPT2Block`: `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`. Returns `(x, (k, v))`.
+    """One `GPT2Block`: `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`. Returns `(x, (k, v))`. In
+    training, dropout on the attention probabilities (`attn_pdrop`) and on both outputs (`resid_pdrop`).
 
     `x` is `[batch * seq, hidden]` (kept 2-D through the stack so each projection is one matmul);
     `bias` the additive attention mask from `attention_bias`; `layer_cache` this layer's
@@ -153,7 +155,7 @@ def block(x: Tensor, p: dict, config, layer_idx: int, batch: int, seq: int, bias
     x = x + h
     y = conv1d(layer_norm(x, ln_2["weight"], ln_2["bias"], eps), mlp["c_fc"]["weight"], mlp["c_fc"]["bias"])
     y = activation(config.activation_function)(y)
-    return x + conv1d(y, mlp["c_proj"]["weight"], mlp["c_proj"]["bias"]), kv
+    return x + dropout(conv1d(y, mlp["c_proj"]["weight"], mlp["c_proj"]["bias"]), config.resid_pdrop), kv
 
 
 def _check_positions(config, seq: int, position_ids, cache_position, check_ids: bool) -> None:
@@ -230,6 +232,7 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
                 raise ValueError(f"token_type_ids must be in [0, vocab_size) = [0, {config.vocab_size}) (HF embeds "
                                  f"them with wte), got {types.min()}..{types.max()}")
         x = x + embedding(token_type_ids, p["wte"]["weight"])
+    x = dropout(x, config.embd_pdrop)  # in training only (see `msfx.layers.dropout`)
     keys = s if cache is None else cache.max_len
     if attention_mask is None:
         attention_mask = ops.ones((b, keys), ms.int32)

@@ -22,6 +22,7 @@ from msfx.decode.cache import KVCache, write_cache, write_ring
 from msfx.layers.attention import arange, attention_bias, ring_attention_bias, scaled_dot_product_attention
 from msfx.layers.basic import (activation, check_model_inputs, embedding, gated_mlp, host_reads_allowed, linear,
                               tanh)
+from msfx.layers.dropout import dropout
 from msfx.layers.moe import sparse_moe
 from msfx.layers.norms import rms_norm
 from msfx.layers.rotary import apply_rotary, rope_cos_sin, rope_frequencies
@@ -82,6 +83,7 @@ class DecoderSpec(NamedTuple):
     top_k: int = 0
     expert_intermediate: int = 0
     normalize_top_k: bool = True
+    resid_pdrop: float = 0.0  # training dropout on the attention and MLP outputs (Phi-3)
 
 
 SPECS: dict[str, Callable[..., DecoderSpec]] = {}
@@ -207,7 +209,7 @@ def _attention(x, p, config, spec, cos, sin, bias, layer_cache, cache_position):
         k, v = write_cache(layer_cache[0], k, cache_position), write_cache(layer_cache[1], v, cache_position)
         new_kv = (k, v)
     scale = d ** -0.5 if spec.attn_scale is None else spec.attn_scale
-    out = scaled_dot_product_attention(q, k, v, bias, scale, spec.attn_softcap)
+    out = scaled_dot_product_attention(q, k, v, bias, scale, spec.attn_softcap, config.attention_dropout)
     out = out.transpose(0, 2, 1, 3).reshape(b * s, -1)
     return linear(out, p["o_proj"]["weight"], p["o_proj"].get("bias")), new_kv
 
@@ -227,7 +229,8 @@ def decoder_layer(x, p, config, cos, sin, bias, layer_cache=None, cache_position
     With `spec.sandwich_norms` (Gemma), the attention and MLP outputs are normed before each
     residual add (`post_attention_layernorm`, `post_feedforward_layernorm`) and the MLP input by
     `pre_feedforward_layernorm`. `x` is `[batch * seq, hidden]`: kept 2-D through the stack so
-    each linear is one matmul.
+    each linear is one matmul. In training, dropout on the attention probabilities
+    (`config.attention_dropout`) and, with `spec.resid_pdrop`, on both outputs (Phi-3).
     """
     spec = spec or spec_of(config)
 
@@ -241,9 +244,9 @@ def decoder_layer(x, p, config, cos, sin, bias, layer_cache=None, cache_position
         x = x + norm(h, "post_attention_layernorm")
         h, router_logits = _mlp(norm(x, "pre_feedforward_layernorm"), p, spec, act)
         return x + norm(h, "post_feedforward_layernorm"), kv, router_logits
-    x = x + h
+    x = x + dropout(h, spec.resid_pdrop)
     h, router_logits = _mlp(norm(x, "post_attention_layernorm"), p, spec, act)
-    return x + h, kv, router_logits
+    return x + dropout(h, spec.resid_pdrop), kv, router_logits
 
 
 def _cache_slots(cache: KVCache, windows: tuple, attention_mask: Tensor | None) -> int:

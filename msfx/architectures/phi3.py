@@ -28,7 +28,8 @@ def cache_refill_length(config) -> int:
 
 
 def spec(config) -> llama.DecoderSpec:
-    return llama.DecoderSpec(fused_projections=True, sliding_windows=llama.sliding_windows(config))
+    return llama.DecoderSpec(fused_projections=True, sliding_windows=llama.sliding_windows(config),
+                             resid_pdrop=config.resid_pdrop)
 
 
 llama.SPECS[MODEL_TYPE] = spec

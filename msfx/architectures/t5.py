@@ -31,6 +31,7 @@ from msfx.decode.generate import CACHE_BUCKET
 from msfx.decode.step import call_in_fresh_thread, cheap_tensor_repr
 from msfx.layers.attention import arange, attention_bias, padding_bias, scaled_dot_product_attention
 from msfx.layers.basic import activation, check_model_inputs, check_token_ids, embedding, linear
+from msfx.layers.dropout import dropout
 from msfx.layers.norms import rms_norm
 from msfx.params import load_params, resolve_model_dir
 from msfx.params.safetensors_io import checkpoint_files, read_shapes
@@ -231,7 +232,8 @@ def attention(x: Tensor, p: dict, bias: Tensor, batch: int, config, kv: tuple[Te
     """`T5Attention` without score scaling. `x` `[batch * seq, d_model]`; `bias` the position bias plus
     mask (see `position_bias`, `attention_bias`). Keys and values come from `kv` (cross-attention over
     the encoder, computed once) or from `x`, written into `layer_cache` at `cache_position` when given.
-    Returns the output `[batch * seq, d_model]` and the `(keys, values)` attended to."""
+    Returns the output `[batch * seq, d_model]` (with the residual dropout of HF's `T5LayerSelfAttention`
+    in training) and the `(keys, values)` attended to."""
     q = _heads(linear(x, p["q"]["weight"]), batch, config)
     if kv is None:
         k, v = key_values(x, p, batch, config)
@@ -240,26 +242,30 @@ def attention(x: Tensor, p: dict, bias: Tensor, batch: int, config, kv: tuple[Te
             v = write_cache(layer_cache[1], v, cache_position)
     else:
         k, v = kv
-    out = scaled_dot_product_attention(q, k, v, bias, 1.0)
+    out = scaled_dot_product_attention(q, k, v, bias, 1.0, dropout_rate=config.dropout_rate)
     out = out.transpose(0, 2, 1, 3).reshape(x.shape[0], -1)
-    return linear(out, p["o"]["weight"]), (k, v)
+    return dropout(linear(out, p["o"]["weight"]), config.dropout_rate), (k, v)
 
 
 def feed_forward(x: Tensor, p: dict, config) -> Tensor:
     """`T5DenseActDense` (`wo(act(wi(x)))`) or, with `wi_0` / `wi_1`, `T5DenseGatedActDense`
     (`wo(act(wi_0(x)) * wi_1(x))`); `act` is `config.dense_act_fn` ("gated-gelu" -> gelu_new). The input of
-    `wo` takes its dtype: a float32 `wo` (`KEEP_IN_FP32_MODULES`) gives a float32 output, as HF."""
+    `wo` takes its dtype: a float32 `wo` (`KEEP_IN_FP32_MODULES`) gives a float32 output, as HF. In
+    training, dropout before `wo` and on the output (HF's `T5LayerFF` residual dropout)."""
     act = activation(config.dense_act_fn)
     if "wi_0" in p:
         h = act(linear(x, p["wi_0"]["weight"])) * linear(x, p["wi_1"]["weight"])
     else:
         h = act(linear(x, p["wi"]["weight"]))
     wo = p["wo"]["weight"]
-    return linear(h if h.dtype == wo.dtype else h.astype(wo.dtype), wo)  # HF casts to `wo`'s dtype (float32 kept)
+    h = dropout(h, config.dropout_rate)
+    h = h if h.dtype == wo.dtype else h.astype(wo.dtype)  # HF casts to `wo`'s dtype (float32 kept)
+    return dropout(linear(h, wo), config.dropout_rate)
 
 
-def _embed(params: dict, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
-    return embedding(input_ids, params["shared"]["weight"]) if inputs_embeds is None else inputs_embeds
+def _embed(params: dict, input_ids: Tensor | None, inputs_embeds: Tensor | None, config) -> Tensor:
+    x = embedding(input_ids, params["shared"]["weight"]) if inputs_embeds is None else inputs_embeds
+    return dropout(x, config.dropout_rate)
 
 
 def encoder_forward(params: dict, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, *,
@@ -278,7 +284,7 @@ def encoder_forward(params: dict, input_ids: Tensor | None = None, attention_mas
     """
     config = config or config_of(params)
     b, s = check_model_inputs(config, input_ids, inputs_embeds, attention_mask, check_ids=check_ids)
-    x = _embed(params, input_ids, inputs_embeds)
+    x = _embed(params, input_ids, inputs_embeds, config)
     if attention_mask is None:
         attention_mask = ops.ones((b, s), ms.int32)
     blocks = params["encoder"]["block"]
@@ -289,7 +295,7 @@ def encoder_forward(params: dict, input_ids: Tensor | None = None, attention_mas
         sa, ff = block["layer"]
         x = _residual(x, attention(_norm(x, sa["layer_norm"], config), sa["SelfAttention"], bias, b, config)[0])
         x = _residual(x, feed_forward(_norm(x, ff["layer_norm"], config), ff["DenseReluDense"], config))
-    x = _norm(x, params["encoder"]["final_layer_norm"], config)
+    x = dropout(_norm(x, params["encoder"]["final_layer_norm"], config), config.dropout_rate)
     return T5StackOutput(x.reshape(b, s, -1))
 
 
@@ -331,7 +337,7 @@ def decoder_forward(params: dict, input_ids: Tensor | None, encoder_hidden_state
         if encoder_hidden_states is None:
             raise ValueError("the T5 decoder needs encoder_hidden_states (or a cross_cache)")
         cross_cache = cross_attention_cache(params, encoder_hidden_states, config)
-    x = _embed(params, input_ids, inputs_embeds)
+    x = _embed(params, input_ids, inputs_embeds, config)
     keys = keys or s
     if attention_mask is None:
         attention_mask = ops.ones((b, keys), ms.int32)
@@ -367,7 +373,7 @@ def _decoder_blocks(params: dict, x: Tensor, batch: int, self_bias: Tensor, cros
                          kv=(cross_cache.keys[i], cross_cache.values[i]))
         x = _residual(x, h)
         x = _residual(x, feed_forward(_norm(x, ff["layer_norm"], config), ff["DenseReluDense"], config))
-    x = _norm(x, params["decoder"]["final_layer_norm"], config)
+    x = dropout(_norm(x, params["decoder"]["final_layer_norm"], config), config.dropout_rate)
     return x, None if cache is None else KVCache(tuple(new_keys), tuple(new_values))
 
 

@@ -10,6 +10,7 @@ import numpy as np
 from mindspore import Tensor, ops
 
 from msfx.layers.basic import lacks_bf16_kernels, tanh
+from msfx.layers.dropout import dropout
 
 _BMM_T = ops.BatchMatMul(transpose_b=True)
 _BMM = ops.BatchMatMul()
@@ -76,7 +77,7 @@ def padding_bias(key_mask: Tensor) -> Tensor:
 
 
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float,
-                                 softcap: float | None = None) -> Tensor:
+                                 softcap: float | None = None, dropout_rate: float = 0.0) -> Tensor:
     """softmax(q k^T * scale + bias) v with grouped-query heads (Ainslie et al. 2023).
 
     Args:
@@ -88,6 +89,8 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, 
         scale: usually `head_dim ** -0.5`.
         softcap: if set, scores become `softcap * tanh(scores / softcap)` before the mask
             (Gemma 2's `attn_logit_softcapping`).
+        dropout_rate: dropout on the probabilities in training (`msfx.layers.dropout`; HF's
+            `attention_dropout` / `attention_probs_dropout_prob` / `attn_pdrop`).
 
     Returns:
         `[batch, heads, seq, head_dim]` in q's dtype.
@@ -104,6 +107,7 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, 
     probs = ops.softmax(scores.reshape(b, kv_heads, groups, s, keys) + bias, -1)
     if q.dtype != ms.float32:
         probs = probs.astype(q.dtype)
+    probs = dropout(probs, dropout_rate)
     return _bmm(_BMM, probs.reshape(b, kv_heads, groups * s, keys), v).reshape(b, h, s, d)
 
 

@@ -1,13 +1,14 @@
 """HF-named BERT classes: `BertModel`, `BertForMaskedLM`, `BertForSequenceClassification`.
 
 Each forwards to `msfx.architectures.bert`; see `transformers.models.bert.modeling_bert` for the
-behaviour they reproduce (inference: dropout is never applied).
+behaviour they reproduce (dropout only in training: `msfx.layers.dropout`).
 """
 from __future__ import annotations
 
 
 from msfx.architectures import bert
 from msfx.layers.basic import linear
+from msfx.layers.dropout import dropout
 from msfx.modeling import (BaseModelOutputWithPooling, MaskedLMOutput, PreTrainedModel, SequenceClassifierOutput,
                            as_tensor, masked_cross_entropy, sequence_classification_loss)
 
@@ -79,8 +80,9 @@ class BertForSequenceClassification(_BertBase):
                   inputs_embeds=None, labels=None, output_hidden_states=None, return_dict=True):
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
                            output_hidden_states)
-        head = self.params["classifier"]
-        logits = linear(out.pooler_output, head["weight"], head["bias"])
+        head, rate = self.params["classifier"], self.config.classifier_dropout
+        pooled = dropout(out.pooler_output, self.config.hidden_dropout_prob if rate is None else rate)
+        logits = linear(pooled, head["weight"], head["bias"])
         loss = None if labels is None else sequence_classification_loss(logits, as_tensor(labels, None), self.config)
         out = SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
         return out if return_dict else out.to_tuple()

@@ -2,7 +2,7 @@
 `CLIPVisionModel`, `CLIPVisionModelWithProjection`.
 
 Each forwards to `msfx.architectures.clip`; see `transformers.models.clip.modeling_clip`
-(transformers 5.24) for the behaviour they reproduce (inference: dropout is never applied).
+(transformers 5.24) for the behaviour they reproduce (dropout only in training: `msfx.layers.dropout`).
 Token ids come from `CLIPTokenizer`, pixel values `[batch, 3, H, W]` float32 from
 `CLIPImageProcessor(..., return_tensors="np")`; arrays, lists and Tensors are accepted.
 

@@ -1,7 +1,7 @@
 """HF-named T5 classes: `T5Model`, `T5EncoderModel`, `T5ForConditionalGeneration`.
 
 Each forwards to `msfx.architectures.t5`; see `transformers.models.t5.modeling_t5` for the behaviour
-they reproduce (inference: dropout is never applied). Hidden states and attentions are not returned.
+they reproduce (dropout only in training: `msfx.layers.dropout`). Hidden states and attentions are not returned.
 """
 from __future__ import annotations
 

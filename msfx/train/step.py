@@ -28,9 +28,14 @@ the loss graph casts them to the compute dtype, so gradients arrive in float32. 
 backend, which has no bfloat16 kernels (2.10), `bf16` rounds the weights to bfloat16 and computes in
 float32. `fp16` scales the loss dynamically (`LossScaler`, torch's `GradScaler` defaults) and skips
 the update of a step whose gradients overflow.
+
+Dropout (`dropout_seed`): the loss graph takes one more input, a 0-d int32 key per micro-batch drawn
+from the seed and the step (`msfx.layers.dropout.step_key`), so the masks change every step without
+a new trace and a resumed run draws the same ones.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass
 from types import ModuleType
@@ -42,6 +47,7 @@ from mindspore import Parameter, Tensor, ops
 
 from msfx.decode.step import cheap_tensor_repr, call_in_fresh_thread
 from msfx.layers.basic import check_token_ids, no_host_reads
+from msfx.layers.dropout import dropout_rng, step_key
 from msfx.params.tree import unflatten
 from msfx.train.losses import IGNORE_INDEX, causal_lm_loss_fn
 from msfx.train.optim import AdamW, SGD, clip_by_global_norm, decay_mask
@@ -147,6 +153,8 @@ class TrainStep:
         accumulate: micro-batches a single batch mapping is split into (HF's `gradient_accumulation_steps`).
         jit: compile with `mindspore.jit` (False runs eagerly, for debugging).
         mixed_precision: None, "bf16" or "fp16" (see the module docstring).
+        dropout_seed: train with the models' dropout (`msfx.layers.dropout`), each micro-batch's masks
+            drawn from this seed and the call's `dropout_step`; None: no dropout.
 
     `traces` counts how often each graph was traced (`{"loss": ..., "update": ...}`; the Python bodies
     run only while tracing, or on every call with `jit=False`); `compiles` is the number of loss
@@ -159,7 +167,7 @@ class TrainStep:
     def __init__(self, loss_fn: LossFn, keys: Sequence[str], optimizer: AdamW | SGD, *,
                  count_items: Callable[[dict], float] | None = None, check_batch: Callable[[dict], None] | None = None,
                  max_grad_norm: float | None = 1.0, accumulate: int = 1, jit: bool = True,
-                 mixed_precision: str | None = None):
+                 mixed_precision: str | None = None, dropout_seed: int | None = None):
         if accumulate < 1:
             raise ValueError(f"accumulate must be >= 1, got {accumulate}")
         if mixed_precision not in MIXED_PRECISION:
@@ -169,6 +177,7 @@ class TrainStep:
         self.check_batch, self.max_grad_norm = check_batch, max_grad_norm
         self.accumulate, self.jit, self.mixed_precision = accumulate, jit, mixed_precision
         self.scaler = LossScaler() if mixed_precision == "fp16" else None
+        self.dropout_seed = dropout_seed
         self.decay = decay_mask(self.keys)
         self.traces = {"loss": 0, "update": 0}
         self._cast = _compute_cast(mixed_precision)
@@ -189,13 +198,14 @@ class TrainStep:
     def _grad_fn(self, names: tuple[str, ...]) -> Callable:
         """`value_and_grad` of the loss graph for micro-batches with these tensor names."""
         if names not in self._grads:
-            n = len(self.keys)
+            n, k = len(self.keys), 3 if self.dropout_seed is not None else 2
 
             def leaf_loss(*args):
-                """`(*param_leaves, num_items, loss_scale, *batch tensors in `names` order)` -> scaled loss."""
+                """`(*param_leaves, num_items, loss_scale[, dropout key], *batch tensors in `names` order)`
+                -> scaled loss."""
                 self.traces["loss"] += 1
-                leaves, (num_items, scale), tensors = args[:n], args[n:n + 2], args[n + 2:]
-                with no_host_reads():
+                leaves, (num_items, scale, *key), tensors = args[:n], args[n:n + k], args[n + k:]
+                with no_host_reads(), dropout_rng(key[0]) if key else contextlib.nullcontext():
                     tree = unflatten([self._cast(leaf) for leaf in leaves], self.keys)
                     loss = self.loss_fn(tree, dict(zip(names, tensors)), num_items)
                 return loss.astype(ms.float32) * scale
@@ -257,7 +267,8 @@ class TrainStep:
         return parts
 
     def __call__(self, param_leaves: Sequence[Tensor], opt_state_leaves: Sequence[Tensor],
-                 batch: Batch | Sequence[Batch], lr: Tensor | float, step: Tensor | float) -> StepResult:
+                 batch: Batch | Sequence[Batch], lr: Tensor | float, step: Tensor | float,
+                 dropout_step: int | None = None) -> StepResult:
         """One update.
 
         Args:
@@ -268,6 +279,8 @@ class TrainStep:
                 sequence lengths may differ).
             lr: 0-d float32 learning rate (`learning_rate * schedule(update_count)`).
             step: 0-d number of this update, 1 for the first (torch's `state["step"]`).
+            dropout_step: picks the dropout masks with `dropout_seed` (default `step`): micro-batch `i`
+                of a window of `k` draws from `dropout_step * k + i`.
 
         Raises:
             KeyError, ValueError, TypeError: a bad batch (see `check_batch`), rows not a multiple of
@@ -288,10 +301,14 @@ class TrainStep:
         grad_fn = self._grad_fn(names)
         run = runner(self.jit)
         loss, grads = None, []
+        if dropout_step is None:
+            dropout_step = int(step.asnumpy() if isinstance(step, Tensor) else step)
+        draw = dropout_step * len(parts)
         with cheap_tensor_repr():
-            for part in parts:
+            for i, part in enumerate(parts):
                 tensors = [batch_tensor(part[name]) for name in names]
-                part_loss, part_grads = run(grad_fn, *param_leaves, num_items, _as_f32(scale), *tensors)
+                key = [] if self.dropout_seed is None else [step_key(self.dropout_seed, draw + i)]
+                part_loss, part_grads = run(grad_fn, *param_leaves, num_items, _as_f32(scale), *key, *tensors)
                 loss = part_loss if loss is None else loss + part_loss
                 grads.extend(part_grads)
             out = run(self._update_fn(len(parts)), _as_f32(lr), _as_f32(step), _as_f32(1.0 / scale),
@@ -328,14 +345,14 @@ def check_causal_lm_batch(vocab_size: int) -> Callable[[Mapping[str, np.ndarray]
 
 def make_train_step(arch: ModuleType, config, optimizer: AdamW | SGD, keys: Sequence[str], *,
                     max_grad_norm: float | None = 1.0, accumulate: int = 1, jit: bool = True,
-                    mixed_precision: str | None = None) -> TrainStep:
+                    mixed_precision: str | None = None, dropout_seed: int | None = None) -> TrainStep:
     """A causal-LM train step for the Llama-like architecture module `arch` (`msfx.architectures.llama`
     and the families sharing its `forward`): HF's shifted cross-entropy normalized by the window's
     valid-token count.
 
     Args:
         config: the model's HF config.
-        optimizer, keys, max_grad_norm, accumulate, jit, mixed_precision: see `TrainStep`.
+        optimizer, keys, max_grad_norm, accumulate, jit, mixed_precision, dropout_seed: see `TrainStep`.
 
     Returns a `TrainStep`: `step(param_leaves, opt_state_leaves, batch, lr, step) -> StepResult`;
     the batch holds `input_ids` and `labels` `[batch, seq]` int (-100: ignored) and optionally
@@ -346,4 +363,4 @@ def make_train_step(arch: ModuleType, config, optimizer: AdamW | SGD, keys: Sequ
     """
     return TrainStep(causal_lm_loss_fn(arch, config), keys, optimizer, count_items=causal_lm_items,
                      check_batch=check_causal_lm_batch(config.vocab_size), max_grad_norm=max_grad_norm,
-                     accumulate=accumulate, jit=jit, mixed_precision=mixed_precision)
+                     accumulate=accumulate, jit=jit, mixed_precision=mixed_precision, dropout_seed=dropout_seed)

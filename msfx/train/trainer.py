@@ -16,16 +16,19 @@ What differs from HF, on purpose:
   `msfx.train.step`);
 - checkpoints hold safetensors / JSON instead of torch pickles, are written atomically
   (`msfx.train.checkpoint`), and resuming continues bit for bit: the data order of every epoch is a
-  function of `seed` and the epoch, and the RNG states are restored.
+  function of `seed` and the epoch, the dropout masks of `seed` and the step (`msfx.layers.dropout`:
+  the same rates at the same places as HF, other draws), and the RNG states are restored.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -53,6 +56,21 @@ from msfx.train.schedules import get_schedule, warmup_steps_for
 from msfx.train.step import TrainStep, batch_tensor, causal_lm_items, runner
 
 TRAINER_STATE_NAME = "trainer_state.json"
+SAMPLING_STRATEGIES = ("random", "sequential", "group_by_length")
+# The `TrainingArguments` msfx's Trainer honours (read here, in `DefaultFlowCallback` / `TrainerState`, or by the
+# reporting callbacks `report_to` names); any other set to a non-default value is named in a warning.
+HONOURED = frozenset({
+    "output_dir", "per_device_train_batch_size", "per_device_eval_batch_size", "num_train_epochs", "max_steps",
+    "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio", "optim",
+    "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "gradient_accumulation_steps", "max_grad_norm",
+    "bf16", "fp16", "logging_strategy", "logging_steps", "logging_first_step", "logging_nan_inf_filter",
+    "disable_tqdm", "report_to", "run_name", "project", "trackio_space_id", "trackio_bucket_id",
+    "trackio_static_space_id", "eval_strategy", "eval_steps", "eval_delay", "save_strategy", "save_steps",
+    "save_total_limit", "load_best_model_at_end", "metric_for_best_model", "greater_is_better", "seed",
+    "data_seed", "use_cpu", "dataloader_drop_last", "remove_unused_columns", "train_sampling_strategy",
+    "length_column_name", "jit",
+    "do_train", "do_eval", "do_predict", "resume_from_checkpoint",  # for scripts: HF's Trainer ignores them too
+})
 _LABEL_COLUMNS = ("label", "label_ids", "labels")
 
 
@@ -119,6 +137,51 @@ def _pad_concat(arrays: list[np.ndarray], pad: int = IGNORE_INDEX) -> np.ndarray
     return out
 
 
+def not_honoured(args: TrainingArguments) -> list[str]:
+    """The arguments set to a non-default value that msfx's Trainer ignores (not in `HONOURED`)."""
+    reference = type(args)(output_dir=args.output_dir, use_cpu=args.use_cpu)
+    names = [f.name for f in dataclasses.fields(args) if f.init and f.name not in HONOURED
+             and getattr(args, f.name) != getattr(reference, f.name)]
+    if str(getattr(args.logging_strategy, "value", args.logging_strategy)) == "epoch":
+        names.append("logging_strategy='epoch'")  # HF logs the epoch's mean loss: msfx logs none
+    return names
+
+
+def _check_arguments(args: TrainingArguments) -> None:
+    """Refuses a `train_sampling_strategy` msfx lacks; warns once, naming them, about arguments it ignores.
+
+    Raises:
+        ValueError: `train_sampling_strategy` not in `SAMPLING_STRATEGIES`.
+    """
+    if args.train_sampling_strategy not in SAMPLING_STRATEGIES:
+        raise ValueError(f"train_sampling_strategy={args.train_sampling_strategy!r} is not supported by msfx.Trainer: "
+                         f"use one of {SAMPLING_STRATEGIES}")
+    ignored = not_honoured(args)
+    if ignored:
+        warnings.warn(f"msfx.Trainer ignores these TrainingArguments: {', '.join(ignored)}", stacklevel=3)
+
+
+def _warn_ignored(**given) -> None:
+    """Warns, naming them, about the arguments given that msfx ignores (the predictions are always the
+    logits, so `ignore_keys` has nothing to drop; no hyperparameter search)."""
+    names = [name for name, value in given.items() if value]
+    if names:
+        warnings.warn(f"msfx.Trainer ignores the argument(s) {', '.join(names)}", stacklevel=3)
+
+
+def length_grouped_indices(lengths: Sequence[int], batch_size: int, order: Sequence[int]) -> list[int]:
+    """HF's `get_length_grouped_indices` over a given random `order` (HF draws it with `torch.randperm`):
+    mega-batches of `min(len // (4 * batch_size), 50)` (at least 1) batches, each sorted by length,
+    longest first, and the longest row of all moved to the front."""
+    mult = max(min(len(lengths) // (batch_size * 4), 50), 1)
+    size = mult * batch_size
+    megabatches = [sorted((int(row) for row in order[start:start + size]), key=lambda row: lengths[row], reverse=True)
+                   for start in range(0, len(lengths), size)]
+    longest = int(np.argmax([lengths[m[0]] for m in megabatches]))
+    megabatches[0][0], megabatches[longest][0] = megabatches[longest][0], megabatches[0][0]
+    return [i for megabatch in megabatches for i in megabatch]
+
+
 class Trainer:
     """`transformers.Trainer` for msfx models (see the module docstring for what differs).
 
@@ -158,6 +221,7 @@ class Trainer:
             data_collator = DataCollatorWithPadding(processing_class, return_tensors="np") \
                 if hasattr(processing_class, "pad") else (lambda rows: default_data_collator(rows, return_tensors="np"))
         self.data_collator = data_collator
+        _check_arguments(self.args)
         if self.args.eval_strategy != IntervalStrategy.NO and eval_dataset is None:
             raise ValueError(f"eval_strategy={self.args.eval_strategy.value!r} needs an eval_dataset")
         self.optimizer = self._optimizer()
@@ -276,10 +340,37 @@ class Trainer:
         if bad.size:
             raise ValueError(f"label {bad[0]} is out of range: labels must be -100 (ignored) or in [0, {classes})")
 
-    def _epoch_order(self, epoch: int, size: int) -> np.ndarray:
-        """The row order of an epoch: a function of the seed and the epoch alone (resumable)."""
+    def _epoch_order(self, epoch: int, size: int, lengths: Sequence[int] | None) -> np.ndarray:
+        """The row order of an epoch by `train_sampling_strategy` (HF's `_get_train_sampler`): a
+        function of the seed and the epoch alone (resumable). `lengths`: each row's length, for
+        "group_by_length"."""
+        if self.args.train_sampling_strategy == "sequential":
+            return np.arange(size)
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        return np.random.default_rng([seed, epoch]).permutation(size)
+        order = np.random.default_rng([seed, epoch]).permutation(size)
+        if self.args.train_sampling_strategy == "group_by_length":
+            window = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+            return np.asarray(length_grouped_indices(lengths, window, order))
+        return order
+
+    def _row_lengths(self, dataset) -> list[int] | None:
+        """Row lengths for "group_by_length", as HF's `LengthGroupedSampler`: the `length_column_name`
+        column of a `datasets.Dataset`, else the length of each row's first model input.
+
+        Raises:
+            ValueError: the rows lack that input.
+        """
+        if self.args.train_sampling_strategy != "group_by_length":
+            return None
+        column = self.args.length_column_name
+        if column in (getattr(dataset, "column_names", None) or ()):
+            return [int(n) for n in dataset[column]]
+        names = getattr(self.processing_class, "model_input_names", None)
+        name = names[0] if names else "input_ids"
+        if not isinstance(dataset[0], Mapping) or name not in dataset[0]:
+            raise ValueError("Can only automatically infer lengths for datasets whose items are dictionaries with an "
+                             f"'{name}' key.")
+        return [len(row[name]) for row in dataset]
 
     # ---------------------------------------------------------------------------------- losses
 
@@ -294,9 +385,11 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- training
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs) -> TrainOutput:
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None,
+              ignore_keys_for_eval: list[str] | None = None) -> TrainOutput:
         """Train on `train_dataset`; `resume_from_checkpoint` True resumes from the newest complete
-        checkpoint in `output_dir`, a path from that checkpoint.
+        checkpoint in `output_dir`, a path from that checkpoint. `trial` (hyperparameter search) and
+        `ignore_keys_for_eval` are HF's arguments msfx ignores, with a warning.
 
         Returns HF's `TrainOutput(global_step, training_loss, metrics)`.
 
@@ -305,6 +398,7 @@ class Trainer:
                 checkpoint, a bad batch (see `_check_batch`).
             CorruptCheckpointError: the checkpoint to resume from is incomplete or damaged (named).
         """
+        _warn_ignored(trial=trial, ignore_keys_for_eval=ignore_keys_for_eval)
         args = self.args
         dataset = self.train_dataset
         if dataset is None or len(dataset) == 0:
@@ -333,7 +427,8 @@ class Trainer:
         self.state.max_steps, self.state.num_train_epochs, self.state.train_batch_size = max_steps, epochs, batch_size
         self._step = TrainStep(self._loss_fn, self._keys, self.optimizer, count_items=self._count_items,
                                max_grad_norm=args.max_grad_norm, jit=args.jit,
-                               mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else None)
+                               mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else None,
+                               dropout_seed=args.seed)
         self._opt_state = self.optimizer.init(self._leaves)
         self._optimizer_steps = 0
         if resume_from_checkpoint:
@@ -343,8 +438,9 @@ class Trainer:
         start, total_loss, logged_loss, last_logged = time.time(), 0.0, 0.0, self.state.global_step
         steps_at_start = self.state.global_step
         grad_norm = None
+        lengths = self._row_lengths(dataset)
         for epoch in range(epochs_done, epochs):
-            order = self._epoch_order(epoch, len(dataset))
+            order = self._epoch_order(epoch, len(dataset), lengths)
             batches = [order[i * batch_size:(i + 1) * batch_size] for i in range(batches_per_epoch)]
             windows = [batches[i:i + gas] for i in range(0, len(batches), gas)]
             self.control = self.callback_handler.on_epoch_begin(args, self.state, self.control)
@@ -355,7 +451,9 @@ class Trainer:
                 micro = [self._batch(dataset, indices, training=True) for indices in window]
                 lr = args.learning_rate * schedule(self._optimizer_steps)
                 self.control = self.callback_handler.on_pre_optimizer_step(args, self.state, self.control)
-                result = self._step(self._leaves, self._opt_state, micro, lr, self._optimizer_steps + 1)
+                # the dropout masks follow the seed and the step count, both restored on resume
+                result = self._step(self._leaves, self._opt_state, micro, lr, self._optimizer_steps + 1,
+                                    dropout_step=self.state.global_step + 1)
                 self.control = self.callback_handler.on_optimizer_step(args, self.state, self.control)
                 if result.applied:
                     self._leaves, self._opt_state = result.params, result.opt_state
@@ -384,11 +482,14 @@ class Trainer:
             self._leaves = self._checkpoint_leaves(Path(self.state.best_model_checkpoint))
         self._sync_model()
         steps = self.state.global_step - steps_at_start
-        metrics = speed_metrics("train", start, num_samples=steps * batch_size * gas, num_steps=steps)
+        # HF's count: the schedule's samples (rows x epochs, or max_steps full windows), pro rata of the steps run
+        samples = max_steps * batch_size * gas if args.max_steps > 0 else rows * args.num_train_epochs
+        metrics = speed_metrics("train", start, num_samples=samples * steps / max(max_steps, 1), num_steps=steps)
+        metrics["total_flos"] = self.state.total_flos
         metrics["train_loss"] = total_loss / max(steps, 1)
         if self._step.scaler is not None:
             metrics["train_skipped_steps"] = self._step.scaler.skipped_steps
-        self.log(dict(metrics))
+        self.log(metrics)  # adds `epoch`, which HF's returned metrics hold too
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
         return TrainOutput(self.state.global_step, metrics["train_loss"], metrics)
 
@@ -567,11 +668,12 @@ class Trainer:
         Raises:
             ValueError: no evaluation dataset, or an empty one.
         """
+        _warn_ignored(ignore_keys=ignore_keys)
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         if isinstance(dataset, Mapping):
             metrics = {}
             for name, part in dataset.items():
-                metrics.update(self.evaluate(part, ignore_keys, f"{metric_key_prefix}_{name}"))
+                metrics.update(self.evaluate(part, None, f"{metric_key_prefix}_{name}"))
             return metrics
         metrics = self._prediction_loop(dataset, metric_key_prefix).metrics
         self.log(dict(metrics))
@@ -582,6 +684,7 @@ class Trainer:
                 metric_key_prefix: str = "test") -> PredictionOutput:
         """HF's `PredictionOutput(predictions, label_ids, metrics)` over `test_dataset`: the logits
         (padded with -100 across batches of different lengths) and, with labels, the metrics."""
+        _warn_ignored(ignore_keys=ignore_keys)
         output = self._prediction_loop(test_dataset, metric_key_prefix)
         self.control = self.callback_handler.on_predict(self.args, self.state, self.control, metrics=output.metrics)
         return output
