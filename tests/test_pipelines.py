@@ -1,0 +1,111 @@
+"""`msfx.pipeline` against `transformers.pipeline` (PyTorch) on the same tiny random checkpoints.
+
+Each task runs both pipelines on the same inputs and arguments and compares the outputs: the same
+dicts and strings, scores within 1e-4.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import make_hf_llama
+from test_generate_outputs import tiny_tokenizer
+from test_gpt2 import make_hf_gpt2
+
+import msfx
+from msfx import GPT2LMHeadModel, LlamaForCausalLM
+
+TOL = 1e-4
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}w7 w8{% endif %}")
+
+
+def assert_same(ours, theirs, path: str = "output") -> None:
+    """Equal structure, strings and ints; floats (scores) within TOL."""
+    if isinstance(theirs, dict):
+        assert isinstance(ours, dict) and ours.keys() == theirs.keys(), path
+        for key in theirs:
+            assert_same(ours[key], theirs[key], f"{path}[{key!r}]")
+    elif isinstance(theirs, (list, tuple)):
+        assert isinstance(ours, (list, tuple)) and len(ours) == len(theirs), path
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            assert_same(a, b, f"{path}[{i}]")
+    elif isinstance(theirs, float):
+        assert isinstance(ours, float) and abs(ours - theirs) <= TOL, f"{path}: {ours} vs {theirs}"
+    elif isinstance(theirs, (np.ndarray, torch.Tensor)):
+        theirs = theirs.detach().numpy() if isinstance(theirs, torch.Tensor) else theirs
+        np.testing.assert_allclose(np.asarray(ours), theirs, atol=TOL, rtol=0, err_msg=path)
+    else:
+        assert type(ours) is type(theirs) and ours == theirs, f"{path}: {ours!r} vs {theirs!r}"
+
+
+def chat_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    tokenizer = tiny_tokenizer()
+    tokenizer.padding_side = "right"  # the pipelines switch it to left, as HF's does
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+# ---------------------------------------------------------------- text-generation
+
+@pytest.fixture(scope="module")
+def causal_lms(tmp_path_factory):
+    """{name: (torch model, checkpoint dir with the tokenizer)} for a tiny Llama and a tiny GPT-2."""
+    built = {"llama": make_hf_llama(tmp_path_factory.mktemp("llama")),
+             "gpt2": make_hf_gpt2(tmp_path_factory.mktemp("gpt2"))}
+    for _, path in built.values():
+        chat_tokenizer().save_pretrained(path)
+    return built
+
+
+PROMPTS = ["w5 w9 w13", "w40 w2 w17 w80 w33 w61", "w3"]
+CHAT = [{"role": "user", "content": "w10 w11 w12"}]
+GENERATION_CASES = {
+    "string": ("w5 w9 w13", dict(max_new_tokens=6)),
+    "strings_batched_new_text": (PROMPTS, dict(max_new_tokens=5, batch_size=2, return_full_text=False)),
+    "strings_one_by_one_tensors": (PROMPTS[:2], dict(max_new_tokens=4, return_tensors=True)),
+    "beams_two_sequences": ("w20 w21", dict(max_new_tokens=4, num_beams=3, num_return_sequences=2)),
+    "repetition_penalty_max_length": ("w30 w31 w32", dict(max_length=12, repetition_penalty=1.3)),
+    "chat": (CHAT, dict(max_new_tokens=5)),
+    "chats_batched": ([CHAT, CHAT + [{"role": "assistant", "content": "w50"}]], dict(max_new_tokens=3, batch_size=2)),
+    "chat_prefill_new_text": (CHAT + [{"role": "assistant", "content": "w50 w51"}],
+                              dict(max_new_tokens=3, return_full_text=False)),
+}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("case", list(GENERATION_CASES))
+def test_text_generation_matches_hf(causal_lms, family, case):
+    torch_model, path = causal_lms[family]
+    inputs, kwargs = GENERATION_CASES[case]
+    theirs = transformers.pipeline("text-generation", model=torch_model, tokenizer=chat_tokenizer())(
+        inputs, do_sample=False, **kwargs)
+    ours = msfx.pipeline("text-generation", model=str(path))(inputs, do_sample=False, **kwargs)
+    assert_same(ours, theirs)
+
+
+def test_text_generation_takes_a_model_instance_and_construction_kwargs(causal_lms):
+    torch_model, path = causal_lms["llama"]
+    kwargs = dict(max_new_tokens=4, do_sample=False, batch_size=3)
+    theirs = transformers.pipeline("text-generation", model=torch_model, tokenizer=chat_tokenizer(), **kwargs)(PROMPTS)
+    generator = msfx.pipeline("text-generation", model=LlamaForCausalLM.from_pretrained(path),
+                              tokenizer=chat_tokenizer(), **kwargs)
+    assert generator.tokenizer.padding_side == "left"
+    assert_same(generator(PROMPTS), theirs)
+    # a call's kwargs override the construction ones
+    assert len(generator("w5", max_new_tokens=2, return_tensors=True)[0]["generated_token_ids"]) == 1 + 1 + 2
+
+
+def test_pipeline_errors_name_the_fix(causal_lms):
+    _, path = causal_lms["gpt2"]
+    with pytest.raises(ValueError, match="needs model=.*hub id or local directory"):
+        msfx.pipeline("text-generation")
+    with pytest.raises(ValueError, match="Unknown task 'text-to-video'.*text-generation"):
+        msfx.pipeline("text-to-video", model=str(path))
+    with pytest.raises(ValueError, match="needs a task"):
+        msfx.pipeline(model=str(path))
+    with pytest.raises(ValueError, match="needs tokenizer="):
+        msfx.pipeline("text-generation", model=GPT2LMHeadModel.from_pretrained(path))
+    with pytest.raises(ValueError, match="return_full_text"):
+        msfx.pipeline("text-generation", model=str(path))("w3", return_full_text=False, return_text=True)
