@@ -109,3 +109,99 @@ def test_pipeline_errors_name_the_fix(causal_lms):
         msfx.pipeline("text-generation", model=GPT2LMHeadModel.from_pretrained(path))
     with pytest.raises(ValueError, match="return_full_text"):
         msfx.pipeline("text-generation", model=str(path))("w3", return_full_text=False, return_text=True)
+
+
+# ---------------------------------------------------------------- fill-mask, feature-extraction, text-classification
+
+LABELS = {0: "NEGATIVE", 1: "NEUTRAL", 2: "POSITIVE"}
+
+
+def bert_tokenizer() -> transformers.PreTrainedTokenizerBase:
+    """A WordPiece tokenizer over the tiny BERT's 99 ids ([PAD] is id 0, as its config's pad_token_id)."""
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(94)]
+    return transformers.BertTokenizer(vocab={word: i for i, word in enumerate(vocab)})
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory):
+    """{head: (torch model, checkpoint dir with its tokenizer)}: tiny BERTs, and Llama / GPT-2 classifiers."""
+    from test_bert import make_hf_bert
+
+    built = {}
+    for cls in ("BertForMaskedLM", "BertModel", "BertForSequenceClassification"):
+        path = tmp_path_factory.mktemp(cls)
+        built[cls] = make_hf_bert(path, cls, id2label=LABELS)
+        bert_tokenizer().save_pretrained(path)
+    built["llama"] = make_hf_llama(tmp_path_factory.mktemp("llama_cls"), cls_name="LlamaForSequenceClassification",
+                                   id2label=LABELS)
+    built["gpt2"] = make_hf_gpt2(tmp_path_factory.mktemp("gpt2_cls"), "GPT2ForSequenceClassification",
+                                 id2label=LABELS)
+    for name in ("llama", "gpt2"):
+        tiny_tokenizer().save_pretrained(built[name][1])
+    return built
+
+
+def run_both(task: str, torch_model, path, inputs, **kwargs):
+    theirs = transformers.pipeline(task, model=torch_model, tokenizer=transformers.AutoTokenizer.from_pretrained(path))(
+        inputs, **kwargs)
+    ours = msfx.pipeline(task, model=str(path))(inputs, **kwargs)
+    return ours, theirs
+
+
+FILL_MASK_CASES = {
+    "one_mask": ("w5 [MASK] w9 w13", {}),
+    "top_k_2": ("w5 [MASK] w9", dict(top_k=2)),
+    "targets": ("w5 [MASK] w9", dict(targets=["w7", "w8", "w40", "w8"])),
+    "two_masks": ("[MASK] w5 [MASK] w9", dict(top_k=3)),
+    "list_batched": (["w5 [MASK] w9", "w1 w2 w3 w4 [MASK] w6 w7"], dict(batch_size=2)),
+    "list_of_one": (["w5 [MASK] w9"], dict(top_k=2)),
+}
+
+
+@pytest.mark.parametrize("case", list(FILL_MASK_CASES))
+def test_fill_mask_matches_hf(encoders, case):
+    inputs, kwargs = FILL_MASK_CASES[case]
+    assert_same(*run_both("fill-mask", *encoders["BertForMaskedLM"], inputs, **kwargs))
+
+
+def test_fill_mask_without_a_mask_raises(encoders):
+    with pytest.raises(ValueError, match=r"no mask_token \(\[MASK\]\)"):
+        msfx.pipeline("fill-mask", model=str(encoders["BertForMaskedLM"][1]))("w5 w9")
+
+
+@pytest.mark.parametrize("inputs, kwargs", [("w5 w9 w13", {}), (["w5 w9", "w1 w2 w3 w4 w5"], dict(batch_size=2)),
+                                            ("w5 w9 w13 w40", dict(truncation=True))])
+def test_feature_extraction_matches_hf(encoders, inputs, kwargs):
+    ours, theirs = run_both("feature-extraction", *encoders["BertModel"], inputs, **kwargs)
+    assert_same(ours, theirs)  # nested lists of python floats
+    ours = msfx.pipeline("feature-extraction", model=str(encoders["BertModel"][1]))("w5 w9", return_tensors=True)
+    theirs = transformers.pipeline("feature-extraction", model=encoders["BertModel"][0],
+                                   tokenizer=bert_tokenizer())("w5 w9", return_tensors=True)
+    assert tuple(ours.shape) == tuple(theirs.shape) == (1, 4, 64)
+    assert_same(ours.asnumpy(), theirs)
+
+
+CLASSIFICATION_CASES = {
+    "string": ("w5 w9 w13", {}),
+    "top_k_none": ("w5 w9 w13", dict(top_k=None)),
+    "top_k_2_sigmoid": ("w5 w9", dict(top_k=2, function_to_apply="sigmoid")),
+    "none_function": ("w5 w9", dict(function_to_apply="none")),
+    "list_batched": (["w5 w9", "w1 w2 w3 w4 w5 w6", "w8"], dict(batch_size=2)),
+    "list_top_k_1": (["w5 w9", "w8 w11"], dict(top_k=1)),
+}
+
+
+@pytest.mark.parametrize("head", ["BertForSequenceClassification", "llama", "gpt2"])
+@pytest.mark.parametrize("case", list(CLASSIFICATION_CASES))
+def test_text_classification_matches_hf(encoders, head, case):
+    inputs, kwargs = CLASSIFICATION_CASES[case]
+    assert_same(*run_both("text-classification", *encoders[head], inputs, **kwargs))
+
+
+def test_sentiment_analysis_alias_and_text_pairs(encoders):
+    torch_model, path = encoders["BertForSequenceClassification"]
+    pair = {"text": "w5 w9", "text_pair": "w10 w11 w12"}
+    assert_same(*run_both("sentiment-analysis", torch_model, path, pair, top_k=None))
+    assert_same(*run_both("sentiment-analysis", torch_model, path, [pair, pair]))
+    with pytest.raises(ValueError, match="function_to_apply"):
+        msfx.pipeline("sentiment-analysis", model=str(path))("w5", function_to_apply="tanh")

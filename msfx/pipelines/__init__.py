@@ -13,6 +13,9 @@ from msfx.models import auto
 # task -> (pipeline class "module:Class", msfx Auto class loading a checkpoint for it, needs an image processor)
 TASKS: dict[str, tuple[str, str, bool]] = {
     "text-generation": ("text_generation:TextGenerationPipeline", "AutoModelForCausalLM", False),
+    "fill-mask": ("text:FillMaskPipeline", "AutoModelForMaskedLM", False),
+    "feature-extraction": ("text:FeatureExtractionPipeline", "AutoModel", False),
+    "text-classification": ("text:TextClassificationPipeline", "AutoModelForSequenceClassification", False),
 }
 ALIASES = {"sentiment-analysis": "text-classification"}
 
