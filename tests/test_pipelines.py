@@ -205,3 +205,84 @@ def test_sentiment_analysis_alias_and_text_pairs(encoders):
     assert_same(*run_both("sentiment-analysis", torch_model, path, [pair, pair]))
     with pytest.raises(ValueError, match="function_to_apply"):
         msfx.pipeline("sentiment-analysis", model=str(path))("w5", function_to_apply="tanh")
+
+
+# ---------------------------------------------------------------- text2text-generation, summarization, translation
+# transformers 5 removed these pipelines: the oracle is HF torch `generate` on the input with the config's
+# task prefix and task params, as transformers 4.x's pipelines applied them (pipeline defaults
+# max_new_tokens=256, num_beams=4 where neither the task nor the call sets them).
+
+from test_t5 import hf_t5  # noqa: E402,F401  (the tiny T5 checkpoints of test_t5, relu and gated-gelu)
+
+TASK_PARAMS = {"summarization": {"prefix": "w90 w91 ", "num_beams": 2, "max_length": 9, "min_length": 4,
+                                 "no_repeat_ngram_size": 3, "length_penalty": 2.0, "early_stopping": True},
+               "translation_en_to_de": {"prefix": "w80 ", "max_length": 8, "num_beams": 3}}
+
+
+def t5_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer over T5's 99 ids (pad 0, eos 1, unk 2), appending </s> as T5's does."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = ["<pad>", "</s>", "<unk>"] + [f"w{i}" for i in range(96)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>",
+                                                pad_token="<pad>")
+
+
+@pytest.fixture(scope="module")
+def t5_checkpoint(hf_t5, tmp_path_factory):
+    """(torch T5, directory): test_t5's checkpoint re-saved with `task_specific_params` and the tokenizer."""
+    _, torch_model, _ = hf_t5
+    torch_model.config.task_specific_params = TASK_PARAMS
+    path = tmp_path_factory.mktemp("t5_tasks")
+    torch_model.save_pretrained(path)
+    t5_tokenizer().save_pretrained(path)
+    return torch_model, path
+
+
+def hf_seq2seq(torch_model, texts: list[str], prefix: str = "", **generate_kwargs) -> list[list[int]]:
+    """HF torch generate, one text at a time (as the pipeline runs batch_size=1), special tokens dropped."""
+    tokenizer = t5_tokenizer()
+    outputs = []
+    for text in texts:
+        ids = tokenizer(prefix + text, return_tensors="pt")
+        with torch.no_grad():
+            generated = torch_model.generate(**ids, **generate_kwargs, use_cache=False)  # as test_t5 (HF cache bug)
+        outputs.append([tokenizer.decode(row, skip_special_tokens=True) for row in generated])
+    return outputs
+
+
+TEXTS = ["w5 w9 w13 w40", "w7 w70 w3"]
+
+
+def test_text2text_generation_matches_hf_generate(t5_checkpoint):
+    torch_model, path = t5_checkpoint
+    pipe = msfx.pipeline("text2text-generation", model=str(path))
+    expected = hf_seq2seq(torch_model, TEXTS, max_new_tokens=5, num_beams=4)
+    assert all(len(rows[0].split()) >= 2 for rows in expected)  # real words, not only eos
+    assert pipe(TEXTS, max_new_tokens=5) == [{"generated_text": rows[0]} for rows in expected]
+    expected = hf_seq2seq(torch_model, TEXTS[:1], max_new_tokens=4, num_beams=3, num_return_sequences=2)[0]
+    assert pipe(TEXTS[0], max_new_tokens=4, num_beams=3, num_return_sequences=2) == [
+        {"generated_text": text} for text in expected]
+    tokens = pipe(TEXTS[0], max_new_tokens=4, return_tensors=True)[0]["generated_token_ids"]
+    assert t5_tokenizer().decode(tokens, skip_special_tokens=True) == hf_seq2seq(
+        torch_model, TEXTS[:1], max_new_tokens=4, num_beams=4)[0][0]
+
+
+@pytest.mark.parametrize("task, key, params", [("summarization", "summary_text", "summarization"),
+                                               ("translation_en_to_de", "translation_text", "translation_en_to_de"),
+                                               ("translation", "translation_text", "translation_en_to_de")])
+def test_task_prefixes_and_params_from_the_config(t5_checkpoint, task, key, params):
+    torch_model, path = t5_checkpoint
+    task_params = dict(TASK_PARAMS[params])
+    prefix = task_params.pop("prefix")
+    pipe = msfx.pipeline(task, model=str(path))
+    assert pipe.prefix == prefix
+    expected = hf_seq2seq(torch_model, TEXTS, prefix, **task_params)
+    assert all(len(rows[0].split()) >= 2 for rows in expected)
+    assert pipe(TEXTS) == [{key: rows[0]} for rows in expected]
+    # the call's kwargs win over the task's
+    expected = hf_seq2seq(torch_model, TEXTS[:1], prefix, **{**task_params, "num_beams": 1, "min_length": 0})
+    assert pipe(TEXTS[0], num_beams=1, min_length=0) == [{key: expected[0][0]}]

@@ -6,6 +6,7 @@ output dicts (`transformers/pipelines/`), with transformers' tokenizers and proc
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 
 from msfx.models import auto
@@ -16,19 +17,25 @@ TASKS: dict[str, tuple[str, str, bool]] = {
     "fill-mask": ("text:FillMaskPipeline", "AutoModelForMaskedLM", False),
     "feature-extraction": ("text:FeatureExtractionPipeline", "AutoModel", False),
     "text-classification": ("text:TextClassificationPipeline", "AutoModelForSequenceClassification", False),
+    "text2text-generation": ("text2text:Text2TextGenerationPipeline", "AutoModelForSeq2SeqLM", False),
+    "summarization": ("text2text:SummarizationPipeline", "AutoModelForSeq2SeqLM", False),
+    "translation": ("text2text:TranslationPipeline", "AutoModelForSeq2SeqLM", False),
 }
 ALIASES = {"sentiment-analysis": "text-classification"}
+logger = logging.getLogger(__name__)
 
 
 def supported_tasks() -> list[str]:
-    """Every task name `pipeline` accepts (aliases included)."""
-    return sorted([*TASKS, *(alias for alias, task in ALIASES.items() if task in TASKS)])
+    """Every task name `pipeline` accepts (aliases included; "translation_xx_to_yy" for any languages)."""
+    return sorted([*TASKS, "translation_xx_to_yy", *(alias for alias, task in ALIASES.items() if task in TASKS)])
 
 
 def _task_entry(task: str | None) -> tuple[str, tuple[str, str, bool]]:
     if task is None:
         raise ValueError(f"msfx.pipeline needs a task, one of: {', '.join(supported_tasks())}")
     name = ALIASES.get(task, task)
+    if name.startswith("translation_") and len(name.split("_")) == 4:
+        return name, TASKS["translation"]
     if name not in TASKS:
         raise ValueError(f"Unknown task {task!r}; msfx supports: {', '.join(supported_tasks())}")
     return name, TASKS[name]
@@ -58,13 +65,23 @@ def _load_preprocessor(loader_name: str, given, model, task: str, what: str):
     return getattr(transformers, loader_name).from_pretrained(resolve_model_dir(ref))
 
 
+def _translation_task(config) -> str:
+    """HF 4.x: plain "translation" takes the first `translation_xx_to_yy` of the config's task params."""
+    for key in getattr(config, "task_specific_params", None) or {}:
+        if key.startswith("translation"):
+            logger.warning('"translation" task was used, instead of "translation_XX_to_YY", defaulting to "%s"', key)
+            return key
+    return "translation"
+
+
 def pipeline(task: str | None = None, model=None, tokenizer=None, image_processor=None, processor=None,
              dtype=None, model_kwargs: dict | None = None, batch_size: int | None = None, **kwargs):
     """Build a pipeline for `task` as `transformers.pipeline` does, running an msfx model.
 
     Args:
         task: one of `supported_tasks()` (e.g. "text-generation", "fill-mask"; "sentiment-analysis"
-            is "text-classification").
+            is "text-classification"; "summarization" / "translation_en_to_de" apply the T5 config's
+            `task_specific_params` as transformers 4.x did, which removed these tasks in 5).
         model: a hub id or local checkpoint directory (loaded with msfx's Auto class for the task), or
             an msfx model instance (then pass `tokenizer=`, and for images `image_processor=`).
         tokenizer: a transformers tokenizer, or a path / hub id for `AutoTokenizer`; default: the model's.
@@ -82,6 +99,8 @@ def pipeline(task: str | None = None, model=None, tokenizer=None, image_processo
     if dtype is not None:
         model_kwargs["dtype"] = dtype
     loaded = _load_model(name, model, auto_name, model_kwargs)
+    if name == "translation":
+        name = _translation_task(loaded.config)
     if processor is not None:
         tokenizer = tokenizer if tokenizer is not None else getattr(processor, "tokenizer", None)
         image_processor = image_processor if image_processor is not None else getattr(processor, "image_processor",
@@ -92,7 +111,7 @@ def pipeline(task: str | None = None, model=None, tokenizer=None, image_processo
     module, cls = class_path.split(":")
     pipeline_class = getattr(importlib.import_module(f"msfx.pipelines.{module}"), cls)
     return pipeline_class(loaded, tokenizer=tokenizer, image_processor=image_processor, batch_size=batch_size,
-                          **kwargs)
+                          task=name, **kwargs)
 
 
 __all__ = ["pipeline", "supported_tasks", "TASKS"]

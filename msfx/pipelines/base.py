@@ -54,14 +54,16 @@ class Pipeline:
         tokenizer: a transformers tokenizer (or None for a task without text).
         image_processor: a transformers image processor (image tasks).
         batch_size: default batch size for list inputs (1).
+        task: the task name the pipeline was built for.
         **kwargs: the task's call arguments, used as defaults for every call.
     """
 
     calls_generate = False
     default_generation_config: GenerationConfig | None = None
 
-    def __init__(self, model, tokenizer=None, image_processor=None, batch_size: int | None = None, **kwargs):
-        self.model, self.tokenizer, self.image_processor = model, tokenizer, image_processor
+    def __init__(self, model, tokenizer=None, image_processor=None, batch_size: int | None = None,
+                 task: str | None = None, **kwargs):
+        self.model, self.tokenizer, self.image_processor, self.task = model, tokenizer, image_processor, task
         self._batch_size = batch_size
         if self.calls_generate:
             self._split_generation_kwargs(kwargs)
