@@ -286,3 +286,56 @@ def test_task_prefixes_and_params_from_the_config(t5_checkpoint, task, key, para
     # the call's kwargs win over the task's
     expected = hf_seq2seq(torch_model, TEXTS[:1], prefix, **{**task_params, "num_beams": 1, "min_length": 0})
     assert pipe(TEXTS[0], num_beams=1, min_length=0) == [{key: expected[0][0]}]
+
+
+# ---------------------------------------------------------------- zero-shot-image-classification
+
+from test_clip import IMAGE, _images, hf_clip  # noqa: E402,F401  (test_clip's tiny CLIP checkpoints)
+
+
+def clip_image_processor() -> transformers.CLIPImageProcessor:
+    return transformers.CLIPImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE})
+
+
+@pytest.fixture(scope="module")
+def clip_checkpoint(hf_clip):
+    """(torch CLIPModel, directory with its tokenizer and image processor saved next to the weights)."""
+    _, torch_model, path = hf_clip
+    tiny_tokenizer().save_pretrained(path)
+    clip_image_processor().save_pretrained(path)
+    return torch_model, path
+
+
+ZERO_SHOT_CASES = {
+    "one_image": (0, dict(candidate_labels=["w10", "w11 w12", "w13"])),
+    "template": (1, dict(candidate_labels=["w10", "w20"], hypothesis_template="w4 w5 {} w6")),
+    "images_batched": ([0, 1, 2], dict(candidate_labels=["w10", "w11 w12", "w13"], batch_size=2)),
+    "one_label": (2, dict(candidate_labels=["w30"])),
+}
+
+
+@pytest.mark.parametrize("case", list(ZERO_SHOT_CASES))
+def test_zero_shot_image_classification_matches_hf(clip_checkpoint, case):
+    torch_model, path = clip_checkpoint
+    which, kwargs = ZERO_SHOT_CASES[case]
+    images = _images()
+    inputs = [images[i] for i in which] if isinstance(which, list) else images[which]
+    theirs = transformers.pipeline("zero-shot-image-classification", model=torch_model, tokenizer=tiny_tokenizer(),
+                                   image_processor=clip_image_processor())(inputs, **kwargs)
+    ours = msfx.pipeline("zero-shot-image-classification", model=str(path))(inputs, **kwargs)
+    assert_same(ours, theirs)
+
+
+def test_zero_shot_takes_a_model_instance_with_a_processor_and_image_paths(clip_checkpoint, tmp_path):
+    torch_model, path = clip_checkpoint
+    image_path = tmp_path / "image.png"
+    _images()[0].save(image_path)
+    labels = ["w10", "w11 w12"]
+    theirs = transformers.pipeline("zero-shot-image-classification", model=torch_model, tokenizer=tiny_tokenizer(),
+                                   image_processor=clip_image_processor())(str(image_path), candidate_labels=labels)
+    processor = transformers.CLIPProcessor(image_processor=clip_image_processor(), tokenizer=tiny_tokenizer())
+    classifier = msfx.pipeline("zero-shot-image-classification", model=msfx.CLIPModel.from_pretrained(path),
+                               processor=processor)
+    assert_same(classifier(str(image_path), candidate_labels=labels), theirs)
+    with pytest.raises(ValueError, match="candidate_labels"):
+        classifier(str(image_path))

@@ -20,6 +20,8 @@ TASKS: dict[str, tuple[str, str, bool]] = {
     "text2text-generation": ("text2text:Text2TextGenerationPipeline", "AutoModelForSeq2SeqLM", False),
     "summarization": ("text2text:SummarizationPipeline", "AutoModelForSeq2SeqLM", False),
     "translation": ("text2text:TranslationPipeline", "AutoModelForSeq2SeqLM", False),
+    "zero-shot-image-classification": ("vision:ZeroShotImageClassificationPipeline",
+                                       "AutoModelForZeroShotImageClassification", True),
 }
 ALIASES = {"sentiment-analysis": "text-classification"}
 logger = logging.getLogger(__name__)
