@@ -339,3 +339,35 @@ def test_zero_shot_takes_a_model_instance_with_a_processor_and_image_paths(clip_
     assert_same(classifier(str(image_path), candidate_labels=labels), theirs)
     with pytest.raises(ValueError, match="candidate_labels"):
         classifier(str(image_path))
+
+
+# ---------------------------------------------------------------- without torch
+
+def test_pipelines_run_without_torch(causal_lms, encoders, clip_checkpoint, tmp_path):
+    """In a process where `import torch` fails, each task family gives the outputs it gives here."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    image_path = tmp_path / "image.png"
+    _images()[0].save(image_path)
+    calls = [("text-generation", str(causal_lms["llama"][1]), "w5 w9 w13", dict(max_new_tokens=4, do_sample=False)),
+             ("fill-mask", str(encoders["BertForMaskedLM"][1]), "w5 [MASK] w9", dict(top_k=2)),
+             ("sentiment-analysis", str(encoders["llama"][1]), "w5 w9", {}),
+             ("zero-shot-image-classification", str(clip_checkpoint[1]), str(image_path),
+              dict(candidate_labels=["w10", "w11"]))]
+    expected = [msfx.pipeline(task, model=path)(inputs, **kwargs) for task, path, inputs, kwargs in calls]
+    (tmp_path / "calls.json").write_text(json.dumps(calls))
+    script = textwrap.dedent(f"""
+        import json, sys
+        sys.modules["torch"] = None  # any `import torch` now raises ImportError
+        import msfx
+        calls = json.load(open({str(tmp_path / "calls.json")!r}))
+        print(json.dumps([msfx.pipeline(task, model=path)(inputs, **kwargs) for task, path, inputs, kwargs in calls]))
+        assert sys.modules["torch"] is None
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert_same(json.loads(result.stdout.strip().splitlines()[-1]), json.loads(json.dumps(expected)))
