@@ -97,6 +97,17 @@ def test_text_generation_takes_a_model_instance_and_construction_kwargs(causal_l
     assert len(generator("w5", max_new_tokens=2, return_tensors=True)[0]["generated_token_ids"]) == 1 + 1 + 2
 
 
+@pytest.mark.parametrize("init, call", [({}, {}), ({}, dict(do_sample=False)), (dict(max_length=30), {}),
+                                        (dict(temperature=0.2), dict(max_new_tokens=3, do_sample=True))])
+def test_generation_defaults_are_hf_pipelines(causal_lms, init, call):
+    """HF's pipeline defaults (256 new tokens, sampling at 0.7) fill only what the call, the construction
+    and the checkpoint's generation config leave unset (the sampling ones only when sampling)."""
+    torch_model, path = causal_lms["llama"]
+    theirs = transformers.pipeline("text-generation", model=torch_model, tokenizer=chat_tokenizer(), **init)
+    ours = msfx.pipeline("text-generation", model=str(path), **init)
+    assert ours._prepare_generate_kwargs(dict(call)) == theirs._prepare_generate_kwargs(dict(call))
+
+
 def test_pipeline_errors_name_the_fix(causal_lms):
     _, path = causal_lms["gpt2"]
     with pytest.raises(ValueError, match="needs model=.*hub id or local directory"):
@@ -109,6 +120,10 @@ def test_pipeline_errors_name_the_fix(causal_lms):
         msfx.pipeline("text-generation", model=GPT2LMHeadModel.from_pretrained(path))
     with pytest.raises(ValueError, match="return_full_text"):
         msfx.pipeline("text-generation", model=str(path))("w3", return_full_text=False, return_text=True)
+    with pytest.raises(NotImplementedError, match="handle_long_generation"):
+        msfx.pipeline("text-generation", model=str(path))("w3", handle_long_generation="hole")
+    with pytest.raises(ValueError, match="GPT2Model has no `generate`"):
+        msfx.pipeline("text-generation", model=msfx.GPT2Model.from_pretrained(path), tokenizer=chat_tokenizer())
 
 
 # ---------------------------------------------------------------- fill-mask, feature-extraction, text-classification

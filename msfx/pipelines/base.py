@@ -66,6 +66,9 @@ class Pipeline:
         self.model, self.tokenizer, self.image_processor, self.task = model, tokenizer, image_processor, task
         self._batch_size = batch_size
         if self.calls_generate:
+            if not callable(getattr(model, "generate", None)):
+                raise ValueError(f"{task} needs a model that generates; {type(model).__name__} has no `generate` "
+                                 "(load a causal LM / seq2seq class, e.g. with msfx.AutoModelForCausalLM)")
             self._split_generation_kwargs(kwargs)
         self._preprocess_params, self._forward_params, self._postprocess_params = self._sanitize_parameters(**kwargs)
 

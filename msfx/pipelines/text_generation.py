@@ -1,4 +1,5 @@
-"""`text-generation`: HF's `TextGenerationPipeline` over msfx causal LMs (`transformers/pipelines/text_generation.py`)."""
+"""`text-generation`: HF's `TextGenerationPipeline` (`transformers/pipelines/text_generation.py`) over msfx
+causal LMs."""
 from __future__ import annotations
 
 import enum
@@ -54,7 +55,11 @@ class TextGenerationPipeline(Pipeline):
     def _sanitize_parameters(self, return_full_text=None, return_tensors=None, return_text=None, return_type=None,
                              clean_up_tokenization_spaces=None, prefix=None, stop_sequence=None, truncation=None,
                              max_length=None, continue_final_message=None, skip_special_tokens=None,
-                             tokenizer_encode_kwargs=None, tools=None, documents=None, **generate_kwargs):
+                             tokenizer_encode_kwargs=None, tools=None, documents=None, handle_long_generation=None,
+                             **generate_kwargs):
+        if handle_long_generation is not None:
+            raise NotImplementedError("msfx's text-generation pipeline does not support handle_long_generation "
+                                      "(truncate the prompt yourself, or pass truncation=True with max_length)")
         preprocess = {}
         add_special_tokens = False
         if "add_special_tokens" in generate_kwargs:
