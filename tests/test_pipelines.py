@@ -122,6 +122,8 @@ def test_pipeline_errors_name_the_fix(causal_lms):
         msfx.pipeline("text-generation", model=str(path))("w3", return_full_text=False, return_text=True)
     with pytest.raises(NotImplementedError, match="handle_long_generation"):
         msfx.pipeline("text-generation", model=str(path))("w3", handle_long_generation="hole")
+    with pytest.raises(TypeError, match="msfx model, got transformers.*GPT2LMHeadModel"):
+        msfx.pipeline("text-generation", model=causal_lms["gpt2"][0], tokenizer=chat_tokenizer())
     with pytest.raises(ValueError, match="GPT2Model has no `generate`"):
         msfx.pipeline("text-generation", model=msfx.GPT2Model.from_pretrained(path), tokenizer=chat_tokenizer())
 
@@ -284,6 +286,15 @@ def test_text2text_generation_matches_hf_generate(t5_checkpoint):
     tokens = pipe(TEXTS[0], max_new_tokens=4, return_tensors=True)[0]["generated_token_ids"]
     assert t5_tokenizer().decode(tokens, skip_special_tokens=True) == hf_seq2seq(
         torch_model, TEXTS[:1], max_new_tokens=4, num_beams=4)[0][0]
+
+
+def test_feature_extraction_of_the_t5_encoder_matches_hf(t5_checkpoint):
+    _, path = t5_checkpoint
+    encoder = transformers.T5EncoderModel.from_pretrained(path, attn_implementation="eager").eval()
+    theirs = transformers.pipeline("feature-extraction", model=encoder, tokenizer=t5_tokenizer())(TEXTS, batch_size=2)
+    ours = msfx.pipeline("feature-extraction", model=msfx.T5EncoderModel.from_pretrained(path),
+                         tokenizer=t5_tokenizer())(TEXTS, batch_size=2)
+    assert_same(ours, theirs)
 
 
 @pytest.mark.parametrize("task, key, params", [("summarization", "summary_text", "summarization"),

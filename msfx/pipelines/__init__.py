@@ -9,6 +9,7 @@ import importlib
 import logging
 import os
 
+from msfx.modeling import PreTrainedModel
 from msfx.models import auto
 
 # task -> (pipeline class "module:Class", msfx Auto class loading a checkpoint for it, needs an image processor)
@@ -50,6 +51,10 @@ def _load_model(task: str, model, auto_name: str, model_kwargs: dict):
                          "model instance together with tokenizer=")
     if isinstance(model, (str, os.PathLike)):
         return getattr(auto, auto_name).from_pretrained(model, **model_kwargs)
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"pipeline({task!r}): model= must be a hub id, a directory or an msfx model, got "
+                        f"{type(model).__module__}.{type(model).__name__} (for a transformers model, pass its "
+                        "directory: msfx loads the weights itself)")
     return model
 
 
@@ -95,6 +100,7 @@ def pipeline(task: str | None = None, model=None, tokenizer=None, image_processo
     Raises:
         ValueError: no task or an unknown one (the message lists the supported tasks), no model (msfx
             downloads no default checkpoint), or a model instance without its tokenizer / processor.
+        TypeError: a model that is not an msfx model (e.g. a transformers torch model).
     """
     name, (class_path, auto_name, needs_images) = _task_entry(task)
     model_kwargs = dict(model_kwargs or {})
