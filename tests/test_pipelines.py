@@ -67,6 +67,7 @@ GENERATION_CASES = {
     "strings_one_by_one_tensors": (PROMPTS[:2], dict(max_new_tokens=4, return_tensors=True)),
     "beams_two_sequences": ("w20 w21", dict(max_new_tokens=4, num_beams=3, num_return_sequences=2)),
     "repetition_penalty_max_length": ("w30 w31 w32", dict(max_length=12, repetition_penalty=1.3)),
+    "prefix_max_length": ("w5 w9", dict(prefix="w60 w61 w62 ", max_length=9)),
     "chat": (CHAT, dict(max_new_tokens=5)),
     "chats_batched": ([CHAT, CHAT + [{"role": "assistant", "content": "w50"}]], dict(max_new_tokens=3, batch_size=2)),
     "chat_prefill_new_text": (CHAT + [{"role": "assistant", "content": "w50 w51"}],
@@ -93,6 +94,10 @@ def test_text_generation_takes_a_model_instance_and_construction_kwargs(causal_l
                               tokenizer=chat_tokenizer(), **kwargs)
     assert generator.tokenizer.padding_side == "left"
     assert_same(generator(PROMPTS), theirs)
+    # stop_sequence becomes generate's stop_strings, as in HF (HF's stop-string matcher needs a real
+    # tokenizer decoder, which the word-level test tokenizer lacks; msfx's matcher is tested in test_stop_strings)
+    assert generator._sanitize_parameters(stop_sequence="w38")[1] == {"stop_strings": ["w38"],
+                                                                      "tokenizer": generator.tokenizer}
     # a call's kwargs override the construction ones
     assert len(generator("w5", max_new_tokens=2, return_tensors=True)[0]["generated_token_ids"]) == 1 + 1 + 2
 
