@@ -38,6 +38,7 @@ from msfx.models.qwen3 import Qwen3ForCausalLM, Qwen3ForSequenceClassification, 
 from msfx.models.qwen3_moe import (Qwen3MoeForCausalLM, Qwen3MoeForSequenceClassification,  # noqa: E402
                                    Qwen3MoeModel)
 from msfx.models.t5 import T5EncoderModel, T5ForConditionalGeneration, T5Model  # noqa: E402
+from msfx.pipelines import pipeline  # noqa: E402
 from msfx.train.trainer import Trainer, TrainingArguments  # noqa: E402
 
 __version__ = "0.1.0"
@@ -56,4 +57,4 @@ __all__ = ["AutoModel", "AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoMod
            "Qwen2Model", "Qwen3ForCausalLM", "Qwen3ForSequenceClassification", "Qwen3Model", "Qwen3MoeForCausalLM",
            "Qwen3MoeForSequenceClassification", "Qwen3MoeModel", "T5EncoderModel", "T5ForConditionalGeneration",
            "T5Model", "Trainer", "TrainingArguments", "bert", "gemma2", "gemma3_text", "gpt2", "llama",
-           "mistral", "mixtral", "phi3", "qwen2", "qwen3", "qwen3_moe"]
+           "mistral", "mixtral", "phi3", "pipeline", "qwen2", "qwen3", "qwen3_moe"]
