@@ -67,7 +67,7 @@ def assert_close(got, expected, atol: float, what: str, diffs: Diffs | None = No
     error = abs_error(got, expected, what)
     diff = float(error.max())
     if diffs is not None:  # a name measured again (a parametrized fixture) keeps its largest diff
-        diffs[what] = max(diffs.get(what, 0.0), diff)
+        diffs[what] = max(diff, diffs.get(what, diff))  # diff first: a NaN stays NaN
     where = np.unravel_index(int(np.argmax(error)), error.shape) if error.size else ()
     assert diff <= atol, f"{what}: max abs diff {diff:.3g} > {atol:.3g} at {tuple(map(int, where))}"
     return diff

@@ -27,7 +27,7 @@ from msfx.decode.generate import left_padding_positions, new_cache
 from msfx.models.gpt2 import GPT2ForSequenceClassification, GPT2LMHeadModel, GPT2Model
 
 from conftest import left_padded, random_ids
-from oracle import Diffs, assert_close, hf_run, ms_ids, save_tiny, to_np
+from oracle import Diffs, assert_close, hf_run, max_abs_diff, ms_ids, save_tiny, to_np
 
 TOL = 1e-4          # float32 max abs diff against torch
 LOSS_RTOL = 1e-5    # float32 loss, relative
@@ -86,7 +86,7 @@ def test_logits_and_every_hidden_state_match_hf(tmp_path, tied, case):
         config._attn_implementation = "eager"
         other = transformers.GPT2LMHeadModel(config).eval()
         other.load_state_dict(torch_model.state_dict())
-        changed = float((hf_run(other, ids).logits - expected.logits).abs().max())
+        changed = max_abs_diff(hf_run(other, ids).logits, expected.logits)
         DIFFS[f"{case}: torch with the switch undone vs this case (must be > 1e-3)"] = changed
         assert changed > 1e-3
 
