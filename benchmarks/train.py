@@ -8,19 +8,20 @@ ids, no padding) with the same step:
   (`fused=True`, HF Trainer's default `adamw_torch_fused`) with HF's decay / no-decay groups;
 - msfx: `make_train_step(llama, config, AdamW(...), keys, max_grad_norm=1.0)` (a jit-compiled
   loss + grad graph and a jit-compiled clip + AdamW graph).
-Each side first runs `--warmup` steps (msfx's first call compiles: its time minus a median step is
-the compile time), then `--steps` timed steps, the two alternating step by step so that both see the
+Each side first runs `config.warmup` steps (msfx's first call compiles: its time minus a median step is
+the compile time), then `config.steps` timed steps, the two alternating step by step so that both see the
 same load on a shared machine. tokens/s = batch * seq / median step seconds (both read the loss on the
 host every step; msfx also the gradient norm, so its update graph has finished). The losses of the
-first `--check` steps are compared (relative difference) to show both did the same work. The peak RSS
+first `config.check` steps are compared (relative difference) to show both did the same work. The peak RSS
 is the process's (both frameworks), also as it stood before msfx's first step.
 
-Run: python benchmarks/train.py [--batch 8] [--seq 128] [--steps 5] [--warmup 2] [--layers 12]
+Run: python benchmarks/train.py [--config.batch=8] [--config.seq=128] [--config.steps=5] [--config.warmup=2]
+[--config.layers=12] [--config.check=3] (an `ml_collections` config, `get_config()`; `--help` shows it).
 Needs the `test` extra (torch) and about 18 GB of free memory at the default size.
 
 Measured on 2 CPU cores shared with other jobs (MindSpore 2.10, torch 2.13, transformers 5.24,
 batch 8 x seq 128, 12 layers); the load average moves the ratio, since torch slowed down more:
-- load ~2 (`--steps 3`): torch 4.50 s/step (228 tokens/s), msfx 8.58 s (119 tokens/s): 0.52x;
+- load ~2 (`--config.steps=3`): torch 4.50 s/step (228 tokens/s), msfx 8.58 s (119 tokens/s): 0.52x;
   msfx compile 32.8 s; losses of the first 3 steps within 1.8e-7 relative.
 - load 3.4 -> 5.3 (defaults): torch 16.98 s (60.3 tokens/s), msfx 21.61 s (47.4 tokens/s): 0.79x;
   compile 43.4 s; peak RSS 17.1 GB (4.5 GB before msfx's first step); losses within 1.8e-7.
@@ -30,7 +31,6 @@ torch's forward + backward 13.6 s; the clip + AdamW graph 6.4 s against torch's 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import resource
 import statistics
@@ -41,7 +41,9 @@ from typing import Callable
 import numpy as np
 import torch
 import transformers
+from absl import app
 from mindspore import Tensor
+from ml_collections import ConfigDict, config_flags
 
 import msfx
 from msfx.architectures import llama as llama_arch
@@ -123,22 +125,21 @@ def timed(step: Callable[[dict], float], batch: dict[str, np.ndarray]) -> tuple[
     return loss, time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per framework")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (msfx's first one compiles)")
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--check", type=int, default=3, help="compare the losses of this many first steps")
-    args = parser.parse_args()
+def get_config() -> ConfigDict:
+    """The options and their defaults; each one is set from the command line as `--config.NAME=VALUE`:
+    `steps` timed steps per framework after `warmup` untimed ones (msfx's first one compiles), the
+    losses of the first `check` steps compared."""
+    return ConfigDict(dict(batch=8, seq=128, steps=5, warmup=2, layers=12, check=3))
+
+
+def main(config: ConfigDict) -> None:
     torch.set_num_threads(os.cpu_count())
     with tempfile.TemporaryDirectory() as directory:
-        torch_trainer = TorchTrainer(random_llama(directory, args.layers))
+        torch_trainer = TorchTrainer(random_llama(directory, config.layers))
         msfx_trainer = MsfxTrainer(directory)
-    print(f"{msfx_trainer.num_parameters / 1e6:.0f}M parameters, float32, batch {args.batch} x seq {args.seq}, "
+    print(f"{msfx_trainer.num_parameters / 1e6:.0f}M parameters, float32, batch {config.batch} x seq {config.seq}, "
           f"{os.cpu_count()} CPU threads, load average {os.getloadavg()[0]:.2f}", flush=True)
-    batches = random_batches(args.warmup + args.steps, args.batch, args.seq)
+    batches = random_batches(config.warmup + config.steps, config.batch, config.seq)
     losses: dict[str, list[float]] = {"torch": [], "msfx": []}
     seconds: dict[str, list[float]] = {"torch": [], "msfx": []}
     trainers = {"torch": torch_trainer, "msfx": msfx_trainer}
@@ -151,11 +152,11 @@ def main() -> None:
                 torch_peak_gb = peak_rss_gb()
         print(f"  step {k + 1:3d}: torch {seconds['torch'][-1]:6.2f} s  msfx {seconds['msfx'][-1]:6.2f} s  "
               f"loss {losses['torch'][-1]:.5f} / {losses['msfx'][-1]:.5f}", flush=True)
-    step_s = {name: statistics.median(s[args.warmup:]) for name, s in seconds.items()}
-    tokens = args.batch * args.seq
+    step_s = {name: statistics.median(s[config.warmup:]) for name, s in seconds.items()}
+    tokens = config.batch * config.seq
     compile_s = seconds["msfx"][0] - step_s["msfx"]
-    rel = [abs(a - b) / abs(a) for a, b in zip(losses["torch"][:args.check], losses["msfx"][:args.check])]
-    print(f"\n{'':6s} {'step s':>8s} {'tokens/s':>9s}   (median of {args.steps} steps after {args.warmup} warmup)")
+    rel = [abs(a - b) / abs(a) for a, b in zip(losses["torch"][:config.check], losses["msfx"][:config.check])]
+    print(f"\n{'':6s} {'step s':>8s} {'tokens/s':>9s}   (median of {config.steps} steps after {config.warmup} warmup)")
     for name in trainers:
         print(f"{name:6s} {step_s[name]:8.3f} {tokens / step_s[name]:9.1f}")
     print(f"msfx/torch tokens/s ratio: {step_s['torch'] / step_s['msfx']:.2f}x")
@@ -166,5 +167,12 @@ def main() -> None:
           f"after {len(batches)} steps: {abs(losses['torch'][-1] - losses['msfx'][-1]) / losses['torch'][-1]:.2g}")
 
 
+def _run(argv: list[str]) -> None:
+    if argv[1:]:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; options are --config.NAME=VALUE")
+    main(_CONFIG.value)
+
+
 if __name__ == "__main__":
-    main()
+    _CONFIG = config_flags.DEFINE_config_dict("config", get_config(), "benchmark options (see get_config)")
+    app.run(_run)

@@ -26,11 +26,11 @@ nearly all of it the compiled train step (the weights and AdamW state are 1.6 GB
 (Before `msfx.Trainer` existed, the same recipe with `msfx.train.make_train_step` and its own data
 order reached 97%.)
 
-Run: python examples/finetune_smollm2.py --output-dir /tmp/smollm2-digits [--steps N] [--save-steps N --resume]
+Run: python examples/finetune_smollm2.py --config.output_dir=/tmp/smollm2-digits [--config.steps=N]
+[--config.save_steps=N --config.resume] (an `ml_collections` config, `get_config()`; `--help` shows it).
 """
 from __future__ import annotations
 
-import argparse
 import random
 import re
 import time
@@ -38,8 +38,10 @@ from pathlib import Path
 
 import msfx  # before numpy/mindspore: it quiets MindSpore's C++ log (compiling a step prints pages of it)
 import numpy as np
+from absl import app
+from ml_collections import ConfigDict, config_dict, config_flags
 
-from msfx.cli import _add_model_args, _load, _positive_int
+from msfx.cli import _load
 
 ONES = "zero one two three four five six seven eight nine".split()
 TEENS = "ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split()
@@ -118,70 +120,89 @@ def evaluate(model, tokenizer, examples: list[Example], batch_size: int, max_new
     return correct / len(examples), replies
 
 
-def train(model, tokenizer, train_examples: list[Example], args: argparse.Namespace):
+def train(model, tokenizer, train_examples: list[Example], config: ConfigDict):
     """Full fine-tuning with `msfx.Trainer` (its compiled step; AdamW, linear warmup and decay,
     clipping at 1.0); the model's weights are updated in place and it is returned.
 
-    `args`: the command's `steps`, `batch_size`, `learning_rate`, `warmup_ratio`, `weight_decay`,
+    `config`: `get_config()`'s `steps`, `batch_size`, `learning_rate`, `warmup_ratio`, `weight_decay`,
     `seed` and `log_every`; checkpoints go to `OUTPUT_DIR/checkpoints` every `save_steps` (0: none).
     """
     encoded = [encode(tokenizer, example) for example in train_examples]
     length = max(len(ids) for ids, _ in encoded)
     rows = [{"input_ids": ids, "labels": labels} for ids, labels in encoded]
     training_args = msfx.TrainingArguments(
-        output_dir=str(Path(args.output_dir) / "checkpoints"), max_steps=args.steps,
-        per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate,
-        warmup_steps=args.warmup_ratio, weight_decay=args.weight_decay, max_grad_norm=1.0,
-        lr_scheduler_type="linear", logging_steps=args.log_every, save_strategy="steps" if args.save_steps else "no",
-        save_steps=args.save_steps or 500, seed=args.seed, report_to="none", disable_tqdm=True)
+        output_dir=str(Path(config.output_dir) / "checkpoints"), max_steps=config.steps,
+        per_device_train_batch_size=config.batch_size, learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_ratio, weight_decay=config.weight_decay, max_grad_norm=1.0,
+        lr_scheduler_type="linear", logging_steps=config.log_every,
+        save_strategy="steps" if config.save_steps else "no", save_steps=config.save_steps or 500, seed=config.seed, report_to="none", disable_tqdm=True)
     trainer = msfx.Trainer(model=model, args=training_args, train_dataset=rows,
                            data_collator=lambda batch: pad_batch([(r["input_ids"], r["labels"]) for r in batch],
                                                                  length, tokenizer.pad_token_id))
-    trainer.train(resume_from_checkpoint=True if args.resume else None)
+    trainer.train(resume_from_checkpoint=True if config.resume else None)
     return model
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    _add_model_args(parser)  # --model / --gguf-file / --dtype as `msfx generate` (default: SmolLM2's GGUF)
-    parser.add_argument("--output-dir", required=True, help="where to save the fine-tuned model and tokenizer")
-    parser.add_argument("--steps", type=_positive_int, default=30)
-    parser.add_argument("--batch-size", type=_positive_int, default=8)
-    parser.add_argument("--learning-rate", type=float, default=1e-4)
-    parser.add_argument("--warmup-ratio", type=float, default=0.1)
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--held-out", type=_positive_int, default=100, help="numbers never trained on")
-    parser.add_argument("--eval-batch-size", type=_positive_int, default=100)
-    parser.add_argument("--max-new-tokens", type=_positive_int, default=12)
-    parser.add_argument("--log-every", type=_positive_int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: none)")
-    parser.add_argument("--resume", action="store_true", help="resume from the newest checkpoint")
-    args = parser.parse_args(argv)
+POSITIVE = ("steps", "batch_size", "held_out", "eval_batch_size", "max_new_tokens", "log_every")
 
+
+def get_config() -> ConfigDict:
+    """The options and their defaults; each one is set from the command line as `--config.NAME=VALUE`.
+    `model` / `gguf_file` / `dtype` as `msfx generate`'s (default: SmolLM2's GGUF); `output_dir` (required)
+    gets the fine-tuned model and tokenizer; `held_out` numbers are never trained on; `save_steps`
+    checkpoints every N steps (0: none); `resume` resumes from the newest checkpoint."""
+    return ConfigDict(dict(
+        model=config_dict.placeholder(str), gguf_file=config_dict.placeholder(str), dtype="auto",
+        output_dir=config_dict.placeholder(str), steps=30, batch_size=8, learning_rate=1e-4, warmup_ratio=0.1,
+        weight_decay=0.0, held_out=100, eval_batch_size=100, max_new_tokens=12, log_every=10, seed=0,
+        save_steps=0, resume=False))
+
+
+def check_config(config: ConfigDict) -> None:
+    """Raises:
+        ValueError: `output_dir` unset, a count in `POSITIVE` not positive, or an unknown `dtype`."""
+    if not config.output_dir:
+        raise ValueError("config.output_dir is required (--config.output_dir=DIR)")
+    for name in POSITIVE:
+        if config[name] <= 0:
+            raise ValueError(f"config.{name} must be a positive integer, got {config[name]}")
+    if config.dtype not in ("auto", "float32", "float16", "bfloat16"):
+        raise ValueError(f"config.dtype must be auto, float32, float16 or bfloat16, got {config.dtype!r}")
+
+
+def main(config: ConfigDict) -> None:
+    """Load, evaluate, fine-tune, evaluate and save as the module docstring says (`config`: `get_config()`'s)."""
+    check_config(config)
     begin = time.perf_counter()
-    model, tokenizer = _load(args)
-    train_examples, held_out = make_corpus(args.held_out, args.seed)
+    model, tokenizer = _load(config)
+    train_examples, held_out = make_corpus(config.held_out, config.seed)
     print(f"loaded {model.num_parameters():,} parameters in {time.perf_counter() - begin:.0f} s; "
           f"{len(train_examples)} training questions, {len(held_out)} held out", flush=True)
 
     def report(label: str, model) -> None:
         start = time.perf_counter()
-        accuracy, replies = evaluate(model, tokenizer, held_out, args.eval_batch_size, args.max_new_tokens)
+        accuracy, replies = evaluate(model, tokenizer, held_out, config.eval_batch_size, config.max_new_tokens)
         wrong = [f"{q!r} -> {r!r}" for (q, a), r in zip(held_out, replies) if parse_answer(r) != a]
         print(f"{label}: held-out accuracy {accuracy:.0%} ({time.perf_counter() - start:.0f} s); e.g. "
               f"{held_out[0][0]!r} -> {replies[0]!r}; wrong: {'; '.join(wrong[:3]) or 'none'}", flush=True)
 
     report("base model", model)
     start = time.perf_counter()
-    model = train(model, tokenizer, train_examples, args)
-    print(f"trained {args.steps} steps of {args.batch_size} in {time.perf_counter() - start:.0f} s", flush=True)
+    model = train(model, tokenizer, train_examples, config)
+    print(f"trained {config.steps} steps of {config.batch_size} in {time.perf_counter() - start:.0f} s", flush=True)
     report("fine-tuned", model)
-    model.save_pretrained(args.output_dir)
-    tokenizer.save_pretrained(args.output_dir)
-    print(f"saved to {Path(args.output_dir)}; total {time.perf_counter() - begin:.0f} s\n"
-          f"try: msfx generate --model {args.output_dir} --prompt {held_out[0][0]!r}")
+    model.save_pretrained(config.output_dir)
+    tokenizer.save_pretrained(config.output_dir)
+    print(f"saved to {Path(config.output_dir)}; total {time.perf_counter() - begin:.0f} s\n"
+          f"try: msfx generate --model {config.output_dir} --prompt {held_out[0][0]!r}")
+
+
+def _run(argv: list[str]) -> None:
+    if argv[1:]:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; options are --config.NAME=VALUE")
+    main(_CONFIG.value)
 
 
 if __name__ == "__main__":
-    main()
+    _CONFIG = config_flags.DEFINE_config_dict("config", get_config(), "fine-tuning options (see get_config)")
+    app.run(_run)

@@ -12,19 +12,12 @@ TINY = dict(vocab_size=99, hidden_size=64, intermediate_size=112, num_hidden_lay
 def make_hf_llama(tmp_path, seed: int = 0, cls_name: str = "LlamaForCausalLM", **overrides):
     """Build a tiny `transformers` (PyTorch) Llama with random weights *and* random norm
     weights (so a missed scale shows), save it to `tmp_path`, return `(torch_model, path)`."""
-    import torch
     import transformers
 
-    torch.manual_seed(seed)
+    from oracle import save_tiny
+
     config = transformers.LlamaConfig(**{**TINY, **overrides})
-    config._attn_implementation = "eager"
-    model = getattr(transformers, cls_name)(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    model.save_pretrained(tmp_path)
-    return model, tmp_path
+    return save_tiny(getattr(transformers, cls_name), config, tmp_path, seed)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -22,10 +22,13 @@ import msfx
 from msfx.architectures import bert as bert_arch
 from msfx.models.bert import BertForMaskedLM, BertForSequenceClassification, BertModel
 
+from oracle import Diffs, assert_close, max_abs_diff, save_tiny, to_np
+
 TOL = 1e-4
 TINY = dict(vocab_size=99, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=24, type_vocab_size=2, initializer_range=0.2, pad_token_id=0)
-DIFFS: dict[str, float] = {}  # measured max abs diffs, printed at the end of the module
+DIFFS = Diffs("msfx BERT vs HF torch, measured max abs diffs:")
+_print_measured_diffs = DIFFS.report()
 
 # A batch of 3 rows of 10 tokens, rows 1 and 2 right-padded (3 and 6 pads); two segments per row.
 _rng = np.random.default_rng(7)
@@ -40,30 +43,11 @@ MLM_LABELS[0, 0] = IDS[0, 0]  # at least one label
 INPUTS = dict(attention_mask=MASK, token_type_ids=TOKEN_TYPES)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _print_measured_diffs():
-    yield
-    width = max(map(len, DIFFS), default=0)
-    print("\n\nmsfx BERT vs HF torch, measured max abs diffs:")
-    for name, value in DIFFS.items():
-        print(f"  {name:<{width}}  {value:.3g}")
-
-
 def make_hf_bert(path, cls_name: str, seed: int = 0, **overrides):
     """A tiny HF PyTorch BERT of class `cls_name` with random weights, LayerNorm weights and biases
-    (HF initializes those to ones / zeros, which would hide a missed scale or bias), saved to `path`."""
-    torch.manual_seed(seed)
+    (`oracle.save_tiny`), saved to `path`; returns `(torch_model, path)`."""
     config = transformers.BertConfig(**{**TINY, **overrides})
-    config._attn_implementation = "eager"
-    model = getattr(transformers, cls_name)(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "LayerNorm.weight" in name:
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                p.normal_(0.0, 0.2)
-    model.save_pretrained(path)
-    return model, path
+    return save_tiny(getattr(transformers, cls_name), config, path, seed, biases=True)
 
 
 @pytest.fixture(scope="module")
@@ -86,19 +70,6 @@ def hf_run(model, ids=IDS, **kwargs):
                                            for k, v in kwargs.items()})
 
 
-def to_np(x) -> np.ndarray:
-    return x.asnumpy() if isinstance(x, Tensor) else x.detach().numpy()
-
-
-def check_close(name: str, actual, expected, tol: float = TOL) -> float:
-    a, b = to_np(actual), to_np(expected)
-    assert a.shape == b.shape, (name, a.shape, b.shape)
-    diff = float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
-    DIFFS[name] = diff
-    assert diff <= tol, f"{name}: max abs diff {diff:.3g} > {tol:.3g}"
-    return diff
-
-
 def loss_tol(expected) -> float:
     """1e-5 relative (at least 1e-5 absolute): a float32 mean of terms as large as the loss."""
     return 1e-5 * max(1.0, abs(float(expected)))
@@ -110,13 +81,13 @@ def test_base_model_every_output_matches_hf(hf_bert):
     torch_model, path = hf_bert("BertModel")
     expected = hf_run(torch_model, **INPUTS, output_hidden_states=True)
     out = BertModel.from_pretrained(path)(IDS, **INPUTS, output_hidden_states=True)
-    check_close("BertModel: last_hidden_state", out.last_hidden_state, expected.last_hidden_state)
-    check_close("BertModel: pooler_output", out.pooler_output, expected.pooler_output)
+    assert_close(out.last_hidden_state, expected.last_hidden_state, TOL, "BertModel: last_hidden_state", DIFFS)
+    assert_close(out.pooler_output, expected.pooler_output, TOL, "BertModel: pooler_output", DIFFS)
     assert len(out.hidden_states) == len(expected.hidden_states) == TINY["num_hidden_layers"] + 1
     for i, (ours, theirs) in enumerate(zip(out.hidden_states, expected.hidden_states)):
-        check_close(f"BertModel: hidden_states[{i}]", ours, theirs)
+        assert_close(ours, theirs, TOL, f"BertModel: hidden_states[{i}]", DIFFS)
     # the mask and the segments matter, so ignoring either would fail above
-    assert np.abs(to_np(hf_run(torch_model).last_hidden_state) - to_np(expected.last_hidden_state)).max() > 1e-2
+    assert max_abs_diff(hf_run(torch_model).last_hidden_state, expected.last_hidden_state) > 1e-2
 
 
 def test_functional_core_and_inputs_embeds_match_hf(hf_bert):
@@ -124,17 +95,20 @@ def test_functional_core_and_inputs_embeds_match_hf(hf_bert):
     expected = hf_run(torch_model, **INPUTS)
     params = bert_arch.load(path)
     out = bert_arch.model_forward(params, Tensor(IDS), Tensor(MASK), Tensor(TOKEN_TYPES))
-    check_close("functional model_forward: last_hidden_state", out.last_hidden_state, expected.last_hidden_state)
+    assert_close(out.last_hidden_state, expected.last_hidden_state, TOL, "functional model_forward: last_hidden_state",
+                 DIFFS)
     embeds = params["bert"]["embeddings"]["word_embeddings"]["weight"][Tensor(IDS)]
     out = BertModel.from_pretrained(path)(inputs_embeds=embeds, **INPUTS)
-    check_close("BertModel(inputs_embeds=): last_hidden_state", out.last_hidden_state, expected.last_hidden_state)
+    assert_close(out.last_hidden_state, expected.last_hidden_state, TOL,
+                 "BertModel(inputs_embeds=): last_hidden_state", DIFFS)
 
 
 def test_decoder_config_is_causal_as_hf(hf_bert):
     torch_model, path = hf_bert("BertModel", is_decoder=True)
     expected = hf_run(torch_model, **INPUTS, use_cache=False)
     out = BertModel.from_pretrained(path)(IDS, **INPUTS)
-    check_close("BertModel(is_decoder): last_hidden_state", out.last_hidden_state, expected.last_hidden_state)
+    assert_close(out.last_hidden_state, expected.last_hidden_state, TOL, "BertModel(is_decoder): last_hidden_state",
+                 DIFFS)
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -146,12 +120,13 @@ def test_masked_lm_logits_and_loss_match_hf(hf_bert, tied):
     assert ("decoder" in model.params["cls"]["predictions"]) is not tied
     out = model(IDS, **INPUTS, labels=MLM_LABELS, output_hidden_states=True)
     name = "tied" if tied else "untied"
-    check_close(f"BertForMaskedLM ({name}): logits", out.logits, expected.logits)
-    check_close(f"BertForMaskedLM ({name}): loss", out.loss, expected.loss, tol=loss_tol(expected.loss))
-    check_close(f"BertForMaskedLM ({name}): hidden_states[-1]", out.hidden_states[-1], expected.hidden_states[-1])
+    assert_close(out.logits, expected.logits, TOL, f"BertForMaskedLM ({name}): logits", DIFFS)
+    assert_close(out.loss, expected.loss, loss_tol(expected.loss), f"BertForMaskedLM ({name}): loss", DIFFS)
+    assert_close(out.hidden_states[-1], expected.hidden_states[-1], TOL,
+                 f"BertForMaskedLM ({name}): hidden_states[-1]", DIFFS)
     functional = bert_arch.forward(bert_arch.load(path, with_pooler=False, with_mlm_head=True), Tensor(IDS),
                                    Tensor(MASK), Tensor(TOKEN_TYPES))
-    check_close(f"functional forward ({name}): logits", functional.logits, expected.logits)
+    assert_close(functional.logits, expected.logits, TOL, f"functional forward ({name}): logits", DIFFS)
 
 
 @pytest.mark.parametrize("problem, num_labels, labels", [
@@ -165,9 +140,9 @@ def test_sequence_classification_logits_and_loss_match_hf(hf_bert, problem, num_
     assert torch_model.config.problem_type.startswith(problem)
     torch_model.config.problem_type = None  # HF stores the inferred type: let the next case infer its own
     out = BertForSequenceClassification.from_pretrained(path)(IDS, **INPUTS, labels=labels)
-    check_close(f"BertForSequenceClassification ({problem}): logits", out.logits, expected.logits)
-    check_close(f"BertForSequenceClassification ({problem}): loss", out.loss, expected.loss,
-                tol=loss_tol(expected.loss))
+    assert_close(out.logits, expected.logits, TOL, f"BertForSequenceClassification ({problem}): logits", DIFFS)
+    assert_close(out.loss, expected.loss, loss_tol(expected.loss), f"BertForSequenceClassification ({problem}): loss",
+                 DIFFS)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -183,12 +158,12 @@ def test_bare_base_model_checkpoint_with_saved_buffers_loads(hf_bert, tmp_path):
     torch_model.config.save_pretrained(tmp_path)
     expected = hf_run(torch_model, **INPUTS)
     out = msfx.AutoModel.from_pretrained(tmp_path)(IDS, **INPUTS)
-    check_close("old-style bare BertModel checkpoint: last_hidden_state", out.last_hidden_state,
-                expected.last_hidden_state)
+    assert_close(out.last_hidden_state, expected.last_hidden_state, TOL,
+                 "old-style bare BertModel checkpoint: last_hidden_state", DIFFS)
     classifier = msfx.AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=2)
     assert type(classifier) is BertForSequenceClassification  # fresh classifier on the loaded encoder
-    check_close("classifier body from a bare BertModel checkpoint: pooler",
-                classifier.params["bert"]["pooler"]["dense"]["weight"], torch_model.pooler.dense.weight, tol=0)
+    assert_close(classifier.params["bert"]["pooler"]["dense"]["weight"], torch_model.pooler.dense.weight, 0,
+                 "classifier body from a bare BertModel checkpoint: pooler", DIFFS)
 
 
 def test_pretraining_checkpoint_loads_into_masked_lm_and_mlm_checkpoint_into_base_model(hf_bert):
@@ -198,13 +173,14 @@ def test_pretraining_checkpoint_loads_into_masked_lm_and_mlm_checkpoint_into_bas
     torch_model, path = hf_bert("BertForPreTraining")
     expected = hf_run(torch_model, **INPUTS)
     out = msfx.AutoModelForMaskedLM.from_pretrained(path)(IDS, **INPUTS)
-    check_close("BertForPreTraining checkpoint -> BertForMaskedLM: logits", out.logits, expected.prediction_logits)
+    assert_close(out.logits, expected.prediction_logits, TOL,
+                 "BertForPreTraining checkpoint -> BertForMaskedLM: logits", DIFFS)
     torch_model, path = hf_bert("BertForMaskedLM", tie_word_embeddings=True)
     expected = hf_run(torch_model.bert, **INPUTS)
     model = msfx.AutoModel.from_pretrained(path)
     assert type(model) is BertModel and model.params["bert"]["pooler"]["dense"]["weight"].shape == (64, 64)
-    check_close("BertForMaskedLM checkpoint -> BertModel: last_hidden_state", model(IDS, **INPUTS).last_hidden_state,
-                expected.last_hidden_state)
+    assert_close(model(IDS, **INPUTS).last_hidden_state, expected.last_hidden_state, TOL,
+                 "BertForMaskedLM checkpoint -> BertModel: last_hidden_state", DIFFS)
 
 
 @pytest.mark.parametrize("cls, hf_cls", [(BertModel, "BertModel"), (BertForMaskedLM, "BertForMaskedLM"),
@@ -223,7 +199,7 @@ def test_save_pretrained_reloads_in_hf_with_the_same_outputs(tmp_path, cls, hf_c
         np.testing.assert_array_equal(theirs[key], value, err_msg=key)
     expected = hf_run(reloaded.eval(), **INPUTS)
     out = model(IDS, **INPUTS)
-    check_close(f"save_pretrained -> HF {hf_cls}: first output", out[0], expected[0])
+    assert_close(out[0], expected[0], TOL, f"save_pretrained -> HF {hf_cls}: first output", DIFFS)
     assert type(msfx.AutoModel.from_pretrained(tmp_path)) is BertModel
 
 

@@ -21,6 +21,8 @@ import transformers
 
 from msfx import CLIPTextModel, T5EncoderModel
 
+from oracle import save_tiny
+
 MAX_FACTOR, MEAN_FACTOR = 1.5, 1.2
 _rng = np.random.default_rng(0)
 IDS = _rng.integers(2, 198, (2, 16))
@@ -59,34 +61,18 @@ def _torch_runs(cls, path, **inputs):
 
 @pytest.fixture(scope="module")
 def t5_dir(tmp_path_factory):
-    torch.manual_seed(0)
     config = transformers.T5Config(vocab_size=200, d_model=64, d_kv=16, d_ff=128, num_layers=3, num_heads=4,
                                    feed_forward_proj="gated-gelu", relative_attention_num_buckets=16,
                                    relative_attention_max_distance=32)
-    model = transformers.T5EncoderModel(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layer_norm" in name:
-                p.uniform_(0.5, 1.5)
-    path = tmp_path_factory.mktemp("t5_bf16")
-    model.save_pretrained(path)
-    return path
+    return save_tiny(transformers.T5EncoderModel, config, tmp_path_factory.mktemp("t5_bf16"))[1]
 
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-    torch.manual_seed(0)
     config = transformers.CLIPTextConfig(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                                          num_attention_heads=4, max_position_embeddings=32, hidden_act="gelu",
                                          eos_token_id=CLIP_EOS, pad_token_id=1, bos_token_id=0)
-    model = transformers.CLIPTextModel(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(0.3 * torch.randn(p.shape))
-    path = tmp_path_factory.mktemp("clip_bf16")
-    model.save_pretrained(path)
-    return path
+    return save_tiny(transformers.CLIPTextModel, config, tmp_path_factory.mktemp("clip_bf16"), biases=True)[1]
 
 
 def test_t5_encoder_bf16(t5_dir):

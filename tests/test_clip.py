@@ -25,6 +25,8 @@ from msfx.errors import CheckpointError
 from msfx.models.clip import (CLIPModel, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionModel,
                               CLIPVisionModelWithProjection)
 
+from oracle import Diffs, assert_close, save_tiny
+
 TOL = 1e-4
 IMAGE, PATCH, SEQ = 30, 10, 10
 TEXT = dict(vocab_size=99, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
@@ -33,35 +35,8 @@ VISION = dict(hidden_size=40, intermediate_size=56, num_hidden_layers=3, num_att
               patch_size=PATCH, projection_dim=24)
 CASES = {"quick_gelu_legacy_eos": dict(hidden_act="quick_gelu", eos_token_id=2),
          "gelu_explicit_eos": dict(hidden_act="gelu", eos_token_id=50)}
-DIFFS: dict[str, float] = {}  # measured max abs diffs, printed at the end of the module
-
-
-def _record(name: str, ours, theirs) -> None:
-    ours = ours.asnumpy() if hasattr(ours, "asnumpy") else np.asarray(ours)
-    theirs = theirs.detach().numpy() if isinstance(theirs, torch.Tensor) else np.asarray(theirs)
-    assert ours.shape == theirs.shape, name
-    diff = float(np.abs(ours - theirs).max())
-    DIFFS[name] = max(DIFFS.get(name, 0.0), diff)
-    assert diff <= TOL, f"{name}: max abs diff {diff}"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report():
-    yield
-    print("\nCLIP max abs diffs vs HF (float32):")
-    for name, diff in sorted(DIFFS.items()):
-        print(f"  {name:55s} {diff:.2e}")
-
-
-def _randomize(model: torch.nn.Module, seed: int) -> None:
-    """Random LayerNorm weights and biases and random linear biases (HF initializes them to 1 / 0)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
-            elif name.endswith("bias"):
-                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+DIFFS = Diffs("CLIP max abs diffs vs HF (float32):")
+_print_measured_diffs = DIFFS.report()
 
 
 def _token_batch(eos: int) -> tuple[np.ndarray, np.ndarray]:
@@ -98,26 +73,21 @@ def _pixels(size: int = IMAGE) -> np.ndarray:
 @pytest.fixture(scope="module", params=list(CASES))
 def hf_clip(request, tmp_path_factory):
     """(case name, HF CLIPModel in eval mode, its checkpoint directory)."""
-    torch.manual_seed(0)
     case = CASES[request.param]
     text = dict(TEXT, hidden_act=case["hidden_act"], eos_token_id=case["eos_token_id"])
     vision = dict(VISION, hidden_act=case["hidden_act"])
     config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=24, initializer_factor=3.0,
                                      logit_scale_init_value=1.5)
-    config._attn_implementation = "eager"
-    model = transformers.CLIPModel(config).eval()
-    _randomize(model, 1)
-    path = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(path)
+    model, path = save_tiny(transformers.CLIPModel, config, tmp_path_factory.mktemp(request.param), biases=True)
     return request.param, model, path
 
 
 def _compare_tower(name: str, ours, theirs) -> None:
-    _record(f"{name} last_hidden_state", ours.last_hidden_state, theirs.last_hidden_state)
-    _record(f"{name} pooler_output", ours.pooler_output, theirs.pooler_output)
+    assert_close(ours.last_hidden_state, theirs.last_hidden_state, TOL, f"{name} last_hidden_state", DIFFS)
+    assert_close(ours.pooler_output, theirs.pooler_output, TOL, f"{name} pooler_output", DIFFS)
     assert len(ours.hidden_states) == len(theirs.hidden_states) == 4
     for i, (a, b) in enumerate(zip(ours.hidden_states, theirs.hidden_states)):
-        _record(f"{name} hidden_states[{i}]", a, b)
+        assert_close(a, b, TOL, f"{name} hidden_states[{i}]", DIFFS)
 
 
 def test_clip_model_matches_hf(hf_clip):
@@ -133,11 +103,13 @@ def test_clip_model_matches_hf(hf_clip):
         text_features = torch_model.get_text_features(torch.tensor(ids), torch.tensor(mask)).pooler_output
         image_features = torch_model.get_image_features(torch.tensor(pixels)).pooler_output
     for name in ("logits_per_image", "logits_per_text", "text_embeds", "image_embeds", "loss"):
-        _record(f"{case} {name}", getattr(out, name), getattr(expected, name))
+        assert_close(getattr(out, name), getattr(expected, name), TOL, f"{case} {name}", DIFFS)
     _compare_tower(f"{case} text", out.text_model_output, expected.text_model_output)
     _compare_tower(f"{case} vision", out.vision_model_output, expected.vision_model_output)
-    _record(f"{case} get_text_features", model.get_text_features(ids, mask).pooler_output, text_features)
-    _record(f"{case} get_image_features", model.get_image_features(pixels).pooler_output, image_features)
+    assert_close(model.get_text_features(ids, mask).pooler_output, text_features, TOL, f"{case} get_text_features",
+                 DIFFS)
+    assert_close(model.get_image_features(pixels).pooler_output, image_features, TOL, f"{case} get_image_features",
+                 DIFFS)
     assert float(np.abs(out.logits_per_image.asnumpy()).max()) > 0.5  # not vanishingly small
     as_tuple = model(ids, pixels, mask, return_dict=False)  # no loss: the tuple starts at logits_per_image
     np.testing.assert_array_equal(as_tuple[0].asnumpy(), out.logits_per_image.asnumpy())
@@ -164,13 +136,13 @@ def test_towers_load_from_the_full_checkpoint_and_their_own(hf_clip, tmp_path):
         assert model.config.model_type == "clip_text_model"
         _compare_tower(f"{case} CLIPTextModel ({where})", model(ids, mask, output_hidden_states=True), text)
         out = CLIPTextModelWithProjection.from_pretrained(source)(ids, mask)
-        _record(f"{case} text_embeds ({where})", out.text_embeds, text_embeds)
+        assert_close(out.text_embeds, text_embeds, TOL, f"{case} text_embeds ({where})", DIFFS)
     for source in (path, tmp_path / "vision"):
         where = "full" if source == path else "own"
         model = CLIPVisionModel.from_pretrained(source)
         _compare_tower(f"{case} CLIPVisionModel ({where})", model(pixels, output_hidden_states=True), vision)
         out = CLIPVisionModelWithProjection.from_pretrained(source)(pixels)
-        _record(f"{case} image_embeds ({where})", out.image_embeds, image_embeds)
+        assert_close(out.image_embeds, image_embeds, TOL, f"{case} image_embeds ({where})", DIFFS)
     assert type(msfx.AutoModel.from_pretrained(tmp_path / "text")) is CLIPTextModel
     assert type(msfx.AutoModelForTextEncoding.from_pretrained(tmp_path / "text")) is CLIPTextModel
     assert type(msfx.AutoModel.from_pretrained(tmp_path / "vision")) is CLIPVisionModel
@@ -184,8 +156,9 @@ def test_interpolate_pos_encoding_matches_hf(hf_clip, size):
     with torch.no_grad():
         expected = torch_model.vision_model(torch.tensor(pixels), interpolate_pos_encoding=True)
     out = CLIPVisionModel.from_pretrained(path)(pixels, interpolate_pos_encoding=True)
-    _record(f"{case} interpolated {size} last_hidden_state", out.last_hidden_state, expected.last_hidden_state)
-    _record(f"{case} interpolated {size} pooler_output", out.pooler_output, expected.pooler_output)
+    assert_close(out.last_hidden_state, expected.last_hidden_state, TOL,
+                 f"{case} interpolated {size} last_hidden_state", DIFFS)
+    assert_close(out.pooler_output, expected.pooler_output, TOL, f"{case} interpolated {size} pooler_output", DIFFS)
 
 
 def test_save_pretrained_reloads_in_hf(hf_clip, tmp_path):

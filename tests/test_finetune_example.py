@@ -33,7 +33,7 @@ def test_corpus_holds_out_and_answers_are_the_numbers():
 @pytest.mark.slow
 def test_finetune_reaches_90_percent(tmp_path):
     out = tmp_path / "digits"
-    run = subprocess.run([sys.executable, str(EXAMPLE), "--output-dir", str(out)], capture_output=True, text=True,
+    run = subprocess.run([sys.executable, str(EXAMPLE), f"--config.output_dir={out}"], capture_output=True, text=True,
                          timeout=1800)
     assert run.returncode == 0, run.stderr[-3000:]
     accuracy = int(run.stdout.split("fine-tuned: held-out accuracy ")[1].split("%")[0])

@@ -18,6 +18,7 @@ from msfx.models.gpt2 import GPT2LMHeadModel
 from msfx.models.t5 import T5ForConditionalGeneration
 
 from conftest import left_padded, make_hf_llama, random_ids
+from oracle import assert_close
 from test_gpt2 import TINY_GPT2, make_hf_gpt2
 from test_llama_family import make_hf
 from test_t5 import IDS as T5_IDS, hf_t5  # noqa: F401 (a fixture)
@@ -38,8 +39,7 @@ def assert_same_generation(got, expected, tol: float = TOL) -> None:
     np.testing.assert_array_equal(got.sequences, expected.sequences.numpy())
     assert len(got.logits) == len(expected.logits)
     for step, (ours, theirs) in enumerate(zip(got.logits, expected.logits)):
-        diff = float(np.abs(ours - theirs.numpy()).max())
-        assert diff <= tol, f"step {step}: logits max abs diff {diff}"
+        assert_close(ours, theirs, tol, f"step {step}: logits")
 
 
 @pytest.fixture(scope="module", params=list(ROPES))

@@ -27,72 +27,27 @@ from msfx.decode.generate import left_padding_positions, new_cache
 from msfx.models.gpt2 import GPT2ForSequenceClassification, GPT2LMHeadModel, GPT2Model
 
 from conftest import left_padded, random_ids
+from oracle import Diffs, assert_close, hf_run, max_abs_diff, ms_ids, save_tiny, to_np
 
 TOL = 1e-4          # float32 max abs diff against torch
 LOSS_RTOL = 1e-5    # float32 loss, relative
 TINY_GPT2 = dict(vocab_size=99, n_embd=64, n_layer=2, n_head=4, n_positions=48, initializer_range=0.2,
                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
-DIFFS: dict[str, float] = {}  # measured max abs diffs, printed at the end of the module
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _print_measured_diffs():
-    yield
-    width = max(map(len, DIFFS), default=0)
-    print("\n\nmsfx GPT-2 vs HF torch, measured max abs diffs:")
-    for name, value in DIFFS.items():
-        print(f"  {name:<{width}}  {value:.3g}")
+DIFFS = Diffs("msfx GPT-2 vs HF torch, measured max abs diffs:")
+_print_measured_diffs = DIFFS.report()
 
 
 def make_hf_gpt2(path, cls_name: str = "GPT2LMHeadModel", seed: int = 0, **overrides):
-    """A tiny `transformers` (PyTorch) GPT-2 with random weights, random LayerNorm weights and
-    random biases (HF initializes those to 1 and 0, which would hide a missed scale or bias),
-    saved to `path`. Returns `(torch_model, path)`."""
-    torch.manual_seed(seed)
+    """A tiny `transformers` (PyTorch) GPT-2 with random weights, LayerNorm weights and biases
+    (`oracle.save_tiny`), saved to `path`. Returns `(torch_model, path)`."""
     config = transformers.GPT2Config(**{**TINY_GPT2, **overrides})
-    config._attn_implementation = "eager"
-    model = getattr(transformers, cls_name)(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".ln_" in name and name.endswith(".weight"):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith(".bias"):
-                p.normal_(0.0, 0.2)
-    model.save_pretrained(path)
-    return model, path
+    return save_tiny(getattr(transformers, cls_name), config, path, seed, biases=True)
 
 
 @pytest.fixture(scope="module")
 def tied(tmp_path_factory):
     """The default tiny `GPT2LMHeadModel` (tied head) and its directory, shared by the module."""
     return make_hf_gpt2(tmp_path_factory.mktemp("gpt2"))
-
-
-def to_np(x) -> np.ndarray:
-    if isinstance(x, Tensor):
-        return x.asnumpy()
-    if isinstance(x, torch.Tensor):
-        return x.detach().numpy()
-    return np.asarray(x)
-
-
-def check_close(name: str, actual, expected, tol: float = TOL) -> float:
-    a, b = to_np(actual).astype(np.float64), to_np(expected).astype(np.float64)
-    assert a.shape == b.shape, (name, a.shape, b.shape)
-    diff = float(np.abs(a - b).max())
-    DIFFS[name] = diff
-    assert diff <= tol, f"{name}: max abs diff {diff:.3g} > {tol:.3g}"
-    return diff
-
-
-def ms_ids(ids) -> Tensor:
-    return Tensor(np.asarray(ids, np.int32))
-
-
-def hf_run(model, ids, attention_mask=None, **kwargs):
-    with torch.no_grad():
-        mask = None if attention_mask is None else torch.tensor(attention_mask)
-        return model(torch.tensor(ids), attention_mask=mask, **kwargs)
 
 
 # ---------------------------------------------------------------- 1. logits and every hidden state
@@ -118,10 +73,10 @@ def test_logits_and_every_hidden_state_match_hf(tmp_path, tied, case):
     expected = hf_run(torch_model, ids, output_hidden_states=True)
     model = GPT2LMHeadModel.from_pretrained(path)
     out = model(ms_ids(ids), output_hidden_states=True)
-    check_close(f"{case}: logits", out.logits, expected.logits)
+    assert_close(out.logits, expected.logits, TOL, f"{case}: logits", DIFFS)
     assert len(out.hidden_states) == len(expected.hidden_states) == TINY_GPT2["n_layer"] + 1
     for i, (ours, theirs) in enumerate(zip(out.hidden_states, expected.hidden_states)):
-        check_close(f"{case}: hidden_states[{i}]", ours, theirs)
+        assert_close(ours, theirs, TOL, f"{case}: hidden_states[{i}]", DIFFS)
     if case == "untied":
         assert "lm_head" in model.params
         assert not np.array_equal(to_np(model.params["lm_head"]["weight"]),
@@ -131,7 +86,7 @@ def test_logits_and_every_hidden_state_match_hf(tmp_path, tied, case):
         config._attn_implementation = "eager"
         other = transformers.GPT2LMHeadModel(config).eval()
         other.load_state_dict(torch_model.state_dict())
-        changed = float((hf_run(other, ids).logits - expected.logits).abs().max())
+        changed = max_abs_diff(hf_run(other, ids).logits, expected.logits)
         DIFFS[f"{case}: torch with the switch undone vs this case (must be > 1e-3)"] = changed
         assert changed > 1e-3
 
@@ -148,15 +103,16 @@ def test_left_padded_batch_with_token_types_matches_hf_at_real_tokens(tied):
         expected = hf_run(torch_model, ids, mask, output_hidden_states=True, token_type_ids=torch.tensor(types),
                           position_ids=None if pos is None else torch.tensor(pos))
         out = model(ids, attention_mask=mask, token_type_ids=types, position_ids=pos, output_hidden_states=True)
-        check_close(f"left-padded, token types, {name}: logits", to_np(out.logits)[real],
-                    to_np(expected.logits)[real])
+        assert_close(to_np(out.logits)[real], to_np(expected.logits)[real], TOL,
+                     f"left-padded, token types, {name}: logits", DIFFS)
         for i, (ours, theirs) in enumerate(zip(out.hidden_states, expected.hidden_states)):
-            check_close(f"left-padded, token types, {name}: hidden_states[{i}]", to_np(ours)[real],
-                        to_np(theirs)[real])
+            assert_close(to_np(ours)[real], to_np(theirs)[real], TOL,
+                         f"left-padded, token types, {name}: hidden_states[{i}]", DIFFS)
     # the mask really removes the pads: each row equals that row alone (positions from the mask)
     for row in range(3):
         alone = model(ids[row:row + 1, real[row]], token_type_ids=types[row:row + 1, real[row]]).logits
-        check_close(f"left-padded row {row} vs unpadded", to_np(out.logits)[row, real[row]], to_np(alone)[0])
+        assert_close(to_np(out.logits)[row, real[row]], to_np(alone)[0], TOL, f"left-padded row {row} vs unpadded",
+                     DIFFS)
 
 
 def test_labels_loss_matches_hf(tied):
@@ -186,10 +142,10 @@ def test_gpt2_model_matches_hf_from_lm_and_from_base_checkpoints(tmp_path, tied)
         assert set(model.params) == {"transformer"}
         out = model(ids, attention_mask=mask, output_hidden_states=True)
         assert out.last_hidden_state.shape == (3, 12, TINY_GPT2["n_embd"])
-        check_close(f"GPT2Model {name}: last_hidden_state", to_np(out.last_hidden_state)[real],
-                    to_np(theirs.last_hidden_state)[real])
+        assert_close(to_np(out.last_hidden_state)[real], to_np(theirs.last_hidden_state)[real], TOL,
+                     f"GPT2Model {name}: last_hidden_state", DIFFS)
         for i, (a, b) in enumerate(zip(out.hidden_states, theirs.hidden_states)):
-            check_close(f"GPT2Model {name}: hidden_states[{i}]", to_np(a)[real], to_np(b)[real])
+            assert_close(to_np(a)[real], to_np(b)[real], TOL, f"GPT2Model {name}: hidden_states[{i}]", DIFFS)
     # saved without the prefix, as HF saves a GPT2Model: HF loads it with every key
     model.save_pretrained(tmp_path / "saved_base")
     reloaded, info = transformers.GPT2Model.from_pretrained(tmp_path / "saved_base", attn_implementation="eager",
@@ -211,7 +167,7 @@ def test_sequence_classification_logits_and_loss_match_hf(tmp_path, padding):
     assert model.config.num_labels == 3 and sorted(model.params) == ["score", "transformer"]
     out = model(ids, attention_mask=mask, labels=labels)
     assert out.logits.shape == (3, 3)
-    check_close(f"sequence classification {padding}-padded: logits", out.logits, expected.logits)
+    assert_close(out.logits, expected.logits, TOL, f"sequence classification {padding}-padded: logits", DIFFS)
     ours, theirs = float(to_np(out.loss)), float(expected.loss)
     DIFFS[f"sequence classification {padding}-padded: loss (relative)"] = abs(ours - theirs) / abs(theirs)
     assert ours == pytest.approx(theirs, rel=LOSS_RTOL, abs=0)
@@ -234,8 +190,8 @@ def test_greedy_generate_matches_hf_eager_and_compiled_and_cache_equals_full_for
         got = model.generate(ids, attention_mask=mask, max_new_tokens=max_new, jit=jit, output_logits=True,
                              return_dict_in_generate=True)
         np.testing.assert_array_equal(got.sequences, expected, err_msg=f"jit={jit}")
-        check_close(f"generate jit={jit}: per-step logits vs HF", np.stack(got.logits, 1),
-                    np.stack([to_np(x) for x in hf.logits], 1))
+        assert_close(np.stack(got.logits, 1), np.stack([to_np(x) for x in hf.logits], 1), TOL,
+                     f"generate jit={jit}: per-step logits vs HF", DIFFS)
     assert model._compiled_step(True).compiles == 2  # one prefill graph, one decode graph for every step
 
     # the functional core over an explicit cache, step by step: each step's logits equal a full
@@ -257,7 +213,7 @@ def test_greedy_generate_matches_hf_eager_and_compiled_and_cache_equals_full_for
         cached.append(to_np(out.logits)[:, -1])
     full = to_np(gpt2_arch.forward(params, ms_ids(expected), Tensor(full_mask.astype(np.int32)),
                                    Tensor(positions)).logits)
-    check_close("functional cached steps vs full forward", np.stack(cached, 1), full[:, prompt - 1:-1], 1e-5)
+    assert_close(np.stack(cached, 1), full[:, prompt - 1:-1], 1e-5, "functional cached steps vs full forward", DIFFS)
 
 
 def test_beam_search_matches_hf(tied):
@@ -268,7 +224,7 @@ def test_beam_search_matches_hf(tied):
         expected = torch_model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), **kwargs)
     got = GPT2LMHeadModel.from_pretrained(path).generate(ids, attention_mask=mask, jit=False, **kwargs)
     np.testing.assert_array_equal(got.sequences, expected.sequences.numpy())
-    check_close("beam search sequences_scores", got.sequences_scores, expected.sequences_scores)
+    assert_close(got.sequences_scores, expected.sequences_scores, TOL, "beam search sequences_scores", DIFFS)
 
 
 # ---------------------------------------------------------------- 4. saving, parameters, errors
@@ -284,7 +240,7 @@ def test_save_pretrained_loads_in_hf_with_identical_logits(tmp_path, tied, tie):
     ids = random_ids(2, 9, seed=9)
     expected = to_np(hf_run(torch_model, ids).logits)
     np.testing.assert_array_equal(to_np(hf_run(reloaded.eval(), ids).logits), expected)
-    check_close(f"saved (tied={tie}) then msfx logits vs torch", model(ids).logits, expected)
+    assert_close(model(ids).logits, expected, TOL, f"saved (tied={tie}) then msfx logits vs torch", DIFFS)
 
 
 def test_param_shapes_and_fresh_init_follow_hf(tmp_path, tied):
@@ -302,7 +258,8 @@ def test_param_shapes_and_fresh_init_follow_hf(tmp_path, tied):
     model.save_pretrained(tmp_path / "fresh")
     reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "fresh", attn_implementation="eager").eval()
     ids = random_ids(2, 9, seed=10)
-    check_close("fresh msfx init, saved, HF logits vs msfx", model(ids).logits, hf_run(reloaded, ids).logits)
+    assert_close(model(ids).logits, hf_run(reloaded, ids).logits, TOL, "fresh msfx init, saved, HF logits vs msfx",
+                 DIFFS)
 
 
 def test_more_tokens_than_n_positions_raise_a_clear_value_error(tied):
@@ -355,5 +312,5 @@ def test_old_checkpoints_with_causal_mask_buffers_load(tmp_path, tied):
     ids = np.random.default_rng(0).integers(0, torch_model.config.vocab_size, (1, 6))
     with torch.no_grad():
         expected = torch_model(torch.tensor(ids)).logits.numpy()
-    check_close("checkpoint with attn.bias buffers", GPT2LMHeadModel.from_pretrained(tmp_path)(ms_ids(ids)).logits,
-                expected)
+    assert_close(GPT2LMHeadModel.from_pretrained(tmp_path)(ms_ids(ids)).logits, expected, TOL,
+                 "checkpoint with attn.bias buffers", DIFFS)

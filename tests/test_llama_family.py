@@ -17,6 +17,7 @@ import transformers
 import msfx
 
 from conftest import random_ids
+from oracle import save_tiny
 
 BASE = dict(vocab_size=99, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2, rms_norm_eps=1e-5,
@@ -50,20 +51,11 @@ FAMILIES = {  # name -> (HF config class, HF causal LM class, config overrides)
 
 
 def make_hf(tmp_path, family: str, seed: int = 0, **extra):
-    """The tiny HF model of `family` (config overrides from `FAMILIES`, then `extra`), saved to `tmp_path`."""
+    """The tiny HF model of `family` (config overrides from `FAMILIES`, then `extra`; random norms and
+    biases: `oracle.save_tiny`), saved to `tmp_path`. Returns `(torch_model, tmp_path)`."""
     config_cls, model_cls, overrides = FAMILIES[family]
-    torch.manual_seed(seed)
     config = getattr(transformers, config_cls)(**{**BASE, **overrides, **extra})
-    config._attn_implementation = "eager"
-    model = getattr(transformers, model_cls)(config).eval()
-    with torch.no_grad():  # HF initializes norms to 1 and biases to 0: randomize both, so a missed one shows
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                p.uniform_(-0.5, 0.5)
-    model.save_pretrained(tmp_path)
-    return model, tmp_path
+    return save_tiny(getattr(transformers, model_cls), config, tmp_path, seed, biases=True)
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))

