@@ -18,7 +18,6 @@ from mindspore import Tensor
 from msfx.decode.cache import KVCache
 from msfx.decode.sampling import make_rng, sample_tokens
 from msfx.decode.step import CompiledStep
-from msfx.layers.rotary import rope_frequencies, rope_per_layer_type
 
 CACHE_BUCKET = 64
 PREFILL_BUCKET = 32
@@ -55,7 +54,7 @@ def new_cache(config, batch: int, max_len: int, dtype, lengths: tuple[int, ...] 
 
 class DecodeState:
     """One generation's model-side state: the KV cache, the key mask over its slots, the ids and
-    positions written so far, and the rope frequencies; runs the prompt (`prefill`) and each new
+    positions written so far; runs the prompt (`prefill`) and each new
     token (`step`).
 
     `input_ids` / `attention_mask`: `[batch, prompt]` numpy (left-padded, mask 0 on pads). With
@@ -85,12 +84,7 @@ class DecodeState:
         key_mask = np.ones((batch, max_len), np.int32)
         key_mask[:, :self.prompt_len] = attention_mask
         self.key_mask = Tensor(key_mask)
-        rope = getattr(config, "rope_parameters", None)
-        if rope is None or rope_per_layer_type(config):  # the steps take (and ignore) a placeholder
-            self._inv_freq = Tensor(np.zeros(1, np.float32))
-        else:  # dynamic and longrope frequencies depend on the length reached: computed per call
-            dynamic = rope.get("rope_type", "default") in ("dynamic", "longrope")
-            self._inv_freq = None if dynamic else Tensor(rope_frequencies(config)[0])
+        self._step_inputs = prefill.arch.step_inputs(config)  # e.g. rope frequencies, by positions
         self.position_ids = left_padding_positions(attention_mask)  # of slots 0..slot-1
         self.slot = 0
 
@@ -100,17 +94,12 @@ class DecodeState:
         steps = {id(s): s for s in (self._prefill, self._step)}
         return sum(s.compiles for s in steps.values())
 
-    def _frequencies(self, position_ids: np.ndarray) -> Tensor:
-        if self._inv_freq is not None:
-            return self._inv_freq
-        return Tensor(rope_frequencies(self.config, int(position_ids.max()) + 1)[0])
-
     def _run_from_start(self) -> Tensor:
         """Every id written so far run through `prefill`, rewriting cache slots 0..slot-1."""
         positions = self.position_ids
         logits, self.cache = self._prefill(Tensor(self.input_ids.astype(np.int32)), self.key_mask, Tensor(positions),
                                            Tensor(np.arange(self.slot, dtype=np.int32)),
-                                           self._frequencies(positions), self.cache)
+                                           self._step_inputs(positions), self.cache)
         return logits
 
     def prefill(self) -> Tensor:
@@ -131,7 +120,7 @@ class DecodeState:
         if recompute:
             return self._run_from_start()
         logits, self.cache = self._step(Tensor(tokens[:, None].astype(np.int32)), self.key_mask, Tensor(positions),
-                                        Tensor(np.array([self.slot - 1], np.int32)), self._frequencies(positions),
+                                        Tensor(np.array([self.slot - 1], np.int32)), self._step_inputs(positions),
                                         self.cache, None if beam_idx is None else Tensor(beam_idx.astype(np.int32)))
         return logits
 
