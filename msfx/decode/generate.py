@@ -10,29 +10,17 @@ prompt in the same bucket.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 from mindspore import Tensor
 
 from msfx.decode.cache import KVCache
+from msfx.decode.options import DecodeOptions, GenerationStats
 from msfx.decode.sampling import make_rng, sample_tokens
 from msfx.decode.step import CompiledStep
 
 CACHE_BUCKET = 64
 PREFILL_BUCKET = 32
-
-
-@dataclass
-class GenerationStats:
-    """Timings of the last `decode_loop` call, in seconds and tokens."""
-
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    compile_seconds: float = 0.0
-    step_times: list = field(default_factory=list)
 
 
 def left_padding_positions(attention_mask: np.ndarray) -> np.ndarray:
@@ -150,65 +138,54 @@ class StepTimer:
         self.stats.decode_seconds = float(sum(self.stats.step_times))
 
 
-def decode_loop(state: DecodeState, input_ids: np.ndarray, max_new_tokens: int, eos_token_id: list[int],
-                pad_token_id: int | None, streamer=None, stats: GenerationStats | None = None, *,
-                logits_processor=None, do_sample: bool = False, rng: np.random.Generator | None = None,
-                stopping_criteria=None, max_time: float | None = None, scores_out: list | None = None,
-                logits_out: list | None = None) -> np.ndarray:
+def decode_loop(state: DecodeState, input_ids: np.ndarray, options: DecodeOptions) -> np.ndarray:
     """Greedy or sampled continuation of `input_ids` `[batch, seq]`, HF's `GenerationMixin._sample`.
 
     `state` runs the model: its `prefill()` gives the logits after the prompt, its
     `step(tokens)` those after each new token (a `DecodeState`, or an encoder-decoder's).
 
-    Each step's last logits (float32 numpy `[batch, vocab]`) go through `logits_processor`
-    (`(sequences, scores) -> scores`, e.g. a `msfx.decode.processors.LogitsProcessorList`), then
-    the next token is their argmax, or with `do_sample` a draw from their softmax with `rng`.
-    Returns int64 `[batch, seq + new]`, `new <= max_new_tokens`: generation stops when every row
-    has finished, i.e. produced one of `eos_token_id` or been stopped by a `stopping_criteria`
-    callable `(sequences int64 [batch, cur_len], scores [batch, vocab]) -> bool or bool [batch]`,
-    or once `max_time` seconds have passed since the call began. As in HF, when there is an eos
-    (or a criterion with an `eos_token_id` attribute), finished rows continue with `pad_token_id`.
-    `streamer` (e.g. `transformers.TextStreamer`) gets the prompt, then each new token column.
-    `scores_out` / `logits_out`, when given, get each step's processed scores / a copy of its raw
-    logits appended (HF's `output_scores` / `output_logits`); nothing is kept otherwise.
+    Each step's last logits (float32 numpy `[batch, vocab]`) go through `options.logits_processor`,
+    then the next token is their argmax, or with `do_sample` a draw from their softmax. Returns int64
+    `[batch, seq + new]`, `new <= max_new_tokens`: generation stops when every row has finished,
+    i.e. produced one of `eos_token_id` or been stopped by a stopping criterion (given the sequences
+    and this step's scores), or once `max_time` seconds have passed since the call began. As in HF,
+    finished rows continue with `pad_token_id` (see `DecodeOptions.pads_finished`). `options.recorder`
+    gets the timings, the streamed tokens and, when asked, each step's scores and raw logits.
     """
     began = time.perf_counter()
-    stopping_criteria = list(stopping_criteria or [])
-    pads_finished = pad_token_id is not None and (bool(eos_token_id) or any(hasattr(c, "eos_token_id")
-                                                                             for c in stopping_criteria))
-    if do_sample and rng is None:
-        rng = make_rng()
+    rng = options.rng if options.rng is not None or not options.do_sample else make_rng()
+    recorder, pads_finished = options.recorder, options.pads_finished
     batch, prompt_len = input_ids.shape
-    if streamer is not None:
-        streamer.put(input_ids)
-    timer = StepTimer(stats if stats is not None else GenerationStats(), state)
+    if recorder.streamer is not None:
+        recorder.streamer.put(input_ids)
+    timer = StepTimer(recorder.stats, state)
     logits = state.prefill()
     sequences = input_ids.astype(np.int64)
     unfinished = np.ones(batch, bool)
-    for i in range(max_new_tokens):
+    for i in range(options.max_new_tokens):
         scores = logits.asnumpy()
-        if logits_out is not None:
-            logits_out.append(scores.copy())  # a processor may edit its input in place
-        if logits_processor:
-            scores = logits_processor(sequences, scores)
-        if scores_out is not None:
-            scores_out.append(scores)
-        tokens = sample_tokens(scores, rng) if do_sample else np.argmax(scores, -1)
+        if recorder.logits is not None:
+            recorder.logits.append(scores.copy())  # a processor may edit its input in place
+        if options.logits_processor:
+            scores = options.logits_processor(sequences, scores)
+        if recorder.scores is not None:
+            recorder.scores.append(scores)
+        tokens = sample_tokens(scores, rng) if options.do_sample else np.argmax(scores, -1)
         timer.lap()
         if pads_finished:
-            tokens = np.where(unfinished, tokens, pad_token_id)
+            tokens = np.where(unfinished, tokens, options.pad_token_id)
         sequences = np.concatenate([sequences, tokens[:, None]], 1)
-        if streamer is not None:
-            streamer.put(tokens)
-        unfinished &= ~np.isin(tokens, eos_token_id)
-        for criterion in stopping_criteria:
+        if recorder.streamer is not None:
+            recorder.streamer.put(tokens)
+        unfinished &= ~np.isin(tokens, options.eos_token_id)
+        for criterion in options.stopping_criteria:
             unfinished &= ~np.broadcast_to(np.asarray(criterion(sequences, scores), bool), unfinished.shape)
-        if max_time is not None and time.perf_counter() - began > max_time:
+        if options.max_time is not None and time.perf_counter() - began > options.max_time:
             unfinished[:] = False
-        if not unfinished.any() or i == max_new_tokens - 1:
+        if not unfinished.any() or i == options.max_new_tokens - 1:
             break
         logits = state.step(tokens)
-    if streamer is not None:
-        streamer.end()
+    if recorder.streamer is not None:
+        recorder.streamer.end()
     timer.finish(sequences.shape[1] - prompt_len)
     return sequences
