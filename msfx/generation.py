@@ -2,8 +2,9 @@
 
 Follows `transformers.GenerationMixin.generate` (5.x): the generation config is merged from the
 call, the checkpoint's `generation_config.json` and HF's defaults; special tokens, attention
-mask, lengths, logits processors and stopping criteria are prepared as HF prepares them; then
-greedy/sampling (`decode_loop`) or beam search (`beam_search`) runs over an explicit KV cache.
+mask, lengths, logits processors and stopping criteria are prepared as HF prepares them (into a
+`msfx.decode.options.DecodeOptions`); then greedy/sampling (`decode_loop`) or beam search
+(`beam_search`) runs over an explicit KV cache, and the result is packaged as HF's output classes.
 """
 from __future__ import annotations
 
