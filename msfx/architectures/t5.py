@@ -25,14 +25,14 @@ import numpy as np
 from mindspore import Tensor, ops
 from transformers import T5Config
 
-from msfx.decode.cache import KVCache, reorder_cache, write_cache
+from msfx.decode.cache import KVCache, write_cache
 from msfx.layers.attention import arange, attention_bias, padding_bias, scaled_dot_product_attention
-from msfx.layers.basic import activation, check_model_inputs, check_token_ids, embedding, linear
+from msfx.layers.basic import activation, check_model_inputs, embedding, linear
 from msfx.layers.dropout import dropout
 from msfx.layers.norms import rms_norm
 from msfx.params import load_params, resolve_model_dir
 from msfx.params.safetensors_io import checkpoint_files, read_shapes
-from msfx.params.tree import Params, config_of, flatten, unflatten, unflatten_keys
+from msfx.params.tree import Params, config_of, unflatten_keys
 
 MODEL_TYPE = "t5"
 CONFIG_CLASS = T5Config

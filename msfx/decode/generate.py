@@ -16,7 +16,7 @@ from mindspore import Tensor
 
 from msfx.decode.cache import KVCache
 from msfx.decode.options import DecodeOptions, GenerationStats
-from msfx.decode.sampling import make_rng, sample_tokens
+from msfx.decode.sampling import sample_tokens
 from msfx.decode.step import CompiledStep
 
 CACHE_BUCKET = 64
@@ -153,7 +153,7 @@ def decode_loop(state: DecodeState, input_ids: np.ndarray, options: DecodeOption
     gets the timings, the streamed tokens and, when asked, each step's scores and raw logits.
     """
     began = time.perf_counter()
-    rng = options.rng if options.rng is not None or not options.do_sample else make_rng()
+    rng = options.sampling_rng()
     recorder, pads_finished = options.recorder, options.pads_finished
     batch, prompt_len = input_ids.shape
     if recorder.streamer is not None:

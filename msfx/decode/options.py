@@ -7,6 +7,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from msfx.decode.sampling import make_rng
+
 
 @dataclass
 class GenerationStats:
@@ -53,6 +55,10 @@ class DecodeOptions:
     do_sample: bool = False
     rng: np.random.Generator | None = None
     recorder: Recorder = field(default_factory=Recorder)
+
+    def sampling_rng(self) -> np.random.Generator | None:
+        """`rng`, or when sampling without one a generator from fresh entropy (None for greedy)."""
+        return self.rng if self.rng is not None or not self.do_sample else make_rng()
 
     @property
     def pads_finished(self) -> bool:

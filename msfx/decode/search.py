@@ -17,7 +17,6 @@ import numpy as np
 from msfx.decode.generate import DecodeState, StepTimer
 from msfx.decode.options import BeamOptions, DecodeOptions
 from msfx.decode.processors import _log_softmax
-from msfx.decode.sampling import make_rng
 
 _NEG = np.float32(-1.0e9)  # HF's "never choose this" score offset
 
@@ -85,7 +84,7 @@ def beam_search(state: DecodeState, input_ids: np.ndarray, options: DecodeOption
     Returns the best `num_return_sequences` hypotheses per row, best first (a `BeamSearchResult`).
     """
     began = time.perf_counter()
-    rng = options.rng if options.rng is not None or not options.do_sample else make_rng()
+    rng = options.sampling_rng()
     num_beams, length_penalty, early_stopping = beams.num_beams, beams.length_penalty, beams.early_stopping
     eos_token_id, pad_token_id, max_new_tokens = options.eos_token_id, options.pad_token_id, options.max_new_tokens
     recorder = options.recorder
