@@ -2,8 +2,9 @@
 
 Follows `transformers.GenerationMixin.generate` (5.x): the generation config is merged from the
 call, the checkpoint's `generation_config.json` and HF's defaults; special tokens, attention
-mask, lengths, logits processors and stopping criteria are prepared as HF prepares them; then
-greedy/sampling (`decode_loop`) or beam search (`beam_search`) runs over an explicit KV cache.
+mask, lengths, logits processors and stopping criteria are prepared as HF prepares them (into a
+`msfx.decode.options.DecodeOptions`); then greedy/sampling (`decode_loop`) or beam search
+(`beam_search`) runs over an explicit KV cache, and the result is packaged as HF's output classes.
 """
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from mindspore import Tensor
 from transformers import GenerationConfig
 from transformers.utils import ModelOutput
 
-from msfx.decode.generate import PREFILL_BUCKET, DecodeState, GenerationStats, decode_loop
+from msfx.decode.generate import PREFILL_BUCKET, DecodeState, decode_loop
+from msfx.decode.options import BeamOptions, DecodeOptions, GenerationStats, Recorder
 from msfx.decode.processors import build_logits_processors
 from msfx.decode.sampling import make_rng
-from msfx.decode.search import beam_search
+from msfx.decode.search import BeamSearchResult, beam_search
 from msfx.decode.stopping import StopStringCriteria
 from msfx.layers.basic import check_token_ids, lacks_bf16_kernels
 
@@ -112,6 +114,84 @@ def _as_tuple(values: list | None) -> tuple | None:
     return None if values is None else tuple(values)
 
 
+@dataclass
+class _Prepared:
+    """One `generate` call after HF's preparation: the inputs expanded per beam / returned sequence
+    (`input_ids` the decoder's start column for an encoder-decoder, whose source is `encoder_inputs`),
+    and what the loop is told."""
+
+    config: GenerationConfig
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    encoder_inputs: tuple[np.ndarray, np.ndarray] | None
+    options: DecodeOptions
+    beams: BeamOptions | None  # None: greedy search or sampling
+    jit: bool | str
+    as_dict: bool
+
+
+def _check_callables(jit, logits_processor, stopping_criteria) -> None:
+    if jit not in (True, False, "decode"):
+        raise ValueError(f"jit must be True, False or 'decode', got {jit!r}")
+    for name, callables in (("logits_processor", logits_processor), ("stopping_criteria", stopping_criteria)):
+        torch_based = [type(c).__name__ for c in callables or [] if type(c).__module__.startswith("transformers.")]
+        if torch_based:
+            raise TypeError(f"{name} holds transformers' torch classes {torch_based}: msfx applies numpy "
+                            "callables (see msfx.decode.processors); the built-in ones follow from the "
+                            "generation config")
+
+
+def _check_modes(config: GenerationConfig, streamer) -> tuple[int, bool]:
+    """`num_beams` and `return_dict_in_generate` of the merged config, checked against what msfx supports."""
+    if config.num_beams is not None and config.num_beams < 1:
+        raise ValueError(f"num_beams must be at least 1, got {config.num_beams}")
+    num_beams = config.num_beams or 1
+    as_dict = bool(config.return_dict_in_generate)
+    if as_dict and (config.output_attentions or config.output_hidden_states):
+        raise NotImplementedError("msfx generate does not return attentions or hidden states yet "
+                                  "(return_dict_in_generate supports output_scores and output_logits)")
+    if streamer is not None and num_beams > 1:
+        raise ValueError("`streamer` cannot be used with beam search (yet!). Make sure that `num_beams` is "
+                         "set to 1.")
+    return num_beams, as_dict
+
+
+def _special_tokens(config: GenerationConfig, ids: np.ndarray, attention_mask) -> tuple[list[int], int | None]:
+    """The eos ids (a list) and the pad id, which defaults to the first eos (HF's `_prepare_special_tokens`)."""
+    eos = config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    pad = config.pad_token_id
+    if pad is None and eos:
+        if attention_mask is None and ids.shape[0] > 1:
+            logger.warning("The attention mask and the pad token id were not set, with a batched input. As a "
+                           "consequence, you may observe unexpected behavior. Please pass your input's "
+                           "`attention_mask` to obtain reliable results.")
+        pad = eos[0]
+    return eos, pad
+
+
+def _decoder_start(config: GenerationConfig, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """An encoder-decoder's first decoder ids and mask, `[batch, 1]`."""
+    start = config.decoder_start_token_id if config.decoder_start_token_id is not None else config.bos_token_id
+    if start is None:
+        raise ValueError("`decoder_start_token_id` or `bos_token_id` has to be defined for encoder-decoder "
+                         "generation.")
+    return np.full((batch, 1), start, np.int64), np.ones((batch, 1), np.int32)
+
+
+def _stopping_criteria(config: GenerationConfig, stopping_criteria, tokenizer) -> list:
+    """The user's criteria, then `StopStringCriteria` for `stop_strings` (which need the tokenizer)."""
+    criteria = list(stopping_criteria or [])
+    if config.stop_strings is not None:
+        if tokenizer is None:
+            raise ValueError("There are one or more stop strings, either in the arguments to `generate` or in "
+                             "the model's generation config, but we could not locate a tokenizer. When generating "
+                             "with stop strings, you must pass the model's tokenizer to the `tokenizer` argument "
+                             "of `generate`.")
+        criteria.append(StopStringCriteria(tokenizer, config.stop_strings))
+    return criteria
+
+
 class GenerationMixin:
     """HF-style `generate` for the wrappers: greedy search, sampling and beam search over the KV cache.
 
@@ -179,89 +259,73 @@ class GenerationMixin:
                 `guidance_scale`, ...), or `output_attentions` / `output_hidden_states` with
                 `return_dict_in_generate`.
         """
-        if jit not in (True, False, "decode"):
-            raise ValueError(f"jit must be True, False or 'decode', got {jit!r}")
-        for name, callables in (("logits_processor", logits_processor), ("stopping_criteria", stopping_criteria)):
-            torch_based = [type(c).__name__ for c in callables or [] if type(c).__module__.startswith("transformers.")]
-            if torch_based:
-                raise TypeError(f"{name} holds transformers' torch classes {torch_based}: msfx applies numpy "
-                                "callables (see msfx.decode.processors); the built-in ones follow from the "
-                                "generation config")
+        prepared = self._prepare_generation(input_ids, attention_mask, generation_config, streamer, jit,
+                                            logits_processor, stopping_criteria, tokenizer, seed, kwargs)
+        if prepared.options.max_new_tokens <= 0:  # HF returns the prompt
+            ids = prepared.input_ids.astype(np.int64)
+            return self._output_class(False)(sequences=ids) if prepared.as_dict else ids
+        return self._package(prepared, self._run_generation(prepared))
+
+    def _prepare_generation(self, input_ids, attention_mask, generation_config, streamer, jit, logits_processor,
+                            stopping_criteria, tokenizer, seed, kwargs) -> _Prepared:
+        """HF's preparation in `generate` (arguments as there): config, special tokens, mask, lengths,
+        the inputs expanded per beam / returned sequence, processors and criteria. Raises as `generate`."""
+        _check_callables(jit, logits_processor, stopping_criteria)
         config, default_max_length = self._merge_generation_config(generation_config, kwargs)
-        if config.num_beams is not None and config.num_beams < 1:
-            raise ValueError(f"num_beams must be at least 1, got {config.num_beams}")
-        num_beams = config.num_beams or 1
-        as_dict = bool(config.return_dict_in_generate)
-        if as_dict and (config.output_attentions or config.output_hidden_states):
-            raise NotImplementedError("msfx generate does not return attentions or hidden states yet "
-                                      "(return_dict_in_generate supports output_scores and output_logits)")
-        if streamer is not None and num_beams > 1:
-            raise ValueError("`streamer` cannot be used with beam search (yet!). Make sure that `num_beams` is "
-                             "set to 1.")
+        num_beams, as_dict = _check_modes(config, streamer)
         ids = check_token_ids(input_ids, self.config.vocab_size)
-        eos = config.eos_token_id
-        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        pad = config.pad_token_id
-        if pad is None and eos:
-            if attention_mask is None and ids.shape[0] > 1:
-                logger.warning("The attention mask and the pad token id were not set, with a batched input. As a "
-                               "consequence, you may observe unexpected behavior. Please pass your input's "
-                               "`attention_mask` to obtain reliable results.")
-            pad = eos[0]
+        eos, pad = _special_tokens(config, ids, attention_mask)
         mask = self._attention_mask(ids, attention_mask, pad, eos)
         encoder_inputs = None
         if self.config.is_encoder_decoder:  # the prompt feeds the encoder; the decoder starts from one token
-            start = config.decoder_start_token_id if config.decoder_start_token_id is not None else config.bos_token_id
-            if start is None:
-                raise ValueError("`decoder_start_token_id` or `bos_token_id` has to be defined for encoder-decoder "
-                                 "generation.")
-            encoder_inputs = (ids, mask)
-            ids, mask = np.full((ids.shape[0], 1), start, np.int64), np.ones((ids.shape[0], 1), np.int32)
+            encoder_inputs, (ids, mask) = (ids, mask), _decoder_start(config, ids.shape[0])
         max_new = self._max_new_tokens(config, ids.shape[1], default_max_length)
         # HF's prepared lengths (`_prepare_generated_length`): absolute, prompt included
         config.max_length = ids.shape[1] + max_new
         if config.min_new_tokens is not None:
             config.min_length = config.min_new_tokens + ids.shape[1]
-        criteria = list(stopping_criteria or [])
-        if config.stop_strings is not None:
-            if tokenizer is None:
-                raise ValueError("There are one or more stop strings, either in the arguments to `generate` or in "
-                                 "the model's generation config, but we could not locate a tokenizer. When generating "
-                                 "with stop strings, you must pass the model's tokenizer to the `tokenizer` argument "
-                                 "of `generate`.")
-            criteria.append(StopStringCriteria(tokenizer, config.stop_strings))
-        scores = [] if as_dict and config.output_scores else None
-        logits = [] if as_dict and config.output_logits else None
+        criteria = _stopping_criteria(config, stopping_criteria, tokenizer)
         copies = max(num_beams, config.num_return_sequences or 1)  # HF's `_expand_inputs_for_generation`
         ids, mask = np.repeat(ids, copies, 0), np.repeat(mask, copies, 0)
         if encoder_inputs is not None:
             encoder_inputs = tuple(np.repeat(x, copies, 0) for x in encoder_inputs)
         processors = build_logits_processors(config, ids.shape[1], logits_processor, attention_mask=mask)
-        enc_dec = bool(self.config.is_encoder_decoder)
-        output_class = GenerateEncoderDecoderOutput if enc_dec else GenerateDecoderOnlyOutput
-        if max_new <= 0:
-            return output_class(sequences=ids.astype(np.int64)) if as_dict else ids.astype(np.int64)
+        recorder = Recorder(GenerationStats(prompt_tokens=int(mask.sum()) // copies),
+                            scores=[] if as_dict and config.output_scores else None,
+                            logits=[] if as_dict and config.output_logits else None, streamer=streamer)
+        options = DecodeOptions(max_new, tuple(eos), pad, processors, tuple(criteria), config.max_time,
+                                bool(config.do_sample), make_rng(seed) if config.do_sample else None, recorder)
+        beams = None if num_beams == 1 else BeamOptions(num_beams, config.length_penalty, config.early_stopping,
+                                                        config.num_return_sequences or 1)
+        return _Prepared(config, ids, mask, encoder_inputs, options, beams, jit, as_dict)
 
-        self.last_generation_stats = stats = GenerationStats(prompt_tokens=int(mask.sum()) // copies)
-        use_cache = config.use_cache is not False
-        state = self._decode_state(ids, mask, max_new, jit if use_cache else False, encoder_inputs, use_cache)
-        loop_args = dict(logits_processor=processors, stopping_criteria=criteria, max_time=config.max_time,
-                         do_sample=bool(config.do_sample), rng=make_rng(seed) if config.do_sample else None,
-                         stats=stats, scores_out=scores, logits_out=logits)
-        if num_beams == 1:
-            sequences = decode_loop(state, ids, max_new, eos, pad, streamer, **loop_args)
-            if not as_dict:
-                return sequences
-            return output_class(sequences=sequences, scores=_as_tuple(scores), logits=_as_tuple(logits))
-        result = beam_search(state, ids, max_new, eos, pad, num_beams=num_beams, length_penalty=config.length_penalty,
-                             early_stopping=config.early_stopping,
-                             num_return_sequences=config.num_return_sequences or 1, **loop_args)
-        if not as_dict:
+    def _run_generation(self, prepared: _Prepared) -> np.ndarray | BeamSearchResult:
+        """The decode loop (greedy / sampling, or beam search) over a fresh decode state."""
+        self.last_generation_stats = prepared.options.recorder.stats
+        use_cache = prepared.config.use_cache is not False
+        state = self._decode_state(prepared.input_ids, prepared.attention_mask, prepared.options.max_new_tokens,
+                                   prepared.jit if use_cache else False, prepared.encoder_inputs, use_cache)
+        if prepared.beams is None:
+            return decode_loop(state, prepared.input_ids, prepared.options)
+        return beam_search(state, prepared.input_ids, prepared.options, prepared.beams)
+
+    def _output_class(self, beams: bool) -> type:
+        if self.config.is_encoder_decoder:
+            return GenerateBeamEncoderDecoderOutput if beams else GenerateEncoderDecoderOutput
+        return GenerateBeamDecoderOnlyOutput if beams else GenerateDecoderOnlyOutput
+
+    def _package(self, prepared: _Prepared, result: np.ndarray | BeamSearchResult):
+        """`generate`'s result: the sequences, or with `return_dict_in_generate` HF's output class."""
+        recorder = prepared.options.recorder
+        scores, logits = _as_tuple(recorder.scores), _as_tuple(recorder.logits)
+        if not isinstance(result, BeamSearchResult):
+            return self._output_class(False)(sequences=result, scores=scores, logits=logits) if prepared.as_dict \
+                else result
+        if not prepared.as_dict:
             return result.sequences
-        output_class = GenerateBeamEncoderDecoderOutput if enc_dec else GenerateBeamDecoderOnlyOutput
-        return output_class(
-            sequences=result.sequences, sequences_scores=result.sequences_scores if config.output_scores else None,
-            scores=_as_tuple(scores), logits=_as_tuple(logits), beam_indices=result.beam_indices)
+        return self._output_class(True)(
+            sequences=result.sequences, scores=scores, logits=logits, beam_indices=result.beam_indices,
+            sequences_scores=result.sequences_scores if prepared.config.output_scores else None)
 
     def _decode_state(self, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int, jit: bool | str,
                       encoder_inputs: tuple[np.ndarray, np.ndarray] | None = None,

@@ -23,7 +23,7 @@ from transformers import GenerationConfig
 from transformers.utils import ModelOutput
 
 from msfx.decode.cache import KVCache
-from msfx.decode.generate import GenerationStats
+from msfx.decode.options import GenerationStats
 from msfx.decode.step import CompiledStep
 from msfx.layers.attention import arange
 from msfx.layers.basic import check_token_ids, host_reads_allowed

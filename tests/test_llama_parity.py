@@ -25,7 +25,7 @@ import msfx
 from msfx import KVCache, LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel
 from msfx.architectures import llama as llama_arch
 from msfx.decode.generate import left_padding_positions
-from msfx.decode.step import call_in_fresh_thread
+from msfx.jit import call_in_fresh_thread
 from msfx.layers.rotary import rope_frequencies
 from msfx.params import flatten, unflatten
 

@@ -17,9 +17,9 @@ from safetensors.numpy import load_file
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 import msfx
+from msfx.jit import call_in_fresh_thread
 from msfx.layers.dropout import dropout, dropout_rng, step_key
 from msfx.train import trainer as trainer_module
-from msfx.train.step import runner
 
 from conftest import make_hf_llama
 from test_bert import make_hf_bert
@@ -179,7 +179,7 @@ def test_dropout_mask_statistics_and_determinism():
         with dropout_rng(key):
             return dropout(x, 0.3)
 
-    compiled, run = ms.jit(masked, capture_mode="trace"), runner(True)  # traced on a fresh thread (see `runner`)
+    compiled, run = ms.jit(masked, capture_mode="trace"), call_in_fresh_thread  # traced on a fresh thread (msfx.jit)
     first, second = (run(compiled, x, step_key(0, s)).asnumpy() for s in (1, 2))
     np.testing.assert_array_equal(first, masked(x, step_key(0, 1)).asnumpy())
     assert len(traces) == 2 and (first != second).mean() > 0.3  # one trace, then the eager call

@@ -11,12 +11,12 @@ from transformers import Gemma3TextConfig
 
 from msfx.architectures import gemma2, llama
 from msfx.architectures.llama import (TIED_KEYS, cache_lengths, forward, init_params, lm_head, model_forward,
-                                      param_shapes)
+                                      param_shapes, step_inputs)
 
 MODEL_TYPE = "gemma3_text"
 CONFIG_CLASS = Gemma3TextConfig
 __all__ = ["CONFIG_CLASS", "MODEL_TYPE", "TIED_KEYS", "cache_lengths", "forward", "init_params", "lm_head", "load",
-           "model_forward", "param_shapes"]
+           "model_forward", "param_shapes", "step_inputs"]
 
 
 def spec(config) -> llama.DecoderSpec:

@@ -4,10 +4,9 @@ Follows `transformers.models.gpt2.modeling_gpt2` (5.x, eager attention). Paramet
 the HF checkpoint of `GPT2LMHeadModel`: `params["transformer"]["h"][i]["attn"]["c_attn"]["weight"]`.
 GPT-2's projections are HF `Conv1D`s, whose weights are stored `[in_features, out_features]`
 (the transpose of `nn.Linear`'s): they are kept in that layout and multiplied as `x @ weight`.
-Positions are learned (`wpe`, `n_positions` rows): there are no rotary frequencies, and the
-`inv_freq` argument of `forward` is accepted only for the compiled decode step's calling
-convention and ignored. The config is a `transformers.GPT2Config`, carried by the tree from
-`load` / `init_params` (`params.config`) or passed as `config=`; its `hidden_size`,
+Positions are learned (`wpe`, `n_positions` rows): a compiled decode step takes no inputs beyond
+the ids, mask, positions and cache (`step_inputs`). The config is a `transformers.GPT2Config`,
+carried by the tree from `load` / `init_params` (`params.config`) or passed as `config=`; its `hidden_size`,
 `num_attention_heads`, `num_hidden_layers` and `max_position_embeddings` are HF's aliases of
 `n_embd`, `n_head`, `n_layer` and `n_positions`.
 """
@@ -178,8 +177,8 @@ def _check_positions(config, seq: int, position_ids, cache_position, check_ids: 
 
 def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                   position_ids: Tensor | None = None, cache: KVCache | None = None,
-                  cache_position: Tensor | None = None, inv_freq: Tensor | None = None, *, config=None,
-                  inputs_embeds: Tensor | None = None, token_type_ids: Tensor | None = None,
+                  cache_position: Tensor | None = None, *, config=None, inputs_embeds: Tensor | None = None,
+                  token_type_ids: Tensor | None = None,
                   output_hidden_states: bool = False, check_ids: bool = True):
     """The transformer (`GPT2Model`). Returns `(last_hidden_state, hidden_states, cache)`.
 
@@ -193,7 +192,6 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
         cache: a `KVCache` (`[batch, n_head, max_len, head_dim]` per layer) to read and write;
             None for a plain forward.
         cache_position: `[seq]` int32 slots of the new tokens; default `0..seq-1`.
-        inv_freq: ignored (GPT-2 has no rotary embeddings; the compiled step passes a placeholder).
         token_type_ids: `[batch, seq]` int; as HF, their rows of `wte` are added to the embeddings.
         check_ids: check on the host that every id is in `[0, vocab_size)` and every given
             position in `[0, n_positions)` (compiled steps pass False; generation checks the
@@ -210,7 +208,6 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
             out-of-range ids, an empty sequence, mis-shaped `attention_mask`/`position_ids`/
             `token_type_ids`, or more tokens (or a position) than `n_positions` allows.
     """
-    del inv_freq  # learned positions: see the module docstring
     config = config or config_of(params)
     check_model_inputs(config, input_ids, inputs_embeds, attention_mask, position_ids,
                        None if cache is None else cache.max_len, check_ids)
@@ -253,6 +250,11 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
     return x, (tuple(hidden_states) if output_hidden_states else None), KVCache(tuple(new_keys), tuple(new_values))
 
 
+def step_inputs(config):
+    """A compiled decode step's inputs beyond ids, mask, positions and cache: none (learned positions)."""
+    return lambda position_ids: ()
+
+
 def lm_head(params: dict, hidden: Tensor, config) -> Tensor:
     """Logits `[..., vocab]` from final hidden states `[..., hidden]`: `hidden @ W.T` with `W`
     `[vocab, hidden]` the token embeddings (`transformer.wte.weight`, tied: HF's default) or
@@ -263,8 +265,8 @@ def lm_head(params: dict, hidden: Tensor, config) -> Tensor:
 
 def forward(params: dict, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
             position_ids: Tensor | None = None, cache: KVCache | None = None,
-            cache_position: Tensor | None = None, inv_freq: Tensor | None = None, *, config=None,
-            inputs_embeds: Tensor | None = None, token_type_ids: Tensor | None = None,
+            cache_position: Tensor | None = None, *, config=None, inputs_embeds: Tensor | None = None,
+            token_type_ids: Tensor | None = None,
             output_hidden_states: bool = False, logits_to_keep: int = 0, check_ids: bool = True) -> CausalLMOutput:
     """`GPT2LMHeadModel`: logits `[batch, seq, vocab]` in the params' dtype.
 
@@ -273,7 +275,7 @@ def forward(params: dict, input_ids: Tensor | None = None, attention_mask: Tenso
     """
     config = config or config_of(params)
     hidden, hidden_states, cache = model_forward(
-        params, input_ids, attention_mask, position_ids, cache, cache_position, inv_freq, config=config,
+        params, input_ids, attention_mask, position_ids, cache, cache_position, config=config,
         inputs_embeds=inputs_embeds, token_type_ids=token_type_ids, output_hidden_states=output_hidden_states,
         check_ids=check_ids)
     if 0 < logits_to_keep < hidden.shape[1]:  # a no-op slice still costs ~1.5 ms in a compiled CPU step

@@ -25,7 +25,7 @@ from msfx.layers.basic import (activation, check_model_inputs, embedding, gated_
 from msfx.layers.dropout import dropout
 from msfx.layers.moe import sparse_moe
 from msfx.layers.norms import rms_norm
-from msfx.layers.rotary import apply_rotary, rope_cos_sin, rope_frequencies
+from msfx.layers.rotary import apply_rotary, decode_rope, rope_cos_sin, rope_frequencies
 from msfx.params import load_params
 from msfx.params.tree import Params, config_of, unflatten_keys
 
@@ -111,6 +111,12 @@ def cache_lengths(config, max_len: int) -> tuple[int, ...]:
     others every position."""
     windows = spec_of(config).sliding_windows or (None,) * config.num_hidden_layers
     return tuple(max_len if w is None or w >= max_len else w for w in windows)
+
+
+def step_inputs(config) -> Callable[[np.ndarray], tuple[Tensor, ...]]:
+    """What a compiled forward step takes after `cache_position`, by its positions: the rotary
+    frequencies (`msfx.layers.rotary.decode_rope`), passed on as `forward`'s `inv_freq`."""
+    return decode_rope(config)
 
 
 def head_dim(config) -> int:

@@ -11,12 +11,12 @@ from transformers import MixtralConfig
 
 from msfx.architectures import llama
 from msfx.architectures.llama import (TIED_KEYS, cache_lengths, forward, init_params, lm_head, model_forward,
-                                      param_shapes)
+                                      param_shapes, step_inputs)
 
 MODEL_TYPE = "mixtral"
 CONFIG_CLASS = MixtralConfig
 __all__ = ["CONFIG_CLASS", "MODEL_TYPE", "TIED_KEYS", "cache_lengths", "forward", "init_params", "lm_head", "load",
-           "model_forward", "param_shapes"]
+           "model_forward", "param_shapes", "step_inputs"]
 
 
 def spec(config) -> llama.DecoderSpec:

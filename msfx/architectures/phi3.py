@@ -10,13 +10,13 @@ from transformers import Phi3Config
 
 from msfx.architectures import llama
 from msfx.architectures.llama import (TIED_KEYS, cache_lengths, forward, init_params, lm_head, model_forward,
-                                      param_shapes)
+                                      param_shapes, step_inputs)
 from msfx.layers.rotary import PARTIAL_DEFAULT_ROPE
 
 MODEL_TYPE = "phi3"
 CONFIG_CLASS = Phi3Config
 __all__ = ["CONFIG_CLASS", "MODEL_TYPE", "TIED_KEYS", "cache_lengths", "cache_refill_length", "forward", "init_params",
-           "lm_head", "load", "model_forward", "param_shapes"]
+           "lm_head", "load", "model_forward", "param_shapes", "step_inputs"]
 
 
 def cache_refill_length(config) -> int:

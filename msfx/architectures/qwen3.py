@@ -10,12 +10,12 @@ from transformers import Qwen3Config
 
 from msfx.architectures import llama
 from msfx.architectures.llama import (TIED_KEYS, cache_lengths, forward, init_params, lm_head, model_forward,
-                                      param_shapes)
+                                      param_shapes, step_inputs)
 
 MODEL_TYPE = "qwen3"
 CONFIG_CLASS = Qwen3Config
 __all__ = ["CONFIG_CLASS", "MODEL_TYPE", "TIED_KEYS", "cache_lengths", "forward", "init_params", "lm_head", "load",
-           "model_forward", "param_shapes"]
+           "model_forward", "param_shapes", "step_inputs"]
 
 
 def spec(config) -> llama.DecoderSpec:

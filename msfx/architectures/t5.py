@@ -15,7 +15,6 @@ the stack; bidirectional buckets in the encoder, causal ones in the decoder) is 
 """
 from __future__ import annotations
 
-import itertools
 import math
 import sys
 from pathlib import Path
@@ -26,16 +25,14 @@ import numpy as np
 from mindspore import Tensor, ops
 from transformers import T5Config
 
-from msfx.decode.cache import KVCache, reorder_cache, write_cache
-from msfx.decode.generate import CACHE_BUCKET
-from msfx.decode.step import call_in_fresh_thread, cheap_tensor_repr
+from msfx.decode.cache import KVCache, write_cache
 from msfx.layers.attention import arange, attention_bias, padding_bias, scaled_dot_product_attention
-from msfx.layers.basic import activation, check_model_inputs, check_token_ids, embedding, linear
+from msfx.layers.basic import activation, check_model_inputs, embedding, linear
 from msfx.layers.dropout import dropout
 from msfx.layers.norms import rms_norm
 from msfx.params import load_params, resolve_model_dir
 from msfx.params.safetensors_io import checkpoint_files, read_shapes
-from msfx.params.tree import Params, config_of, flatten, unflatten, unflatten_keys
+from msfx.params.tree import Params, config_of, unflatten_keys
 
 MODEL_TYPE = "t5"
 CONFIG_CLASS = T5Config
@@ -471,159 +468,6 @@ def decode_step(params: dict, tokens: Tensor, position: Tensor, cross_bias: Tens
     logits = lm_head(params, x, config)
     # the float32 cast inside the graph: an eager op on a compiled output slows the next steps (decode.step)
     return (logits if logits.dtype == ms.float32 else logits.astype(ms.float32)), cache
-
-
-_STEP_IDS = itertools.count()
-
-
-class DecoderStep:
-    """`decode_step` compiled with `mindspore.jit` (trace mode) over flat positional tensors, as
-    `msfx.decode.step.CompiledStep` does for decoder-only models: `(tokens, position, cross_bias,
-    *param_leaves, *cross_leaves, *cache_leaves) -> (logits, *cache_leaves)`. The cross-attention
-    keys/values are inputs only (computed once per generation); the self-attention cache goes in and
-    comes back. Called with `beam_idx` (int32 `[batch]`), the step first gathers the self-attention
-    cache rows by it, inside the same graph.
-
-    One graph per (batch, source length, cache length, reordering or not); `compiles` counts them. A
-    model keeps one `DecoderStep`, so its graphs serve every later generation with the same shapes.
-    """
-
-    def __init__(self, params: dict, config):
-        tree = {k: params[k] for k in ("shared", "decoder", "lm_head") if k in params}  # not the encoder's leaves
-        self.leaves, keys = flatten(tree)
-        self.signatures: set = set()
-        n, layers = len(self.leaves), config.num_decoder_layers
-        cache_start = n + 2 * layers
-
-        def step(tokens, position, cross_bias, *leaves):
-            logits, cache = decode_step(unflatten(leaves[:n], keys), tokens, position, cross_bias,
-                                        KVCache.from_leaves(leaves[n:cache_start]),
-                                        KVCache.from_leaves(leaves[cache_start:]), config)
-            return (logits, *cache.leaves())
-
-        def reordered_step(beam_idx, tokens, position, cross_bias, *leaves):
-            cache = reorder_cache(KVCache.from_leaves(leaves[cache_start:]), beam_idx)
-            return step(tokens, position, cross_bias, *leaves[:cache_start], *cache.leaves())
-
-        # unique names: trace-mode jit keys graphs by name and id(), which a new closure can reuse (CompiledStep)
-        for fn in (step, reordered_step):
-            fn.__name__ = fn.__qualname__ = f"msfx_t5_{fn.__name__}_{next(_STEP_IDS)}"
-        self._fn = ms.jit(step, capture_mode="trace")
-        self._reordered_fn = ms.jit(reordered_step, capture_mode="trace")
-
-    @property
-    def compiles(self) -> int:
-        """Graphs built so far (distinct input signatures seen)."""
-        return len(self.signatures)
-
-    def __call__(self, tokens: Tensor, position: Tensor, cross_bias: Tensor, cross_cache: KVCache, cache: KVCache,
-                 beam_idx: Tensor | None = None) -> tuple[Tensor, KVCache]:
-        """`decode_step`'s logits (float32 `[batch, vocab]`) and updated cache; arguments as there, all
-        validated by the caller (an error while tracing would hang the process at exit)."""
-        signature = (tuple(tokens.shape), tuple(cross_bias.shape), tuple(cache.keys[0].shape), beam_idx is not None)
-        args = (tokens, position, cross_bias, *self.leaves, *cross_cache.leaves(), *cache.leaves())
-        fn = self._fn
-        if beam_idx is not None:
-            fn, args = self._reordered_fn, (beam_idx, *args)
-        with cheap_tensor_repr():
-            if signature in self.signatures:
-                logits, *leaves = fn(*args)
-            else:  # tracing needs a stack whose frames all have source (see call_in_fresh_thread)
-                logits, *leaves = call_in_fresh_thread(fn, *args)
-                self.signatures.add(signature)
-        return logits, KVCache.from_leaves(leaves)
-
-
-class Seq2SeqDecodeState:
-    """One generation's model side: runs the encoder once (eagerly), keeps its cross-attention keys/values
-    and a self-attention cache of `decoder_ids` plus `max_new_tokens` slots, and gives the next-token
-    logits (float32 `[batch, vocab]`) after the decoder's prompt (`prefill`) and after each new token
-    (`step`), as `msfx.generation.GenerationMixin` expects of an encoder-decoder.
-
-    `encoder_ids` / `encoder_mask`: `[batch, source_seq]` numpy; `decoder_ids`: `[batch, n]` numpy
-    (the `decoder_start_token_id` column), rows already repeated per beam / returned sequence. With
-    `step` (a `DecoderStep`), every decoder token runs the compiled step, over a cache rounded up to
-    `CACHE_BUCKET` slots so that one graph serves generations of similar lengths; without, the decoder
-    runs eagerly (`decoder_forward`); without `use_cache` too, running all its tokens at each step (HF's
-    `use_cache=False`).
-
-    Raises:
-        ValueError: a decoder id outside `[0, vocab_size)`; a `step` without `use_cache`; in compiled steps,
-            more tokens than the cache holds (checked before the step runs: an error while tracing would hang
-            the process at exit).
-    """
-
-    def __init__(self, params: dict, config, encoder_ids: np.ndarray, encoder_mask: np.ndarray,
-                 decoder_ids: np.ndarray, max_new_tokens: int, step: DecoderStep | None = None,
-                 use_cache: bool = True):
-        if step is not None and not use_cache:
-            raise ValueError("use_cache=False runs the decoder eagerly: pass no compiled step")
-        self.params, self.config, self._step, self._use_cache = params, config, step, use_cache
-        self.decoder_ids = check_token_ids(decoder_ids, config.vocab_size)  # then each new token
-        self.encoder_mask = Tensor(encoder_mask.astype(np.int32))
-        encoded = encoder_forward(params, Tensor(encoder_ids.astype(np.int32)), self.encoder_mask, config=config,
-                                  check_ids=False).last_hidden_state
-        self.cross_cache = cross_attention_cache(params, encoded, config)
-        batch, max_len = decoder_ids.shape[0], decoder_ids.shape[1] + max_new_tokens
-        if step is None:
-            self.key_mask = ops.ones((batch, max_len), ms.int32)  # HF decodes without a decoder mask: causal only
-        else:
-            max_len = -(-max_len // CACHE_BUCKET) * CACHE_BUCKET
-            self.cross_bias = padding_bias(self.encoder_mask)
-            # Beam search gathers rows among one prompt's copies, whose encoder rows are equal: the
-            # cross-attention state needs moving only when a row comes from a different encoder row.
-            rows = np.concatenate([encoder_ids, encoder_mask], 1)
-            self._encoder_row = np.unique(rows, axis=0, return_inverse=True)[1].reshape(-1)
-        self.cache = KVCache.init(config.num_decoder_layers, batch, config.num_heads, max_len, config.d_kv,
-                                  encoded.dtype)
-        self.slot = 0
-
-    @property
-    def compiles(self) -> int:
-        """Graphs the compiled step has built so far, over its lifetime (0 when eager)."""
-        return 0 if self._step is None else self._step.compiles
-
-    def _run(self, ids: np.ndarray, beam_idx: Tensor | None = None) -> Tensor:
-        if self._step is None:
-            out = decoder_forward(self.params, Tensor(ids.astype(np.int32)), None, self.key_mask, self.encoder_mask,
-                                  cache=self.cache, past_length=self.slot, cross_cache=self.cross_cache,
-                                  config=self.config, check_ids=False)
-            self.cache, self.slot = out.cache, self.slot + ids.shape[1]
-            return lm_head(self.params, out.last_hidden_state[:, -1], self.config).astype(ms.float32)
-        if self.slot + ids.shape[1] > self.cache.max_len:
-            raise ValueError(f"the decoder cache has {self.cache.max_len} slots: {ids.shape[1]} more tokens after "
-                             f"{self.slot} do not fit (max_new_tokens sizes it)")
-        for column in ids.T:  # the compiled step takes one token per row; the cache makes this exact
-            logits, self.cache = self._step(Tensor(column.astype(np.int32)), Tensor(np.int32(self.slot)),
-                                            self.cross_bias, self.cross_cache, self.cache, beam_idx)
-            self.slot, beam_idx = self.slot + 1, None
-        return logits
-
-    def prefill(self) -> Tensor:
-        """Logits float32 `[batch, vocab]` after the decoder's prompt; fills its cache slots."""
-        return self._run(self.decoder_ids)
-
-    def step(self, tokens: np.ndarray, beam_idx: np.ndarray | None = None) -> Tensor:
-        """Logits float32 `[batch, vocab]` after `tokens` (int `[batch]`). `beam_idx` (int `[batch]`, beam
-        search): first gather the cache rows by it, and the cross-attention keys/values and encoder mask
-        (the compiled path skips those while every row keeps its encoder row, as within a prompt's beams)."""
-        index = None if beam_idx is None else Tensor(beam_idx.astype(np.int32))
-        previous = self.decoder_ids if beam_idx is None else self.decoder_ids[beam_idx]
-        self.decoder_ids = np.concatenate([previous, tokens[:, None]], 1)
-        if not self._use_cache:  # the whole decoder sequence again, from slot 0
-            self.encoder_mask = self.encoder_mask if index is None else ops.gather(self.encoder_mask, index, 0)
-            self.cross_cache = self.cross_cache if index is None else reorder_cache(self.cross_cache, index)
-            self.slot = 0
-            return self._run(self.decoder_ids)
-        if index is not None and self._step is None:
-            self.cache, self.cross_cache = reorder_cache(self.cache, index), reorder_cache(self.cross_cache, index)
-            self.encoder_mask = ops.gather(self.encoder_mask, index, 0)
-            index = None
-        elif index is not None and (self._encoder_row[beam_idx] != self._encoder_row).any():
-            self.cross_cache = reorder_cache(self.cross_cache, index)
-            self.cross_bias = ops.gather(self.cross_bias, index, 0)
-            self._encoder_row = self._encoder_row[beam_idx]
-        return self._run(tokens[:, None], index)
 
 
 def checkpoint_has_lm_head(model_dir: str | Path) -> bool:

@@ -10,30 +10,17 @@ prompt in the same bucket.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 from mindspore import Tensor
 
 from msfx.decode.cache import KVCache
-from msfx.decode.sampling import make_rng, sample_tokens
+from msfx.decode.options import DecodeOptions, GenerationStats
+from msfx.decode.sampling import sample_tokens
 from msfx.decode.step import CompiledStep
-from msfx.layers.rotary import rope_frequencies, rope_per_layer_type
 
 CACHE_BUCKET = 64
 PREFILL_BUCKET = 32
-
-
-@dataclass
-class GenerationStats:
-    """Timings of the last `decode_loop` call, in seconds and tokens."""
-
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    compile_seconds: float = 0.0
-    step_times: list = field(default_factory=list)
 
 
 def left_padding_positions(attention_mask: np.ndarray) -> np.ndarray:
@@ -55,7 +42,7 @@ def new_cache(config, batch: int, max_len: int, dtype, lengths: tuple[int, ...] 
 
 class DecodeState:
     """One generation's model-side state: the KV cache, the key mask over its slots, the ids and
-    positions written so far, and the rope frequencies; runs the prompt (`prefill`) and each new
+    positions written so far; runs the prompt (`prefill`) and each new
     token (`step`).
 
     `input_ids` / `attention_mask`: `[batch, prompt]` numpy (left-padded, mask 0 on pads). With
@@ -85,12 +72,7 @@ class DecodeState:
         key_mask = np.ones((batch, max_len), np.int32)
         key_mask[:, :self.prompt_len] = attention_mask
         self.key_mask = Tensor(key_mask)
-        rope = getattr(config, "rope_parameters", None)
-        if rope is None or rope_per_layer_type(config):  # the steps take (and ignore) a placeholder
-            self._inv_freq = Tensor(np.zeros(1, np.float32))
-        else:  # dynamic and longrope frequencies depend on the length reached: computed per call
-            dynamic = rope.get("rope_type", "default") in ("dynamic", "longrope")
-            self._inv_freq = None if dynamic else Tensor(rope_frequencies(config)[0])
+        self._step_inputs = prefill.arch.step_inputs(config)  # e.g. rope frequencies, by positions
         self.position_ids = left_padding_positions(attention_mask)  # of slots 0..slot-1
         self.slot = 0
 
@@ -100,17 +82,12 @@ class DecodeState:
         steps = {id(s): s for s in (self._prefill, self._step)}
         return sum(s.compiles for s in steps.values())
 
-    def _frequencies(self, position_ids: np.ndarray) -> Tensor:
-        if self._inv_freq is not None:
-            return self._inv_freq
-        return Tensor(rope_frequencies(self.config, int(position_ids.max()) + 1)[0])
-
     def _run_from_start(self) -> Tensor:
         """Every id written so far run through `prefill`, rewriting cache slots 0..slot-1."""
         positions = self.position_ids
         logits, self.cache = self._prefill(Tensor(self.input_ids.astype(np.int32)), self.key_mask, Tensor(positions),
                                            Tensor(np.arange(self.slot, dtype=np.int32)),
-                                           self._frequencies(positions), self.cache)
+                                           self._step_inputs(positions), self.cache)
         return logits
 
     def prefill(self) -> Tensor:
@@ -131,7 +108,7 @@ class DecodeState:
         if recompute:
             return self._run_from_start()
         logits, self.cache = self._step(Tensor(tokens[:, None].astype(np.int32)), self.key_mask, Tensor(positions),
-                                        Tensor(np.array([self.slot - 1], np.int32)), self._frequencies(positions),
+                                        Tensor(np.array([self.slot - 1], np.int32)), self._step_inputs(positions),
                                         self.cache, None if beam_idx is None else Tensor(beam_idx.astype(np.int32)))
         return logits
 
@@ -161,65 +138,54 @@ class StepTimer:
         self.stats.decode_seconds = float(sum(self.stats.step_times))
 
 
-def decode_loop(state: DecodeState, input_ids: np.ndarray, max_new_tokens: int, eos_token_id: list[int],
-                pad_token_id: int | None, streamer=None, stats: GenerationStats | None = None, *,
-                logits_processor=None, do_sample: bool = False, rng: np.random.Generator | None = None,
-                stopping_criteria=None, max_time: float | None = None, scores_out: list | None = None,
-                logits_out: list | None = None) -> np.ndarray:
+def decode_loop(state: DecodeState, input_ids: np.ndarray, options: DecodeOptions) -> np.ndarray:
     """Greedy or sampled continuation of `input_ids` `[batch, seq]`, HF's `GenerationMixin._sample`.
 
     `state` runs the model: its `prefill()` gives the logits after the prompt, its
     `step(tokens)` those after each new token (a `DecodeState`, or an encoder-decoder's).
 
-    Each step's last logits (float32 numpy `[batch, vocab]`) go through `logits_processor`
-    (`(sequences, scores) -> scores`, e.g. a `msfx.decode.processors.LogitsProcessorList`), then
-    the next token is their argmax, or with `do_sample` a draw from their softmax with `rng`.
-    Returns int64 `[batch, seq + new]`, `new <= max_new_tokens`: generation stops when every row
-    has finished, i.e. produced one of `eos_token_id` or been stopped by a `stopping_criteria`
-    callable `(sequences int64 [batch, cur_len], scores [batch, vocab]) -> bool or bool [batch]`,
-    or once `max_time` seconds have passed since the call began. As in HF, when there is an eos
-    (or a criterion with an `eos_token_id` attribute), finished rows continue with `pad_token_id`.
-    `streamer` (e.g. `transformers.TextStreamer`) gets the prompt, then each new token column.
-    `scores_out` / `logits_out`, when given, get each step's processed scores / a copy of its raw
-    logits appended (HF's `output_scores` / `output_logits`); nothing is kept otherwise.
+    Each step's last logits (float32 numpy `[batch, vocab]`) go through `options.logits_processor`,
+    then the next token is their argmax, or with `do_sample` a draw from their softmax. Returns int64
+    `[batch, seq + new]`, `new <= max_new_tokens`: generation stops when every row has finished,
+    i.e. produced one of `eos_token_id` or been stopped by a stopping criterion (given the sequences
+    and this step's scores), or once `max_time` seconds have passed since the call began. As in HF,
+    finished rows continue with `pad_token_id` (see `DecodeOptions.pads_finished`). `options.recorder`
+    gets the timings, the streamed tokens and, when asked, each step's scores and raw logits.
     """
     began = time.perf_counter()
-    stopping_criteria = list(stopping_criteria or [])
-    pads_finished = pad_token_id is not None and (bool(eos_token_id) or any(hasattr(c, "eos_token_id")
-                                                                             for c in stopping_criteria))
-    if do_sample and rng is None:
-        rng = make_rng()
+    rng = options.sampling_rng()
+    recorder, pads_finished = options.recorder, options.pads_finished
     batch, prompt_len = input_ids.shape
-    if streamer is not None:
-        streamer.put(input_ids)
-    timer = StepTimer(stats if stats is not None else GenerationStats(), state)
+    if recorder.streamer is not None:
+        recorder.streamer.put(input_ids)
+    timer = StepTimer(recorder.stats, state)
     logits = state.prefill()
     sequences = input_ids.astype(np.int64)
     unfinished = np.ones(batch, bool)
-    for i in range(max_new_tokens):
+    for i in range(options.max_new_tokens):
         scores = logits.asnumpy()
-        if logits_out is not None:
-            logits_out.append(scores.copy())  # a processor may edit its input in place
-        if logits_processor:
-            scores = logits_processor(sequences, scores)
-        if scores_out is not None:
-            scores_out.append(scores)
-        tokens = sample_tokens(scores, rng) if do_sample else np.argmax(scores, -1)
+        if recorder.logits is not None:
+            recorder.logits.append(scores.copy())  # a processor may edit its input in place
+        if options.logits_processor:
+            scores = options.logits_processor(sequences, scores)
+        if recorder.scores is not None:
+            recorder.scores.append(scores)
+        tokens = sample_tokens(scores, rng) if options.do_sample else np.argmax(scores, -1)
         timer.lap()
         if pads_finished:
-            tokens = np.where(unfinished, tokens, pad_token_id)
+            tokens = np.where(unfinished, tokens, options.pad_token_id)
         sequences = np.concatenate([sequences, tokens[:, None]], 1)
-        if streamer is not None:
-            streamer.put(tokens)
-        unfinished &= ~np.isin(tokens, eos_token_id)
-        for criterion in stopping_criteria:
+        if recorder.streamer is not None:
+            recorder.streamer.put(tokens)
+        unfinished &= ~np.isin(tokens, options.eos_token_id)
+        for criterion in options.stopping_criteria:
             unfinished &= ~np.broadcast_to(np.asarray(criterion(sequences, scores), bool), unfinished.shape)
-        if max_time is not None and time.perf_counter() - began > max_time:
+        if options.max_time is not None and time.perf_counter() - began > options.max_time:
             unfinished[:] = False
-        if not unfinished.any() or i == max_new_tokens - 1:
+        if not unfinished.any() or i == options.max_new_tokens - 1:
             break
         logits = state.step(tokens)
-    if streamer is not None:
-        streamer.end()
+    if recorder.streamer is not None:
+        recorder.streamer.end()
     timer.finish(sequences.shape[1] - prompt_len)
     return sequences

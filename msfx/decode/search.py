@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from msfx.decode.generate import DecodeState, GenerationStats, StepTimer
+from msfx.decode.generate import DecodeState, StepTimer
+from msfx.decode.options import BeamOptions, DecodeOptions
 from msfx.decode.processors import _log_softmax
-from msfx.decode.sampling import make_rng
 
 _NEG = np.float32(-1.0e9)  # HF's "never choose this" score offset
 
@@ -65,37 +65,33 @@ def _sample_k(log_probs: np.ndarray, k: int, rng: np.random.Generator) -> tuple[
     return _gather(log_probs, index), index
 
 
-def beam_search(state: DecodeState, input_ids: np.ndarray, max_new_tokens: int, eos_token_id: list[int],
-                pad_token_id: int | None, *, num_beams: int, length_penalty: float = 1.0,
-                early_stopping: bool | str = False, num_return_sequences: int = 1, logits_processor=None,
-                stopping_criteria=None, max_time: float | None = None, do_sample: bool = False,
-                rng: np.random.Generator | None = None, stats: GenerationStats | None = None,
-                scores_out: list | None = None, logits_out: list | None = None) -> BeamSearchResult:
+def beam_search(state: DecodeState, input_ids: np.ndarray, options: DecodeOptions,
+                beams: BeamOptions) -> BeamSearchResult:
     """Beam search continuation of `input_ids` `[batch * num_beams, seq]` (each prompt repeated
     `num_beams` times, as `state` was built), as HF's `_beam_search` (transformers 5.x).
 
     Each step's raw logits (float32 `[batch * num_beams, vocab]`) become log-softmax scores,
-    pass through `logits_processor` (`(sequences [batch * num_beams, cur_len], scores) -> scores`),
-    and are added to each beam's running score. With `do_sample`, the `K` candidates are drawn
-    without replacement from the softmax of those sums (with `rng`) instead of taken as the top `K`.
-    A candidate finishes when its token is in `eos_token_id`, the length reaches prompt +
-    `max_new_tokens`, a `stopping_criteria` callable `(sequences [batch * K, cur_len], None) -> bool
-    or bool [batch * K]` returns True for it, or `max_time` seconds have passed (all finish).
-    `early_stopping`: True stops a batch row once `num_beams` hypotheses finished; False and
+    pass through `options.logits_processor`, and are added to each beam's running score. With
+    `do_sample`, the `K` candidates are drawn without replacement from the softmax of those sums
+    instead of taken as the top `K`. A candidate finishes when its token is in `eos_token_id`, the
+    length reaches prompt + `max_new_tokens`, a stopping criterion `(sequences [batch * K, cur_len],
+    None) -> bool or bool [batch * K]` returns True for it, or `max_time` seconds have passed (all
+    finish). `early_stopping`: True stops a batch row once `num_beams` hypotheses finished; False and
     "never" stop when no running beam can beat the worst finished one, estimated at the current
     length (False) or, with a positive `length_penalty`, at the maximum length ("never"), as HF.
-    `scores_out` / `logits_out`, when given, get each step's processed log-probs / raw logits.
+    `options.recorder` gets the timings and, when asked, each step's processed log-probs / raw logits.
 
     Returns the best `num_return_sequences` hypotheses per row, best first (a `BeamSearchResult`).
     """
     began = time.perf_counter()
-    stopping_criteria = list(stopping_criteria or [])
-    if do_sample and rng is None:
-        rng = make_rng()
+    rng = options.sampling_rng()
+    num_beams, length_penalty, early_stopping = beams.num_beams, beams.length_penalty, beams.early_stopping
+    eos_token_id, pad_token_id, max_new_tokens = options.eos_token_id, options.pad_token_id, options.max_new_tokens
+    recorder = options.recorder
     prompt_len = input_ids.shape[1]
     batch = input_ids.shape[0] // num_beams
     max_length = prompt_len + max_new_tokens
-    timer = StepTimer(stats if stats is not None else GenerationStats(), state)
+    timer = StepTimer(recorder.stats, state)
 
     keep = max(2, 1 + len(eos_token_id)) * num_beams
     is_top_beam = np.arange(keep) < num_beams
@@ -118,17 +114,17 @@ def beam_search(state: DecodeState, input_ids: np.ndarray, max_new_tokens: int, 
         raw = logits.asnumpy()
         flat_running = running[:, :, :cur_len].reshape(batch * num_beams, cur_len)
         log_probs = _log_softmax(raw)
-        if logits_processor:
-            log_probs = logits_processor(flat_running, log_probs)
-        if logits_out is not None:
-            logits_out.append(raw.copy())
-        if scores_out is not None:
-            scores_out.append(log_probs.copy())
+        if options.logits_processor:
+            log_probs = options.logits_processor(flat_running, log_probs)
+        if recorder.logits is not None:
+            recorder.logits.append(raw.copy())
+        if recorder.scores is not None:
+            recorder.scores.append(log_probs.copy())
         timer.lap()
 
         # candidates: the top K of all beams' continuations, scored by the summed log-probs
         total = (log_probs.reshape(batch, num_beams, -1) + running_scores[:, :, None]).reshape(batch, -1)
-        cand_scores, cand_index = _sample_k(total, keep, rng) if do_sample else _top_k(total, keep)
+        cand_scores, cand_index = _sample_k(total, keep, rng) if options.do_sample else _top_k(total, keep)
         vocab = log_probs.shape[-1]
         source = cand_index // vocab
         cand_seqs = _gather(running, source)
@@ -138,9 +134,9 @@ def beam_search(state: DecodeState, input_ids: np.ndarray, max_new_tokens: int, 
 
         hits = np.isin(cand_seqs[:, :, cur_len], eos_token_id) | (cur_len + 1 >= max_length)
         flat_cands = cand_seqs[:, :, :cur_len + 1].reshape(batch * keep, cur_len + 1)
-        for criterion in stopping_criteria:
+        for criterion in options.stopping_criteria:
             hits |= np.broadcast_to(np.asarray(criterion(flat_cands, None), bool), (batch * keep,)).reshape(batch, keep)
-        if max_time is not None and time.perf_counter() - began > max_time:
+        if options.max_time is not None and time.perf_counter() - began > options.max_time:
             hits[:] = True
 
         # the best candidates that did not finish keep running
@@ -170,7 +166,7 @@ def beam_search(state: DecodeState, input_ids: np.ndarray, max_new_tokens: int, 
         logits = state.step(running[:, :, cur_len - 1].reshape(-1),
                             beam_idx=running_origin[:, :, cur_len - 1 - prompt_len].reshape(-1))
 
-    n = num_return_sequences
+    n = beams.num_return_sequences
     sequences = finished_seqs[:, :n].reshape(batch * n, max_length)
     scores = finished_scores[:, :n].reshape(batch * n)
     origin = finished_origin[:, :n].reshape(batch * n, max_new_tokens)

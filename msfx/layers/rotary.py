@@ -8,6 +8,7 @@ function of the config and, for `dynamic` and `longrope`, of the sequence length
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import mindspore as ms
 import numpy as np
@@ -158,3 +159,16 @@ def rope_per_layer_type(config) -> bool:
     """True for configs whose `rope_parameters` map each layer type to its own parameters (Gemma 3)."""
     rope = getattr(config, "rope_parameters", None) or {}
     return "rope_theta" not in rope and all(isinstance(v, dict) for v in rope.values())
+
+
+def decode_rope(config) -> Callable[[np.ndarray], tuple[Tensor, ...]]:
+    """The rotary inputs of a compiled forward step, given its `position_ids` (int numpy `[batch, seq]`):
+    `(inv_freq,)`, float32 `[rotary_dim // 2]`, computed once, or for `dynamic` and `longrope` per call
+    from `max(position_ids) + 1` (HF updates those with the length reached); `()` where the tables are
+    per layer type (Gemma 3: built inside the graph from the config)."""
+    if rope_per_layer_type(config):
+        return lambda position_ids: ()
+    if config.rope_parameters.get("rope_type", "default") in ("dynamic", "longrope"):
+        return lambda position_ids: (Tensor(rope_frequencies(config, int(position_ids.max()) + 1)[0]),)
+    fixed = (Tensor(rope_frequencies(config)[0]),)
+    return lambda position_ids: fixed

@@ -15,6 +15,7 @@ from mindspore import Tensor
 from transformers.utils import ModelOutput
 
 from msfx.architectures import t5
+from msfx.decode.seq2seq import DecoderStep, Seq2SeqDecodeState
 from msfx.generation import GenerationMixin
 from msfx.layers.basic import lacks_bf16_kernels
 from msfx.modeling import PreTrainedModel, as_tensor, masked_cross_entropy, token_ids
@@ -142,7 +143,7 @@ class T5ForConditionalGeneration(GenerationMixin, _T5Base):
             inputs (see `msfx.architectures.t5.forward`).
     """
 
-    _decoder_step: t5.DecoderStep | None = None
+    _decoder_step: DecoderStep | None = None
 
     @classmethod
     def param_shapes(cls, config):
@@ -186,20 +187,20 @@ class T5ForConditionalGeneration(GenerationMixin, _T5Base):
 
     def _decode_state(self, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int,
                       jit: bool | str, encoder_inputs: tuple[np.ndarray, np.ndarray] | None = None,
-                      use_cache: bool = True) -> t5.Seq2SeqDecodeState:
-        """The encoder-decoder state `generate` decodes with (see `t5.Seq2SeqDecodeState`): the encoder runs
+                      use_cache: bool = True) -> Seq2SeqDecodeState:
+        """The encoder-decoder state `generate` decodes with (see `msfx.decode.seq2seq`): the encoder runs
         eagerly; with `jit` True or "decode" the decoder runs one compiled step per token (the model's
         `decoder_step`), with False, or bfloat16 on CPU (no graph kernels), eagerly; without `use_cache`
         eagerly over the whole decoder sequence at each step."""
         compiled = bool(jit) and use_cache and not lacks_bf16_kernels(self.weights[0])
-        return t5.Seq2SeqDecodeState(self.params, self.config, *encoder_inputs, input_ids, max_new_tokens,
-                                     step=self.decoder_step if compiled else None, use_cache=use_cache)
+        return Seq2SeqDecodeState(self.params, self.config, *encoder_inputs, input_ids, max_new_tokens,
+                                  step=self.decoder_step if compiled else None, use_cache=use_cache)
 
     @property
-    def decoder_step(self) -> t5.DecoderStep:
+    def decoder_step(self) -> DecoderStep:
         """The model's compiled decoder step (built on first use; its `compiles` counts the graphs traced)."""
         if self._decoder_step is None:
-            self._decoder_step = t5.DecoderStep(self.params, self.config)
+            self._decoder_step = DecoderStep(self.params, self.config)
         return self._decoder_step
 
 

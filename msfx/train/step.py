@@ -36,7 +36,6 @@ a new trace and a resumed run draws the same ones.
 from __future__ import annotations
 
 import contextlib
-import itertools
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Callable, Mapping, NamedTuple, Sequence
@@ -45,14 +44,13 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, ops
 
-from msfx.decode.step import cheap_tensor_repr, call_in_fresh_thread
+from msfx.jit import Graph
 from msfx.layers.basic import check_token_ids, no_host_reads
 from msfx.layers.dropout import dropout_rng, step_key
 from msfx.params.tree import unflatten
 from msfx.train.losses import IGNORE_INDEX, causal_lm_loss_fn
 from msfx.train.optim import AdamW, SGD, clip_by_global_norm, decay_mask
 
-_STEP_IDS = itertools.count()
 MIXED_PRECISION = (None, "bf16", "fp16")
 
 Batch = Mapping[str, "Tensor | np.ndarray"]
@@ -115,12 +113,6 @@ def batch_tensor(x) -> Tensor:
     raise TypeError(f"batch tensors must be integer, boolean or floating, got {array.dtype}")
 
 
-def runner(jit: bool) -> Callable:
-    """`run(fn, *args)`: a compiled `fn` runs on a fresh thread (tracing walks the Python stack and
-    fails on frames without source, as under `python -m`; any call may trace), an eager one directly."""
-    return call_in_fresh_thread if jit else (lambda fn, *args: fn(*args))
-
-
 def _as_f32(x) -> Tensor:
     if isinstance(x, Tensor):
         return x if x.dtype == ms.float32 else x.astype(ms.float32)
@@ -179,23 +171,20 @@ class TrainStep:
         self.scaler = LossScaler() if mixed_precision == "fp16" else None
         self.dropout_seed = dropout_seed
         self.decay = decay_mask(self.keys)
-        self.traces = {"loss": 0, "update": 0}
         self._cast = _compute_cast(mixed_precision)
-        self._uid = next(_STEP_IDS)
-        self._grads: dict[tuple[str, ...], Callable] = {}
-        self._updates: dict[int, Callable] = {}
+        self._grads: dict[tuple[str, ...], Graph] = {}
+        self._updates: dict[int, Graph] = {}
+
+    @property
+    def traces(self) -> dict[str, int]:
+        return {"loss": sum(g.traces for g in self._grads.values()),
+                "update": sum(g.traces for g in self._updates.values())}
 
     @property
     def compiles(self) -> int:
         return self.traces["loss"] if self.jit else 0
 
-    def _named(self, fn: Callable, name: str) -> Callable:
-        # Trace-mode jit caches graphs under the function's name and id(); a unique name keeps a freed
-        # step's graph from being reused by a new closure that happens to get the same id.
-        fn.__name__ = fn.__qualname__ = f"msfx_train_{name}_{self._uid}"
-        return ms.jit(fn, capture_mode="trace") if self.jit else fn
-
-    def _grad_fn(self, names: tuple[str, ...]) -> Callable:
+    def _grad_fn(self, names: tuple[str, ...]) -> Graph:
         """`value_and_grad` of the loss graph for micro-batches with these tensor names."""
         if names not in self._grads:
             n, k = len(self.keys), 3 if self.dropout_seed is not None else 2
@@ -203,25 +192,23 @@ class TrainStep:
             def leaf_loss(*args):
                 """`(*param_leaves, num_items, loss_scale[, dropout key], *batch tensors in `names` order)`
                 -> scaled loss."""
-                self.traces["loss"] += 1
                 leaves, (num_items, scale, *key), tensors = args[:n], args[n:n + k], args[n + k:]
                 with no_host_reads(), dropout_rng(key[0]) if key else contextlib.nullcontext():
                     tree = unflatten([self._cast(leaf) for leaf in leaves], self.keys)
                     loss = self.loss_fn(tree, dict(zip(names, tensors)), num_items)
                 return loss.astype(ms.float32) * scale
 
-            self._grads[names] = ms.value_and_grad(self._named(leaf_loss, f"loss{len(self._grads)}"),
-                                                   grad_position=tuple(range(n)))
+            self._grads[names] = Graph(leaf_loss, f"train_loss{len(self._grads)}", self.jit,
+                                       wrap=lambda fn: ms.value_and_grad(fn, grad_position=tuple(range(n))))
         return self._grads[names]
 
-    def _update_fn(self, parts: int) -> Callable:
+    def _update_fn(self, parts: int) -> Graph:
         """The update graph for windows of `parts` micro-batches."""
         if parts not in self._updates:
             n, skip_overflow = len(self.keys), self.scaler is not None
 
             def update(lr, step, inv_scale, *args):
                 """`(lr, step, inv_scale, *leaves, *state, *grads of micro-batch 1, ..., *grads of micro-batch k)`."""
-                self.traces["update"] += 1
                 n_state = len(args) - n - parts * n
                 leaves, state, grads_in = args[:n], args[n:n + n_state], args[n + n_state:]
                 grads = list(grads_in[:n])
@@ -237,7 +224,7 @@ class TrainStep:
                     new_state = [ops.where(finite, a, b) for a, b in zip(new_state, state)]
                 return (grad_norm, *new_leaves, *new_state)
 
-            self._updates[parts] = self._named(update, f"update{parts}")
+            self._updates[parts] = Graph(update, f"train_update{parts}", self.jit)
         return self._updates[parts]
 
     def _micro_batches(self, batch: Batch | Sequence[Batch]) -> list[dict[str, np.ndarray]]:
@@ -299,20 +286,18 @@ class TrainStep:
         param_leaves = [Tensor(t.asnumpy()) if isinstance(t, Parameter) else t for t in param_leaves]
         n = len(param_leaves)
         grad_fn = self._grad_fn(names)
-        run = runner(self.jit)
         loss, grads = None, []
         if dropout_step is None:
             dropout_step = int(step.asnumpy() if isinstance(step, Tensor) else step)
         draw = dropout_step * len(parts)
-        with cheap_tensor_repr():
-            for i, part in enumerate(parts):
-                tensors = [batch_tensor(part[name]) for name in names]
-                key = [] if self.dropout_seed is None else [step_key(self.dropout_seed, draw + i)]
-                part_loss, part_grads = run(grad_fn, *param_leaves, num_items, _as_f32(scale), *key, *tensors)
-                loss = part_loss if loss is None else loss + part_loss
-                grads.extend(part_grads)
-            out = run(self._update_fn(len(parts)), _as_f32(lr), _as_f32(step), _as_f32(1.0 / scale),
-                      *param_leaves, *opt_state_leaves, *grads)
+        for i, part in enumerate(parts):  # any call may trace (see above): each runs on a fresh thread
+            tensors = [batch_tensor(part[name]) for name in names]
+            key = [] if self.dropout_seed is None else [step_key(self.dropout_seed, draw + i)]
+            part_loss, part_grads = grad_fn(*param_leaves, num_items, _as_f32(scale), *key, *tensors)
+            loss = part_loss if loss is None else loss + part_loss
+            grads.extend(part_grads)
+        out = self._update_fn(len(parts))(_as_f32(lr), _as_f32(step), _as_f32(1.0 / scale),
+                                          *param_leaves, *opt_state_leaves, *grads)
         grad_norm = out[0]
         applied = True
         if self.scaler is not None:

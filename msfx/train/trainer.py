@@ -44,8 +44,8 @@ from transformers.trainer_callback import (CallbackHandler, DefaultFlowCallback,
 from transformers.trainer_utils import (EvalPrediction, IntervalStrategy, PredictionOutput, SaveStrategy, TrainOutput,
                                         speed_metrics)
 
-from msfx.decode.step import cheap_tensor_repr
 from msfx.errors import CorruptCheckpointError
+from msfx.jit import Graph
 from msfx.layers.basic import check_token_ids, no_host_reads
 from msfx.layers.losses import IGNORE_INDEX
 from msfx.modeling import PreTrainedModel
@@ -53,7 +53,7 @@ from msfx.params import flatten, unflatten
 from msfx.train import checkpoint as ckpt
 from msfx.train.optim import SGD, AdamW
 from msfx.train.schedules import get_schedule, warmup_steps_for
-from msfx.train.step import TrainStep, batch_tensor, causal_lm_items, runner
+from msfx.train.step import TrainStep, batch_tensor, causal_lm_items
 
 TRAINER_STATE_NAME = "trainer_state.json"
 SAMPLING_STRATEGIES = ("random", "sequential", "group_by_length")
@@ -239,7 +239,7 @@ class Trainer:
         self._opt_state: list[Tensor] | None = None
         self._optimizer_steps = 0
         self._step: TrainStep | None = None
-        self._eval_fns: dict[tuple, Callable] = {}
+        self._eval_fns: dict[tuple, Graph] = {}
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
 
     # ----------------------------------------------------------------------------------- setup
@@ -612,7 +612,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- evaluation
 
-    def _eval_fn(self, names: tuple[str, ...]) -> Callable:
+    def _eval_fn(self, names: tuple[str, ...]) -> Graph:
         """`(*leaves, *batch tensors) -> (loss or 0, logits)`, compiled per input names."""
         if names not in self._eval_fns:
             n, keys, model = len(self._keys), self._keys, self.model
@@ -624,8 +624,7 @@ class Trainer:
                 loss = out.loss if has_labels else ms.ops.zeros((), ms.float32)
                 return loss.astype(ms.float32), out.logits
 
-            forward.__name__ = forward.__qualname__ = f"msfx_eval_{id(self)}_{len(self._eval_fns)}"
-            self._eval_fns[names] = ms.jit(forward, capture_mode="trace") if self.args.jit else forward
+            self._eval_fns[names] = Graph(forward, f"eval{len(self._eval_fns)}", self.args.jit)
         return self._eval_fns[names]
 
     def _prediction_loop(self, dataset, prefix: str) -> PredictionOutput:
@@ -633,21 +632,19 @@ class Trainer:
             raise ValueError(f"{prefix}: the dataset is empty or missing")
         size, start = self.args.per_device_eval_batch_size, time.time()
         losses, predictions, labels = [], [], []
-        run = runner(self.args.jit)
-        with cheap_tensor_repr():
-            for begin in range(0, len(dataset), size):
-                batch = self._batch(dataset, range(begin, min(begin + size, len(dataset))), training=False)
-                names = tuple(sorted(batch))
-                tensors = [batch_tensor(batch[k]) for k in names]
-                loss, logits = run(self._eval_fn(names), *self._leaves, *tensors)
-                rows = next(iter(batch.values())).shape[0]
-                logits = logits.asnumpy()
-                if "labels" in batch:
-                    losses.append(float(loss.asnumpy()) * rows)
-                    labels.append(batch["labels"])
-                if self.preprocess_logits_for_metrics is not None:
-                    logits = np.asarray(self.preprocess_logits_for_metrics(logits, batch.get("labels")))
-                predictions.append(logits)
+        for begin in range(0, len(dataset), size):
+            batch = self._batch(dataset, range(begin, min(begin + size, len(dataset))), training=False)
+            names = tuple(sorted(batch))
+            tensors = [batch_tensor(batch[k]) for k in names]
+            loss, logits = self._eval_fn(names)(*self._leaves, *tensors)
+            rows = next(iter(batch.values())).shape[0]
+            logits = logits.asnumpy()
+            if "labels" in batch:
+                losses.append(float(loss.asnumpy()) * rows)
+                labels.append(batch["labels"])
+            if self.preprocess_logits_for_metrics is not None:
+                logits = np.asarray(self.preprocess_logits_for_metrics(logits, batch.get("labels")))
+            predictions.append(logits)
         preds = _pad_concat(predictions)
         label_ids = _pad_concat(labels) if labels else None
         metrics = {}
