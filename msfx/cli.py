@@ -12,7 +12,7 @@ def _load(args):
 
     from msfx.models.auto import AutoModelForCausalLM
     from msfx.params.gguf import gguf_tokenizer, read_gguf, smollm2_gguf_path
-    from msfx.params.hub import resolve_model_dir
+    from msfx.params.hub import resolve_gguf_file, resolve_model_dir
 
     if args.model is None and args.gguf_file is None:
         try:
@@ -23,12 +23,8 @@ def _load(args):
         model_dir = resolve_model_dir(args.model)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=args.dtype)
         return model, AutoTokenizer.from_pretrained(model_dir)
-    path = Path(args.gguf_file)
-    if not path.is_file():
-        if args.model is None:
-            sys.exit(f"msfx: GGUF file {args.gguf_file!r} not found (give a path, or --model with the file inside)")
-        path = resolve_model_dir(args.model, gguf_file=args.gguf_file) / args.gguf_file
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=str(path), dtype=args.dtype)
+    path = resolve_gguf_file(args.model, args.gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=args.dtype)
     return model, gguf_tokenizer(read_gguf(str(path)))
 
 
@@ -45,7 +41,11 @@ def generate(args) -> int:
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     # sampling flags override the checkpoint's generation_config.json only where given
     sampling = {k: v for k, v in dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                      seed=args.seed).items() if v is not None} if args.do_sample else {}
+                                      seed=args.seed).items() if v is not None}
+    if sampling and not args.do_sample:
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in sampling)
+        print(f"msfx generate: warning: {flags} only apply with --do-sample; decoding greedily", file=sys.stderr)
+        sampling = {}
     # streaming needs one sequence: a checkpoint's num_beams is overridden
     model.generate(input_ids=np.asarray([ids], np.int64), max_new_tokens=args.max_new_tokens, num_beams=1,
                    do_sample=args.do_sample, streamer=streamer, jit=False if args.eager else "decode", **sampling)

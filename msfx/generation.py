@@ -104,6 +104,27 @@ class GenerateBeamEncoderDecoderOutput(ModelOutput):
 _MODEL_KWARGS = {"use_cache", "output_attentions", "output_hidden_states", "return_dict"}
 
 
+def check_sampling_args(config: GenerationConfig) -> None:
+    """Refuse, on the host, sampling values HF's warpers refuse or that sample from nothing: with
+    `do_sample`, `temperature` <= 0, a negative `top_k` (0 disables it) or `top_p` outside (0, 1]
+    (HF's `TopPLogitsWarper` says "> 0" but lets 0 through as greedy and ignores values above 1).
+
+    Raises:
+        ValueError: naming the argument and its value.
+    """
+    if not config.do_sample:
+        return
+    temperature, top_k, top_p = config.temperature, config.top_k, config.top_p
+    if temperature is not None and not temperature > 0:
+        raise ValueError(f"`temperature` (={temperature}) has to be a strictly positive float, otherwise your next "
+                         "token scores will be invalid. If you're looking for greedy decoding strategies, set "
+                         "`do_sample=False`.")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"`top_k` has to be a strictly positive integer (or 0 to disable it), but is {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"`top_p` has to be a float > 0 and <= 1, but is {top_p}")
+
+
 def _as_array(x) -> np.ndarray:
     return x.asnumpy() if isinstance(x, Tensor) else np.asarray(x)
 
@@ -165,7 +186,8 @@ class GenerationMixin:
         Raises:
             TypeError: transformers' own (torch) processors or stopping criteria.
             ValueError: out-of-range token ids, a total length beyond `max_position_embeddings`,
-                `num_return_sequences` above `num_beams` (or above 1 for greedy), a streamer
+                `num_return_sequences` above `num_beams` (or above 1 for greedy), sampling with
+                `temperature` <= 0, `top_k` < 0 or `top_p` outside (0, 1], a streamer
                 with beam search, `stop_strings` without `tokenizer`, an unknown keyword, or an
                 invalid processor argument (as HF raises them).
             NotImplementedError: an option whose logits processor msfx lacks (`top_h`,
@@ -181,6 +203,7 @@ class GenerationMixin:
                                 "callables (see msfx.decode.processors); the built-in ones follow from the "
                                 "generation config")
         config, default_max_length = self._merge_generation_config(generation_config, kwargs)
+        check_sampling_args(config)
         if config.num_beams is not None and config.num_beams < 1:
             raise ValueError(f"num_beams must be at least 1, got {config.num_beams}")
         num_beams = config.num_beams or 1

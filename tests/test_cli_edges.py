@@ -1,0 +1,121 @@
+"""The command line and a newcomer's first steps: GGUF paths in every form, one-line errors for
+broken configs and bad sampling values, Ctrl-C during compilation, long prompts' memory."""
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_hf_llama, random_ids
+from msfx import AutoModelForCausalLM, LlamaForCausalLM
+from msfx.cli import main
+from msfx.errors import CheckpointError
+from test_gguf import TOKENS, _tiny_llama_weights, _write_llama
+from test_params import save_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def gguf_dir(tmp_path_factory) -> Path:
+    """`<tmp>/gdir/tiny.gguf`: a tiny llama with a byte-level vocabulary the tokenizer can rebuild."""
+    root = tmp_path_factory.mktemp("gguf")
+    (root / "gdir").mkdir()
+    _write_llama(root / "gdir" / "tiny.gguf", _tiny_llama_weights(),
+                 metadata=lambda writer: writer.add_token_scores([0.0] * len(TOKENS)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> Path:
+    """A tiny HF llama checkpoint with a tokenizer: what `msfx generate --model DIR` needs."""
+    _, path = make_hf_llama(tmp_path_factory.mktemp("llama"))
+    save_tiny_tokenizer(path)
+    return path
+
+
+def _generate(capsys, *args) -> tuple[int, str]:
+    rc = main(["generate", *args, "--prompt", "red blue", "--max-new-tokens", "2", "--eager"])
+    return rc, capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- 13. GGUF paths
+
+@pytest.mark.parametrize("form", ["dir+name", "relative path", "absolute path", "absolute dir+name",
+                                  "dir+absolute path"])
+def test_gguf_file_in_every_form(gguf_dir, monkeypatch, capsys, form):
+    monkeypatch.chdir(gguf_dir)
+    args = {"dir+name": ["--model", "gdir", "--gguf-file", "tiny.gguf"],  # the README's form
+            "relative path": ["--gguf-file", "gdir/tiny.gguf"],
+            "absolute path": ["--gguf-file", str(gguf_dir / "gdir" / "tiny.gguf")],
+            "absolute dir+name": ["--model", str(gguf_dir / "gdir"), "--gguf-file", "tiny.gguf"],
+            "dir+absolute path": ["--model", "gdir", "--gguf-file", str(gguf_dir / "gdir" / "tiny.gguf")]}[form]
+    rc, err = _generate(capsys, *args)
+    assert rc == 0, err
+    assert "new tokens: 2" in err
+
+
+def test_gguf_relative_dir_in_the_api(gguf_dir, monkeypatch):
+    monkeypatch.chdir(gguf_dir)
+    auto = AutoModelForCausalLM.from_pretrained("gdir", gguf_file="tiny.gguf")
+    direct = LlamaForCausalLM.from_pretrained("gdir", gguf_file="tiny.gguf")
+    ids = random_ids(1, 5, vocab=len(TOKENS))
+    np.testing.assert_array_equal(auto(ids).logits.asnumpy(), direct(ids).logits.asnumpy())
+
+
+def test_missing_gguf_file_is_one_line(gguf_dir, monkeypatch, capsys):
+    monkeypatch.chdir(gguf_dir)
+    rc, err = _generate(capsys, "--model", "gdir", "--gguf-file", "nope.gguf")
+    assert rc == 2 and err.strip() == "msfx generate: error: GGUF file 'nope.gguf' not found in 'gdir'"
+
+
+# ---------------------------------------------------------------- 14. broken configs, sampling values
+
+BROKEN_CONFIGS = {
+    "bad JSON": (lambda text: text[:-20], r"config.json is not valid JSON: .* line \d+ column \d+"),
+    "wrong type": (lambda text: text.replace('"num_hidden_layers": 2', '"num_hidden_layers": "two"'),
+                   r"config.json: Field 'num_hidden_layers' expected int, got str"),
+    "unknown model_type": (lambda text: text.replace('"model_type": "llama"', '"model_type": "nosuchmodel"'),
+                           r"config.json: unknown model_type 'nosuchmodel'"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_CONFIGS)
+def test_broken_config_is_one_line_naming_file_and_field(llama_dir, tmp_path, capsys, case):
+    edit, message = BROKEN_CONFIGS[case]
+    path = Path(shutil.copytree(llama_dir, tmp_path / "broken"))
+    text = (path / "config.json").read_text()
+    (path / "config.json").write_text(edit(text))
+    assert (path / "config.json").read_text() != text
+    rc, err = _generate(capsys, "--model", str(path))
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"msfx generate: error: {path / 'config.json'}")
+    assert "upgrade" not in err
+    assert re.search(message, err), err
+    for cls in (AutoModelForCausalLM, LlamaForCausalLM):  # the API raises the same error
+        with pytest.raises(CheckpointError, match=message):
+            cls.from_pretrained(path)
+
+
+def test_sampling_flags_without_do_sample_warn(llama_dir, capsys):
+    rc, err = _generate(capsys, "--model", str(llama_dir), "--temperature", "0.5", "--top-k", "3")
+    assert rc == 0
+    assert "warning: --temperature, --top-k only apply with --do-sample" in err
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("temperature", 0.0, r"`temperature` \(=0.0\) has to be a strictly positive float"),
+    ("temperature", -1.0, r"`temperature` \(=-1.0\) has to be a strictly positive float"),
+    ("top_k", -1, r"`top_k` has to be a strictly positive integer \(or 0 to disable it\), but is -1"),
+    ("top_p", 0.0, r"`top_p` has to be a float > 0 and <= 1, but is 0.0"),
+    ("top_p", 1.5, r"`top_p` has to be a float > 0 and <= 1, but is 1.5"),
+])
+def test_bad_sampling_values_are_refused(llama_dir, capsys, flag, value, message):
+    rc, err = _generate(capsys, "--model", str(llama_dir), "--do-sample", f"--{flag.replace('_', '-')}", str(value))
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    model = LlamaForCausalLM.from_pretrained(llama_dir)
+    with pytest.raises(ValueError, match=message):
+        model.generate(input_ids=random_ids(1, 4), max_new_tokens=2, do_sample=True, **{flag: value})
+    # greedy decoding ignores them, as HF does (a checkpoint may carry temperature=0 for greedy use)
+    assert model.generate(input_ids=random_ids(1, 4), max_new_tokens=2, **{flag: value}).shape == (1, 6)
