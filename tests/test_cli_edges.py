@@ -2,19 +2,27 @@
 broken configs and bad sampling values, Ctrl-C during compilation, long prompts' memory."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from conftest import make_hf_llama, random_ids
+from conftest import left_padded, make_hf_llama, random_ids
 from msfx import AutoModelForCausalLM, LlamaForCausalLM
 from msfx.cli import main
 from msfx.errors import CheckpointError
+from msfx.layers import attention
 from test_gguf import TOKENS, _tiny_llama_weights, _write_llama
+from test_llama_parity import hf_run, max_diff, to_np
 from test_params import save_tiny_tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +127,61 @@ def test_bad_sampling_values_are_refused(llama_dir, capsys, flag, value, message
         model.generate(input_ids=random_ids(1, 4), max_new_tokens=2, do_sample=True, **{flag: value})
     # greedy decoding ignores them, as HF does (a checkpoint may carry temperature=0 for greedy use)
     assert model.generate(input_ids=random_ids(1, 4), max_new_tokens=2, **{flag: value}).shape == (1, 6)
+
+
+# ---------------------------------------------------------------- 15. long prompts
+
+def test_long_prompt_attends_in_query_blocks_and_matches_hf(hf_llama, monkeypatch):
+    torch_model, path = hf_llama(max_position_embeddings=2048, num_key_value_heads=2)
+    ids, mask = left_padded(2, 1100, pads=[0, 37], seed=7)
+    # 10 MiB of float32 scores over 2 x 4 heads x 1100 keys: blocks of 297 queries, the last short
+    monkeypatch.setattr(attention, "SCORE_BLOCK_BYTES", 10 * 2**20)
+    blocks, attend = [], attention._attend
+    monkeypatch.setattr(attention, "_attend", lambda q, *args: blocks.append(q.shape[2]) or attend(q, *args))
+    model = LlamaForCausalLM.from_pretrained(path)
+    logits = model(ids, attention_mask=mask).logits
+    assert blocks == [297, 297, 297, 209] * 2  # two layers
+    real = mask.astype(bool)
+    assert max_diff(to_np(logits)[real], to_np(hf_run(torch_model, ids, mask).logits)[real]) <= 1e-4
+    blocks.clear()
+    model(ids[:, :1024], attention_mask=mask[:, :1024])
+    assert blocks == [1024, 1024]  # up to LONG_QUERIES queries: one block, the graph as before
+
+
+def test_long_prompt_compiled_prefill_generates_as_hf(hf_llama, monkeypatch):
+    torch_model, path = hf_llama(max_position_embeddings=2048)
+    ids = random_ids(1, 1100, seed=8)
+    monkeypatch.setattr(attention, "SCORE_BLOCK_BYTES", 8 * 2**20)  # several blocks in the traced prefill
+    blocks, attend = [], attention._attend
+    monkeypatch.setattr(attention, "_attend", lambda q, *args: blocks.append(q.shape[2]) or attend(q, *args))
+    model = LlamaForCausalLM.from_pretrained(path)
+    ours = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, jit=True)
+    with torch.no_grad():
+        theirs = torch_model.generate(input_ids=torch.tensor(ids), max_new_tokens=3, do_sample=False)
+    np.testing.assert_array_equal(ours, theirs.numpy())
+    assert len(blocks) > 2 and max(blocks) < 1100
+
+
+_ATTENTION_MEMORY = """
+import resource
+import mindspore as ms
+import numpy as np
+from msfx.layers import attention
+n = 3072
+rng = np.random.default_rng(0)
+q, k, v = (ms.Tensor(rng.standard_normal((1, 8, n, 8)).astype(np.float32)) for _ in range(3))
+bias = attention.attention_bias(ms.Tensor(np.ones((1, n), np.int32)), attention.arange(n))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+attention.scaled_dot_product_attention(q, k, v, bias, 0.35).asnumpy()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**10)
+"""
+
+
+def test_long_attention_memory_is_bounded():
+    """One 3072-query attention over 8 heads: 302 MB per whole score matrix; the peak grew by
+    2025 MiB before query blocks, 421 MiB with them."""
+    out = subprocess.run([sys.executable, "-c", _ATTENTION_MEMORY], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    growth_mib = float(out.stdout.split()[-1])
+    assert growth_mib < 1000, growth_mib
