@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -67,6 +69,18 @@ def export(args) -> int:
     return 0
 
 
+def _exit_on_interrupt(command: str):
+    """A SIGINT handler that ends the process at once with the shell's Ctrl-C status (128 + 2).
+    MindSpore 2.10 cannot unwind a KeyboardInterrupt: raised while a graph compiles, the process
+    aborted ("terminate called without an active exception"); raised while a compiled step
+    runs, the exit hung or crashed."""
+    def handler(signum, frame):
+        sys.stdout.flush()
+        print(f"\nmsfx {command}: KeyboardInterrupt", file=sys.stderr, flush=True)
+        os._exit(130)
+    return handler
+
+
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -108,11 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("--output", required=True, help="directory to write")
     exp.set_defaults(run=export)
     args = parser.parse_args(argv)
+    previous = signal.signal(signal.SIGINT, _exit_on_interrupt(args.command))
     try:
         return args.run(args)
     except (ValueError, OSError, NotImplementedError) as e:  # bad input or files: the message, not a traceback
         print(f"msfx {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

@@ -185,3 +185,31 @@ def test_long_attention_memory_is_bounded():
     assert out.returncode == 0, out.stderr[-2000:]
     growth_mib = float(out.stdout.split()[-1])
     assert growth_mib < 1000, growth_mib
+
+
+# ---------------------------------------------------------------- 16. Ctrl-C, MindSpore's log
+
+# `python -m msfx generate ...` (runpy, as -m runs it), with a SIGINT sent 0.1 s into the first
+# compile of the decode step (it takes ~1 s for the tiny model).
+_INTERRUPTED_RUN = """
+import os, runpy, signal, sys, threading
+import msfx.decode.step as step
+compile_and_run = step.call_in_fresh_thread
+def interrupted(fn, *args):
+    print("compiling", file=sys.stderr, flush=True)
+    threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT)).start()
+    return compile_and_run(fn, *args)
+step.call_in_fresh_thread = interrupted
+sys.argv = ["msfx", *sys.argv[1:]]
+runpy.run_module("msfx", run_name="__main__")
+"""
+
+
+def test_ctrl_c_during_first_compile_exits_130(llama_dir):
+    out = subprocess.run([sys.executable, "-c", _INTERRUPTED_RUN, "generate", "--model", str(llama_dir), "--prompt",
+                          "red blue", "--max-new-tokens", "5"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert "compiling" in out.stderr
+    assert "terminate called" not in out.stderr
+    assert out.returncode == 130, out.stderr[-2000:]
+    assert out.stderr.rstrip().endswith("msfx generate: KeyboardInterrupt")
