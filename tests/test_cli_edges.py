@@ -213,3 +213,23 @@ def test_ctrl_c_during_first_compile_exits_130(llama_dir):
     assert "terminate called" not in out.stderr
     assert out.returncode == 130, out.stderr[-2000:]
     assert out.stderr.rstrip().endswith("msfx generate: KeyboardInterrupt")
+
+
+_MINDSPORE_FIRST = """
+import sys
+import mindspore
+import msfx
+from msfx.cli import main
+sys.exit(main(["generate", "--model", sys.argv[1], "--prompt", "red blue", "--max-new-tokens", "3"]))
+"""
+
+
+@pytest.mark.parametrize("glog_v", [None, "2"])
+def test_mindspore_imported_first_compiles_quietly(llama_dir, glog_v):
+    env = {k: v for k, v in os.environ.items() if k != "GLOG_v"} | {"PYTHONPATH": str(REPO_ROOT)}
+    if glog_v is not None:  # a level the user chose is kept: the analyzer's warnings show (8 here)
+        env["GLOG_v"] = glog_v
+    out = subprocess.run([sys.executable, "-c", _MINDSPORE_FIRST, str(llama_dir)], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert ("[WARNING] ANALYZER" in out.stderr) == (glog_v == "2"), out.stderr[-2000:]
