@@ -5,7 +5,6 @@ import argparse
 import os
 import signal
 import sys
-from pathlib import Path
 
 
 def _load(args):
@@ -71,9 +70,10 @@ def export(args) -> int:
 
 def _exit_on_interrupt(command: str):
     """A SIGINT handler that ends the process at once with the shell's Ctrl-C status (128 + 2).
-    MindSpore 2.10 cannot unwind a KeyboardInterrupt: raised while a graph compiles, the process
-    aborted ("terminate called without an active exception"); raised while a compiled step
-    runs, the exit hung or crashed."""
+    A KeyboardInterrupt raised while MindSpore 2.10 compiled a graph aborted the process
+    ("terminate called without an active exception"); one raised after the compile finished
+    left an exit that hung or crashed. (While a compiled decode step runs, Ctrl-C still ends the
+    process with SIGTERM, status 143: MindSpore 2.10's own SIGINT handler answers it there.)"""
     def handler(signum, frame):
         sys.stdout.flush()
         print(f"\nmsfx {command}: KeyboardInterrupt", file=sys.stderr, flush=True)
