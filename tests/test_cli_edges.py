@@ -86,6 +86,7 @@ BROKEN_CONFIGS = {
                    r"config.json: Field 'num_hidden_layers' expected int, got str"),
     "unknown model_type": (lambda text: text.replace('"model_type": "llama"', '"model_type": "nosuchmodel"'),
                            r"config.json: unknown model_type 'nosuchmodel'"),
+    "no model_type": (lambda text: text.replace('"model_type": "llama",', ''), r"config.json has no model_type"),
 }
 
 

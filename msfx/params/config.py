@@ -34,6 +34,8 @@ def read_config(model_dir: str | os.PathLike, **overrides) -> PretrainedConfig:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} is not a JSON object")
     model_type = data.get("model_type")
+    if model_type is None:
+        raise CheckpointError(f"{path} has no model_type")
     if model_type not in CONFIG_MAPPING:
         raise CheckpointError(f"{path}: unknown model_type {model_type!r} (transformers {transformers.__version__} "
                               "does not define it)")
