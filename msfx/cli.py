@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
-from pathlib import Path
 
 
 def _load(args):
@@ -11,8 +12,8 @@ def _load(args):
     from transformers import AutoTokenizer
 
     from msfx.models.auto import AutoModelForCausalLM
-    from msfx.params.gguf import gguf_tokenizer, read_gguf, smollm2_gguf_path
-    from msfx.params.hub import resolve_model_dir
+    from msfx.params.gguf import gguf_checkpoint, smollm2_gguf_path
+    from msfx.params.hub import resolve_gguf_file, resolve_model_dir
 
     if args.model is None and args.gguf_file is None:
         try:
@@ -21,15 +22,9 @@ def _load(args):
             sys.exit(str(e))
     if args.gguf_file is None:
         model_dir = resolve_model_dir(args.model)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=args.dtype)
-        return model, AutoTokenizer.from_pretrained(model_dir)
-    path = Path(args.gguf_file)
-    if not path.is_file():
-        if args.model is None:
-            sys.exit(f"msfx: GGUF file {args.gguf_file!r} not found (give a path, or --model with the file inside)")
-        path = resolve_model_dir(args.model, gguf_file=args.gguf_file) / args.gguf_file
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=str(path), dtype=args.dtype)
-    return model, gguf_tokenizer(read_gguf(str(path)))
+    else:  # the file's weights and tokenizer, converted once and then read from msfx's cache
+        model_dir = gguf_checkpoint(resolve_gguf_file(args.model, args.gguf_file))
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=args.dtype), AutoTokenizer.from_pretrained(model_dir)
 
 
 def generate(args) -> int:
@@ -45,7 +40,11 @@ def generate(args) -> int:
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     # sampling flags override the checkpoint's generation_config.json only where given
     sampling = {k: v for k, v in dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                      seed=args.seed).items() if v is not None} if args.do_sample else {}
+                                      seed=args.seed).items() if v is not None}
+    if sampling and not args.do_sample:
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in sampling)
+        print(f"msfx generate: warning: {flags} only apply with --do-sample; decoding greedily", file=sys.stderr)
+        sampling = {}
     # streaming needs one sequence: a checkpoint's num_beams is overridden
     model.generate(input_ids=np.asarray([ids], np.int64), max_new_tokens=args.max_new_tokens, num_beams=1,
                    do_sample=args.do_sample, streamer=streamer, jit=False if args.eager else "decode", **sampling)
@@ -65,6 +64,19 @@ def export(args) -> int:
     tokenizer.save_pretrained(args.output)
     print(f"saved {model.num_parameters():,} parameters and the tokenizer to {args.output}")
     return 0
+
+
+def _exit_on_interrupt(command: str):
+    """A SIGINT handler that ends the process at once with the shell's Ctrl-C status (128 + 2).
+    A KeyboardInterrupt raised while MindSpore 2.10 compiled a graph aborted the process
+    ("terminate called without an active exception"); one raised after the compile finished
+    left an exit that hung or crashed. (While a compiled decode step runs, Ctrl-C still ends the
+    process with SIGTERM, status 143: MindSpore 2.10's own SIGINT handler answers it there.)"""
+    def handler(signum, frame):
+        sys.stdout.flush()
+        print(f"\nmsfx {command}: KeyboardInterrupt", file=sys.stderr, flush=True)
+        os._exit(130)
+    return handler
 
 
 def _non_negative_int(text: str) -> int:
@@ -108,11 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("--output", required=True, help="directory to write")
     exp.set_defaults(run=export)
     args = parser.parse_args(argv)
+    previous = signal.signal(signal.SIGINT, _exit_on_interrupt(args.command))
     try:
         return args.run(args)
     except (ValueError, OSError, NotImplementedError) as e:  # bad input or files: the message, not a traceback
         print(f"msfx {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,27 @@ class GenerateBeamEncoderDecoderOutput(ModelOutput):
 _MODEL_KWARGS = {"use_cache", "output_attentions", "output_hidden_states", "return_dict"}
 
 
+def check_sampling_args(config: GenerationConfig) -> None:
+    """Refuse, on the host, sampling values HF's warpers refuse or that sample from nothing: with
+    `do_sample`, `temperature` <= 0, a negative `top_k` (0 disables it) or `top_p` outside (0, 1]
+    (HF's `TopPLogitsWarper` says "> 0" but lets 0 through as greedy and ignores values above 1).
+
+    Raises:
+        ValueError: naming the argument and its value.
+    """
+    if not config.do_sample:
+        return
+    temperature, top_k, top_p = config.temperature, config.top_k, config.top_p
+    if temperature is not None and not temperature > 0:
+        raise ValueError(f"`temperature` (={temperature}) has to be a strictly positive float, otherwise your next "
+                         "token scores will be invalid. If you're looking for greedy decoding strategies, set "
+                         "`do_sample=False`.")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"`top_k` has to be a strictly positive integer (or 0 to disable it), but is {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"`top_p` has to be a float > 0 and <= 1, but is {top_p}")
+
+
 def _as_array(x) -> np.ndarray:
     return x.asnumpy() if isinstance(x, Tensor) else np.asarray(x)
 
@@ -252,7 +273,8 @@ class GenerationMixin:
             ValueError: out-of-range token ids, a total length beyond a learned position table
                 (GPT-2's `n_positions`; past a rotary model's `max_position_embeddings` HF and msfx
                 warn and go on),
-                `num_return_sequences` above `num_beams` (or above 1 for greedy), a streamer
+                `num_return_sequences` above `num_beams` (or above 1 for greedy), sampling with
+                `temperature` <= 0, `top_k` < 0 or `top_p` outside (0, 1], a streamer
                 with beam search, `stop_strings` without `tokenizer`, an unknown keyword, or an
                 invalid processor argument (as HF raises them).
             NotImplementedError: an option whose logits processor msfx lacks (`top_h`,
@@ -272,6 +294,7 @@ class GenerationMixin:
         the inputs expanded per beam / returned sequence, processors and criteria. Raises as `generate`."""
         _check_callables(jit, logits_processor, stopping_criteria)
         config, default_max_length = self._merge_generation_config(generation_config, kwargs)
+        check_sampling_args(config)
         num_beams, as_dict = _check_modes(config, streamer)
         ids = check_token_ids(input_ids, self.config.vocab_size)
         eos, pad = _special_tokens(config, ids, attention_mask)

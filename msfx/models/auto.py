@@ -11,9 +11,8 @@ from __future__ import annotations
 import importlib
 import os
 
-from transformers import AutoConfig
-
-from msfx.params.hub import resolve_model_dir
+from msfx.params.config import read_config
+from msfx.params.hub import resolve_gguf_file, resolve_model_dir
 
 FAMILIES: dict[str, str] = {
     "bert": "msfx.models.bert",
@@ -92,12 +91,12 @@ class _AutoModel:
             hub = {k: kwargs[k] for k in _HUB_KEYS if k in kwargs}
             if gguf_file is not None:
                 from msfx.params.gguf import gguf_config, read_gguf
-                directory = resolve_model_dir(pretrained_model_name_or_path, gguf_file=gguf_file, **hub)
-                config = gguf_config(read_gguf(os.path.join(directory, gguf_file)))
+                gguf_file = str(resolve_gguf_file(pretrained_model_name_or_path, gguf_file, **hub))
+                config = gguf_config(read_gguf(gguf_file))
                 kwargs["config"] = config
             else:
                 directory = resolve_model_dir(pretrained_model_name_or_path, **hub)
-                config = AutoConfig.from_pretrained(directory)
+                config = read_config(directory)
                 pretrained_model_name_or_path = directory
         else:
             kwargs["config"] = config

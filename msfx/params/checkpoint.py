@@ -16,11 +16,11 @@ from typing import Any, Callable
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor
-from transformers import AutoConfig
 
 from msfx.errors import CheckpointError
+from msfx.params.config import read_config
 from msfx.params.dtypes import NUMPY_BFLOAT16, STORED, dtype_name, parse_dtype, to_numpy
-from msfx.params.hub import resolve_model_dir
+from msfx.params.hub import resolve_gguf_file, resolve_model_dir
 from msfx.params.safetensors_io import bf16_bits_to_float32, checkpoint_files, iter_tensors, read_shapes, \
     read_tensor, save_safetensors
 from msfx.params.tree import Params, flatten_keys, unflatten_keys
@@ -198,9 +198,7 @@ def load_params(arch: ModuleType, ref: str | os.PathLike, *, dtype="auto", confi
     model_dir = resolve_model_dir(ref, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
                                   token=token)
     if config is None:
-        if not (model_dir / "config.json").is_file():
-            raise FileNotFoundError(f"no config.json in {model_dir}")
-        config = AutoConfig.from_pretrained(model_dir, **(config_kwargs or {}))
+        config = read_config(model_dir, **(config_kwargs or {}))
     _check_model_type(config, arch, str(ref))
     files = checkpoint_files(model_dir)
     found = read_shapes(files)
@@ -241,12 +239,8 @@ def _load_gguf(arch, ref, gguf_file, target, shapes, prefix, revision, cache_dir
     """A GGUF file loads as the HF directory `gguf_checkpoint` converts it to once (float32 weights)."""
     from msfx.params.gguf import gguf_checkpoint
 
-    path = Path(gguf_file)
-    if not path.is_file():
-        path = resolve_model_dir(ref, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
-                                 token=token, gguf_file=gguf_file) / gguf_file
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file {gguf_file!r} not found in {ref}")
+    path = resolve_gguf_file(ref, gguf_file, revision=revision, cache_dir=cache_dir,
+                             local_files_only=local_files_only, token=token)
     return load_params(arch, gguf_checkpoint(path), dtype=target, shapes=shapes, prefix=prefix)
 
 

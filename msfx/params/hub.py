@@ -40,3 +40,26 @@ def resolve_model_dir(ref: str | os.PathLike, *, revision: str | None = None, ca
         mode = " (offline: only the local cache was searched)" if offline else ""
         raise ModelNotFoundError(f"cannot find model {str(ref)!r}{mode}: it is not a local directory and "
                                  f"the hub lookup failed with {type(e).__name__}: {e}") from e
+
+
+def resolve_gguf_file(ref: str | os.PathLike | None, gguf_file: str | os.PathLike, **hub) -> Path:
+    """The local path of `gguf_file`: a file of that name inside the directory `ref` (HF's meaning
+    of `from_pretrained(ref, gguf_file=name)`), else `gguf_file` itself as a path (absolute or
+    relative to the working directory), else that file fetched from the hub id `ref`.
+
+    `hub`: `resolve_model_dir`'s keyword arguments (revision, cache_dir, local_files_only, token).
+
+    Raises:
+        FileNotFoundError: no such file (with `ref` None, or not inside `ref`).
+        ModelNotFoundError: `ref` is neither a directory nor a hub id that can be fetched.
+    """
+    if ref is not None and (inside := Path(ref).expanduser() / gguf_file).is_file():
+        return inside
+    if (path := Path(gguf_file).expanduser()).is_file():
+        return path
+    if ref is None:
+        raise FileNotFoundError(f"GGUF file {str(gguf_file)!r} not found")
+    path = resolve_model_dir(ref, gguf_file=str(gguf_file), **hub) / gguf_file
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {str(gguf_file)!r} not found in {str(ref)!r}")
+    return path
