@@ -44,41 +44,26 @@ from msfx.architectures import (bert, gemma2, gemma3_text, gpt2, llama, mistral,
                                 qwen3, qwen3_moe)
 from msfx.decode.cache import KVCache  # noqa: E402
 from msfx.errors import CheckpointError, CorruptCheckpointError, ModelNotFoundError  # noqa: E402
+from msfx.families import FAMILIES as _FAMILIES  # noqa: E402
 from msfx.models.auto import (AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM,  # noqa: E402
                               AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoModelForTextEncoding,
                               AutoModelForZeroShotImageClassification)
-from msfx.models.bert import BertForMaskedLM, BertForSequenceClassification, BertModel  # noqa: E402
-from msfx.models.clip import (CLIPModel, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionModel,  # noqa: E402
-                              CLIPVisionModelWithProjection)
-from msfx.models.gpt2 import GPT2ForSequenceClassification, GPT2LMHeadModel, GPT2Model  # noqa: E402
-from msfx.models.gemma2 import Gemma2ForCausalLM, Gemma2ForSequenceClassification, Gemma2Model  # noqa: E402
-from msfx.models.gemma3 import Gemma3ForCausalLM, Gemma3TextForSequenceClassification, Gemma3TextModel  # noqa: E402
-from msfx.models.llama import LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel  # noqa: E402
-from msfx.models.mistral import MistralForCausalLM, MistralForSequenceClassification, MistralModel  # noqa: E402
-from msfx.models.mixtral import MixtralForCausalLM, MixtralForSequenceClassification, MixtralModel  # noqa: E402
-from msfx.models.phi3 import Phi3ForCausalLM, Phi3ForSequenceClassification, Phi3Model  # noqa: E402
-from msfx.models.qwen2 import Qwen2ForCausalLM, Qwen2ForSequenceClassification, Qwen2Model  # noqa: E402
-from msfx.models.qwen3 import Qwen3ForCausalLM, Qwen3ForSequenceClassification, Qwen3Model  # noqa: E402
-from msfx.models.qwen3_moe import (Qwen3MoeForCausalLM, Qwen3MoeForSequenceClassification,  # noqa: E402
-                                   Qwen3MoeModel)
-from msfx.models.t5 import T5EncoderModel, T5ForConditionalGeneration, T5Model  # noqa: E402
+from msfx.models import clip as _clip_models  # noqa: E402
 from msfx.pipelines import pipeline  # noqa: E402
 from msfx.train.trainer import Trainer, TrainingArguments  # noqa: E402
 
 __version__ = "0.1.0"
 
+# every family's classes, by HF's names, from the table in `msfx.families`
+_CLASSES = {name: _record.class_named(name) for _record in _FAMILIES.values() for _, name in _record.auto}
+# classes no Auto class picks (HF's auto mappings have no entry for them)
+_CLASSES |= {"CLIPTextModelWithProjection": _clip_models.CLIPTextModelWithProjection,
+             "CLIPVisionModelWithProjection": _clip_models.CLIPVisionModelWithProjection}
+globals().update(_CLASSES)
+
 __all__ = ["AutoModel", "AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModelForSeq2SeqLM",
            "AutoModelForSequenceClassification", "AutoModelForTextEncoding", "AutoModelForZeroShotImageClassification",
-           "BertForMaskedLM", "BertForSequenceClassification", "BertModel", "CLIPModel", "CLIPTextModel",
-           "CLIPTextModelWithProjection", "CLIPVisionModel", "CLIPVisionModelWithProjection", "CheckpointError",
-           "CorruptCheckpointError",
-           "GPT2ForSequenceClassification", "GPT2LMHeadModel", "GPT2Model", "Gemma2ForCausalLM",
-           "Gemma2ForSequenceClassification", "Gemma2Model", "Gemma3ForCausalLM", "Gemma3TextForSequenceClassification",
-           "Gemma3TextModel", "KVCache", "LlamaForCausalLM", "LlamaForSequenceClassification", "LlamaModel",
-           "MistralForCausalLM", "MistralForSequenceClassification", "MistralModel", "MixtralForCausalLM",
-           "MixtralForSequenceClassification", "MixtralModel", "ModelNotFoundError", "Phi3ForCausalLM",
-           "Phi3ForSequenceClassification", "Phi3Model", "Qwen2ForCausalLM", "Qwen2ForSequenceClassification",
-           "Qwen2Model", "Qwen3ForCausalLM", "Qwen3ForSequenceClassification", "Qwen3Model", "Qwen3MoeForCausalLM",
-           "Qwen3MoeForSequenceClassification", "Qwen3MoeModel", "T5EncoderModel", "T5ForConditionalGeneration",
-           "T5Model", "Trainer", "TrainingArguments", "bert", "gemma2", "gemma3_text", "gpt2", "llama",
-           "mistral", "mixtral", "phi3", "pipeline", "qwen2", "qwen3", "qwen3_moe"]
+           "CheckpointError", "CorruptCheckpointError", "KVCache", "ModelNotFoundError", "Trainer", "TrainingArguments",
+           "bert", "gemma2", "gemma3_text", "gpt2", "llama", "mistral", "mixtral", "phi3", "pipeline", "qwen2", "qwen3",
+           "qwen3_moe"]
+__all__ += sorted(_CLASSES)

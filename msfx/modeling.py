@@ -28,6 +28,7 @@ from msfx.decode.step import CompiledStep
 from msfx.layers.attention import arange
 from msfx.layers.basic import check_token_ids, host_reads_allowed
 from msfx.layers.losses import causal_lm_loss, masked_cross_entropy
+from msfx.families import family
 from msfx.params import Params, flatten, load_params, save_params, unflatten
 from msfx.params.hub import resolve_model_dir
 
@@ -286,13 +287,14 @@ def _dtype_from_torch_spelling(dtype):
 class PreTrainedModel(nn.Cell):
     """Base of the HF-named wrappers: parameters, `from_pretrained`, `save_pretrained`.
 
-    Subclasses set `arch` (the architecture module) and may override `param_shapes` (the keys
-    this head owns) and `base_model_prefix` handling. Their `HF_METHODS` are wrapped by
-    `hf_arguments` (no argument is swallowed).
+    Subclasses set `arch` (the architecture module) and `model_type` (their `msfx.families` record)
+    and may override `param_shapes` (the keys this head owns) and `base_model_prefix` handling.
+    Their `HF_METHODS` are wrapped by `hf_arguments` (no argument is swallowed).
     """
 
     arch: ModuleType
     base_model_prefix = "model"
+    model_type: str  # the `msfx.families` record whose rules `from_pretrained` applies
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -342,8 +344,9 @@ class PreTrainedModel(nn.Cell):
         hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
         if gguf_file is None:  # resolved once: the generation config is read from the same directory
             pretrained_model_name_or_path = resolve_model_dir(pretrained_model_name_or_path, **hub)
-        params = load_params(cls.arch, pretrained_model_name_or_path, dtype=dtype, config=config, gguf_file=gguf_file,
-                             shapes=cls.param_shapes, prefix=cls.base_model_prefix, config_kwargs=config_kwargs, **hub)
+        params = load_params(family(cls.model_type), pretrained_model_name_or_path, dtype=dtype, config=config,
+                             gguf_file=gguf_file, shapes=cls.param_shapes, prefix=cls.base_model_prefix,
+                             config_kwargs=config_kwargs, **hub)
         model = cls(params.config, params)
         source = Path(pretrained_model_name_or_path)
         if gguf_file is None and (source / "generation_config.json").is_file():

@@ -21,6 +21,7 @@ import transformers
 from mindspore import Tensor
 
 import msfx
+import msfx.families
 
 from msfx.architectures import gpt2 as gpt2_arch
 from msfx.decode.generate import left_padding_positions, new_cache
@@ -292,7 +293,7 @@ def test_auto_classes_and_package_exports_pick_the_gpt2_classes(tied):
                 "AutoModelForCausalLM": hf_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
                 "AutoModelForSequenceClassification": hf_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES}
     for auto, names in hf_names.items():
-        assert msfx.models.gpt2.AUTO_CLASSES[auto].__name__ == names["gpt2"]
+        assert dict(msfx.families.family("gpt2").auto)[auto] == names["gpt2"]
 
 
 def test_old_checkpoints_with_causal_mask_buffers_load(tmp_path, tied):

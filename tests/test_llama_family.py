@@ -1,4 +1,4 @@
-"""The Llama-like families (Qwen2, Qwen3, Qwen3-MoE, Mistral, Mixtral, Phi-3, Gemma 2, Gemma 3 text) vs HF.
+"""The Llama-like families (Qwen2, Qwen3, Qwen3-MoE, Mistral, Mixtral, Phi-3, Gemma 2, Gemma 3 text, OLMo2) vs HF.
 
 Each family is built tiny with its PyTorch class (random norm weights and biases,
 `initializer_range` 0.2, eager attention), saved, and loaded through `msfx.AutoModelForCausalLM`:
@@ -15,6 +15,7 @@ import torch
 import transformers
 
 import msfx
+import msfx.families
 
 from conftest import random_ids
 from oracle import save_tiny
@@ -23,31 +24,28 @@ BASE = dict(vocab_size=99, hidden_size=64, intermediate_size=96, num_hidden_laye
             num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2, rms_norm_eps=1e-5,
             pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
 
-FAMILIES = {  # name -> (HF config class, HF causal LM class, config overrides)
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM",
-              dict(use_sliding_window=True, sliding_window=6, max_window_layers=1)),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM",
-              dict(head_dim=24, attention_bias=True, use_sliding_window=True, sliding_window=6, max_window_layers=2)),
-    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=6, head_dim=16)),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
-               dict(head_dim=16, sliding_window=5, query_pre_attn_scalar=24, attn_logit_softcapping=3.0,
-                    final_logit_softcapping=2.5, tie_word_embeddings=True)),
-    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM",
-                    dict(head_dim=16, sliding_window=5, query_pre_attn_scalar=24, num_hidden_layers=4,
-                         layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
-                         rope_parameters=dict(sliding_attention=dict(rope_type="default", rope_theta=10.0),
-                                              full_attention=dict(rope_type="linear", rope_theta=1000.0,
-                                                                  factor=4.0)))),
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
-                dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=6)),
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
-                  dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40,
-                       decoder_sparse_step=1, mlp_only_layers=[1], norm_topk_prob=False)),
-    "phi3": ("Phi3Config", "Phi3ForCausalLM",
-             dict(sliding_window=7, max_position_embeddings=128, original_max_position_embeddings=8,
-                  rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.5,
-                                       short_factor=[1.0, 1.3, 1.7, 2.2], long_factor=[1.5, 2.0, 3.0, 4.0]))),
+# one row per Llama-like family of `msfx.families`: the tiny model's config overrides
+OVERRIDES = {
+    "qwen2": dict(use_sliding_window=True, sliding_window=6, max_window_layers=1),
+    "qwen3": dict(head_dim=24, attention_bias=True, use_sliding_window=True, sliding_window=6, max_window_layers=2),
+    "mistral": dict(sliding_window=6, head_dim=16),
+    "gemma2": dict(head_dim=16, sliding_window=5, query_pre_attn_scalar=24, attn_logit_softcapping=3.0,
+                   final_logit_softcapping=2.5, tie_word_embeddings=True),
+    "gemma3_text": dict(head_dim=16, sliding_window=5, query_pre_attn_scalar=24, num_hidden_layers=4,
+                        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+                        rope_parameters=dict(sliding_attention=dict(rope_type="default", rope_theta=10.0),
+                                             full_attention=dict(rope_type="linear", rope_theta=1000.0, factor=4.0))),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=6),
+    "qwen3_moe": dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40,
+                      decoder_sparse_step=1, mlp_only_layers=[1], norm_topk_prob=False),
+    "phi3": dict(sliding_window=7, max_position_embeddings=128, original_max_position_embeddings=8,
+                 rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.5,
+                                      short_factor=[1.0, 1.3, 1.7, 2.2], long_factor=[1.5, 2.0, 3.0, 4.0])),
+    "olmo2": dict(attention_bias=True),
 }
+# name -> (HF config class, HF causal LM class, config overrides), for every Llama-like record but Llama's
+FAMILIES = {name: (record.config_class.__name__, dict(record.auto)["AutoModelForCausalLM"], OVERRIDES[name])
+            for name, record in msfx.families.FAMILIES.items() if record.spec is not None and name != "llama"}
 
 
 def make_hf(tmp_path, family: str, seed: int = 0, **extra):

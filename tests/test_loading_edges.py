@@ -7,7 +7,6 @@ warning), CLIP's tower and prefixed layouts, and T5's `_keep_in_fp32_modules` un
 from __future__ import annotations
 
 import copy
-import importlib
 import logging
 import shutil
 
@@ -19,10 +18,8 @@ import transformers
 from safetensors.torch import load_file
 
 from msfx import LlamaForCausalLM, LlamaForSequenceClassification
-from msfx.architectures import t5 as t5_arch
 from msfx.errors import CheckpointError
-from msfx.modeling import PreTrainedModel
-from msfx.models.auto import FAMILIES
+from msfx.families import FAMILIES
 from msfx.models.clip import CLIPModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 from msfx.models.t5 import T5EncoderModel, T5ForConditionalGeneration
 from msfx.params.safetensors_io import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
@@ -214,18 +211,14 @@ def test_clip_model_loads_keys_under_hf_base_prefix(hf_clip, tmp_path):
 # ---------------------------------------------------------------- 5. _keep_in_fp32_modules
 
 def test_keep_in_fp32_modules_recorded_as_hf():
-    """Every msfx class records its HF namesake's `_keep_in_fp32_modules` (and `_strict`) on its `arch`."""
-    classes = {name: getattr(importlib.import_module(module), name) for module in FAMILIES.values()
-               for name in dir(importlib.import_module(module)) if not name.startswith("_")}
-    classes = [cls for cls in classes.values() if isinstance(cls, type) and issubclass(cls, PreTrainedModel)
-               and hasattr(cls, "arch") and hasattr(transformers, cls.__name__)]
+    """Every family's record holds its classes' HF `_keep_in_fp32_modules` (and no `_strict` ones)."""
+    classes = [(record, name) for record in FAMILIES.values() for _, name in record.auto]
     assert len(classes) > 30
-    for cls in classes:
-        hf = getattr(transformers, cls.__name__)
-        for attribute in ("KEEP_IN_FP32_MODULES", "KEEP_IN_FP32_MODULES_STRICT"):
-            hf_modules = getattr(hf, "_" + attribute.lower()) or ()
-            assert set(getattr(cls.arch, attribute, ())) == set(hf_modules), (cls.__name__, attribute)
-    assert t5_arch.KEEP_IN_FP32_MODULES == ("wo",)
+    for record, name in classes:
+        hf = getattr(transformers, name)
+        assert set(record.keep_in_fp32) == set(hf._keep_in_fp32_modules or ()), name
+        assert not hf._keep_in_fp32_modules_strict, name
+    assert FAMILIES["t5"].keep_in_fp32 == ("wo",)
 
 
 def test_t5_float16_keeps_wo_in_float32_and_matches_hf_float16(hf_t5, tmp_path):

@@ -9,7 +9,6 @@ lacks raises NotImplementedError naming it unless it has HF's default value, whi
 """
 from __future__ import annotations
 
-import importlib
 
 import numpy as np
 import pytest
@@ -18,8 +17,8 @@ import transformers
 from mindspore import Tensor
 
 import msfx
-from msfx.models import bert, clip, gpt2, llama, t5
-from msfx.models.auto import FAMILIES as MSFX_FAMILIES
+from msfx.models import bert, clip, gpt2, t5
+from msfx.families import FAMILIES as MSFX_FAMILIES
 
 from conftest import left_padded, make_hf_llama, random_ids
 from test_bert import TINY as BERT
@@ -138,9 +137,10 @@ _CLIP_TEXT = transformers.CLIPTextConfig(**TEXT, eos_token_id=2)
 _CLIP_VISION = transformers.CLIPVisionConfig(**VISION)
 
 # class -> (config, inputs)
-CLASSES = {cls: (_llama_like(family), dict(input_ids=_IDS)) for family in ["llama", *FAMILIES]
-           for cls in importlib.import_module(MSFX_FAMILIES[family]).AUTO_CLASSES.values()}
-CLASSES |= {cls: (transformers.GPT2Config(**TINY_GPT2), dict(input_ids=_IDS)) for cls in gpt2.AUTO_CLASSES.values()}
+CLASSES = {MSFX_FAMILIES[family].class_named(name): (_llama_like(family), dict(input_ids=_IDS))
+           for family in ["llama", *FAMILIES] for _, name in MSFX_FAMILIES[family].auto}
+CLASSES |= {cls: (transformers.GPT2Config(**TINY_GPT2), dict(input_ids=_IDS))
+            for cls in (gpt2.GPT2Model, gpt2.GPT2LMHeadModel, gpt2.GPT2ForSequenceClassification)}
 CLASSES |= {cls: (transformers.BertConfig(**BERT), dict(input_ids=_IDS))
             for cls in (bert.BertModel, bert.BertForMaskedLM, bert.BertForSequenceClassification)}
 CLASSES |= {t5.T5EncoderModel: (transformers.T5Config(**T5), dict(input_ids=_IDS))}

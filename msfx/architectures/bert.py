@@ -14,7 +14,6 @@ probabilities and both dense outputs before their residual.
 """
 from __future__ import annotations
 
-import sys
 from typing import NamedTuple
 
 import mindspore as ms
@@ -22,6 +21,7 @@ import numpy as np
 from mindspore import Tensor, ops
 from transformers import BertConfig
 
+from msfx.families import family
 from msfx.layers.attention import arange, attention_bias, padding_bias, scaled_dot_product_attention
 from msfx.layers.basic import activation, check_model_inputs, embedding, host_reads_allowed, linear, tanh
 from msfx.layers.dropout import dropout
@@ -32,9 +32,6 @@ from msfx.params.tree import Params, config_of, unflatten_keys
 MODEL_TYPE = "bert"
 CONFIG_CLASS = BertConfig
 PREFIX = "bert"  # HF's `base_model_prefix`
-# Base-model keys some classes lack (HF's `add_pooling_layer`: `BertForMaskedLM` has no pooler): a checkpoint
-# without them loads into `BertModel` with a fresh pooler, one with them into `BertForMaskedLM`, as in HF.
-OPTIONAL_KEYS = ("bert.pooler.",)
 
 
 class BertOutput(NamedTuple):
@@ -260,4 +257,4 @@ def load(ref, *, dtype="auto", with_pooler: bool = True, with_mlm_head: bool = F
     def shapes(config):
         return param_shapes(config, with_pooler=with_pooler, with_mlm_head=with_mlm_head)
 
-    return load_params(sys.modules[__name__], ref, dtype=dtype, shapes=shapes, prefix=PREFIX, **hub_kwargs)
+    return load_params(family(MODEL_TYPE), ref, dtype=dtype, shapes=shapes, prefix=PREFIX, **hub_kwargs)

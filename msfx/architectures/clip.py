@@ -17,7 +17,6 @@ Layout of one encoder layer (both towers):
 from __future__ import annotations
 
 import math
-import sys
 from typing import Callable, NamedTuple
 
 import mindspore as ms
@@ -25,6 +24,7 @@ import numpy as np
 from mindspore import Tensor, ops
 from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
+from msfx.families import family
 from msfx.layers.attention import arange, attention_bias, scaled_dot_product_attention
 from msfx.layers.basic import activation, check_model_inputs, embedding, lacks_bf16_kernels, linear
 from msfx.layers.norms import layer_norm
@@ -36,8 +36,6 @@ CONFIG_CLASS = CLIPConfig
 PREFIX = "clip"  # HF's `base_model_prefix`: a checkpoint whose every key carries it loads without it
 TEXT_PREFIX = "text_model"
 VISION_PREFIX = "vision_model"
-# `CLIPModel` is all base model (no key carries `PREFIX`): a checkpoint must hold every tensor of it.
-BASE_KEYS = (TEXT_PREFIX + ".", VISION_PREFIX + ".", "text_projection.", "visual_projection.", "logit_scale")
 
 
 class TowerOutput(NamedTuple):
@@ -388,4 +386,4 @@ def forward(params: dict, input_ids: Tensor, pixel_values: Tensor, attention_mas
 def load(ref, *, dtype="auto", **hub_kwargs) -> Params:
     """Parameters of a full CLIP checkpoint (directory or hub id), `CLIPConfig` attached. See
     `msfx.params.load_params` for the arguments and the errors raised."""
-    return load_params(sys.modules[__name__], ref, dtype=dtype, prefix=PREFIX, **hub_kwargs)
+    return load_params(family(MODEL_TYPE), ref, dtype=dtype, prefix=PREFIX, **hub_kwargs)

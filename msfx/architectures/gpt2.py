@@ -13,7 +13,6 @@ carried by the tree from `load` / `init_params` (`params.config`) or passed as `
 from __future__ import annotations
 
 import math
-import sys
 
 import mindspore as ms
 import numpy as np
@@ -22,6 +21,7 @@ from transformers import GPT2Config
 
 from msfx.architectures.llama import CausalLMOutput
 from msfx.decode.cache import KVCache, write_cache
+from msfx.families import family
 from msfx.layers.attention import arange, attention_bias, scaled_dot_product_attention
 from msfx.layers.basic import (activation, check_model_inputs, embedding, host_reads_allowed, lacks_bf16_kernels,
                               linear)
@@ -33,8 +33,6 @@ from msfx.params.tree import Params, config_of, unflatten_keys
 MODEL_TYPE = "gpt2"
 CONFIG_CLASS = GPT2Config
 BASE_MODEL_PREFIX = "transformer"
-# HF's `_tied_weights_keys` under `tie_word_embeddings` ({head: embedding}; see `msfx.params.load_params`)
-TIED_KEYS = {"lm_head.weight": "transformer.wte.weight"}
 
 _MATMUL = ops.MatMul()
 
@@ -289,4 +287,4 @@ def load(ref, *, dtype="auto", **hub_kwargs) -> Params:
     Checkpoints saved from `GPT2Model` (keys without `transformer.`) load too. See
     `msfx.params.load_params` for the arguments and the errors raised.
     """
-    return load_params(sys.modules[__name__], ref, dtype=dtype, prefix=BASE_MODEL_PREFIX, **hub_kwargs)
+    return load_params(family(MODEL_TYPE), ref, dtype=dtype, prefix=BASE_MODEL_PREFIX, **hub_kwargs)

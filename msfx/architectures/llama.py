@@ -5,12 +5,11 @@ Follows `transformers.models.llama.modeling_llama`. Parameters are keyed like th
 `transformers.LlamaConfig`, carried by the tree from `load` / `init_params` (`params.config`) or
 passed as `config=`.
 
-Families that differ from Llama by a few switches (Qwen2, Qwen3, Mistral, Phi-3) reuse these
-functions: their module registers a `DecoderSpec` for its `model_type` in `SPECS`.
+Families that differ from Llama by a few switches (Qwen2, Qwen3, Mistral, Phi-3, ...) reuse these
+functions: their record in `msfx.families` gives the `DecoderSpec` for their `model_type`.
 """
 from __future__ import annotations
 
-import sys
 from typing import Callable, NamedTuple
 
 import mindspore as ms
@@ -18,7 +17,9 @@ import numpy as np
 from mindspore import Tensor, ops
 from transformers import LlamaConfig
 
+from msfx.architectures.decoder_spec import DecoderSpec
 from msfx.decode.cache import KVCache, write_cache, write_ring
+from msfx.families import family
 from msfx.layers.attention import arange, attention_bias, ring_attention_bias, scaled_dot_product_attention
 from msfx.layers.basic import (activation, check_model_inputs, embedding, gated_mlp, host_reads_allowed, linear,
                               tanh)
@@ -31,8 +32,6 @@ from msfx.params.tree import Params, config_of, unflatten_keys
 
 MODEL_TYPE = "llama"
 CONFIG_CLASS = LlamaConfig
-# HF's `_tied_weights_keys` under `tie_word_embeddings` ({head: embedding}; see `msfx.params.load_params`)
-TIED_KEYS = {"lm_head.weight": "model.embed_tokens.weight"}
 
 
 class CausalLMOutput(NamedTuple):
@@ -57,52 +56,13 @@ class DecoderOutput(NamedTuple):
     router_logits: tuple[Tensor, ...] | None = None
 
 
-class DecoderSpec(NamedTuple):
-    """How a Llama-like family's decoder differs from Llama's."""
-
-    qkv_bias: bool = False  # biases on q/k/v (Qwen2; Llama's `attention_bias` also on o)
-    o_bias: bool = False
-    mlp_bias: bool = False
-    qk_norm: bool = False  # RMSNorm over head_dim on q and k before the rotation (Qwen3)
-    fused_projections: bool = False  # `qkv_proj` and `gate_up_proj` (Phi-3)
-    sliding_windows: tuple = ()  # per layer: attention window in cache slots, or None (Mistral, Qwen2)
-    # Gemma 2 / 3:
-    norm_offset: float = 0.0  # RMSNorm scales by `offset + weight`
-    embed_scale: bool = False  # embeddings times sqrt(hidden_size)
-    sandwich_norms: bool = False  # attention and MLP outputs normed too; a pre-MLP norm of its own
-    attn_scale: float | None = None  # instead of head_dim ** -0.5
-    attn_softcap: float | None = None
-    final_softcap: float | None = None
-    hidden_act: str | None = None  # instead of `config.hidden_act`
-    rope_by_layer_type: bool = False  # `rope_parameters` per layer type (Gemma 3)
-    # sparse mixture of experts (Mixtral, Qwen3-MoE): see `msfx.layers.moe`
-    moe: str | None = None  # the sparse MLP's module name: "block_sparse_moe" or "mlp"
-    sparse_layers: tuple = ()  # per layer: True where the MLP is the sparse one
-    expert_names: tuple = ("gate_proj", "up_proj", "down_proj")  # each expert's gate, up, down
-    num_experts: int = 0
-    top_k: int = 0
-    expert_intermediate: int = 0
-    normalize_top_k: bool = True
-    resid_pdrop: float = 0.0  # training dropout on the attention and MLP outputs (Phi-3)
-
-
-SPECS: dict[str, Callable[..., DecoderSpec]] = {}
-
-
 def spec_of(config) -> DecoderSpec:
-    """The registered `DecoderSpec` for `config.model_type`; Llama's from its config otherwise."""
-    if config.model_type in SPECS:
-        return SPECS[config.model_type](config)
-    return DecoderSpec(qkv_bias=config.attention_bias, o_bias=config.attention_bias, mlp_bias=config.mlp_bias)
+    """The `DecoderSpec` of `config.model_type`'s family (`msfx.families`).
 
-
-def sliding_windows(config) -> tuple:
-    """Per-layer windows as HF 5.x sets them: `config.sliding_window` on the layers whose
-    `layer_types` entry is "sliding_attention", or on every layer when the config has no
-    `layer_types`; None (full attention) elsewhere."""
-    window = getattr(config, "sliding_window", None)
-    types = getattr(config, "layer_types", None) or ["sliding_attention"] * config.num_hidden_layers
-    return tuple(window if kind == "sliding_attention" else None for kind in types)
+    Raises:
+        ValueError: a model_type msfx does not support.
+    """
+    return family(config.model_type).spec(config)
 
 
 def cache_lengths(config, max_len: int) -> tuple[int, ...]:
@@ -116,7 +76,7 @@ def cache_lengths(config, max_len: int) -> tuple[int, ...]:
 def step_inputs(config) -> Callable[[np.ndarray], tuple[Tensor, ...]]:
     """What a compiled forward step takes after `cache_position`, by its positions: the rotary
     frequencies (`msfx.layers.rotary.decode_rope`), passed on as `forward`'s `inv_freq`."""
-    return decode_rope(config)
+    return decode_rope(config, spec_of(config).partial_rotary_default)
 
 
 def head_dim(config) -> int:
@@ -141,7 +101,9 @@ def param_shapes(config) -> dict[str, tuple[int, ...]]:
                    [("gate_proj", inter, spec.mlp_bias), ("up_proj", inter, spec.mlp_bias)]}
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
-        shapes |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)}
+        if not spec.post_norms:  # OLMo2 norms the outputs only
+            shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
         sparse = bool(spec.moe) and spec.sparse_layers[i]
         if sparse:
             m, (gate, up, down), e_inter = p + spec.moe, spec.expert_names, spec.expert_intermediate
@@ -163,10 +125,13 @@ def param_shapes(config) -> dict[str, tuple[int, ...]]:
             shapes[p + "mlp.down_proj.weight"] = (h, inter)
             if spec.mlp_bias:
                 shapes[p + "mlp.down_proj.bias"] = (h,)
-        if spec.qk_norm:
-            shapes |= {p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)}
+        if spec.qk_norm:  # over each head, or over the whole projection (OLMo2)
+            qn, kn = (q, kv) if spec.qk_norm == "projection" else (d, d)
+            shapes |= {p + "self_attn.q_norm.weight": (qn,), p + "self_attn.k_norm.weight": (kn,)}
         if spec.sandwich_norms:
-            shapes |= {p + "pre_feedforward_layernorm.weight": (h,), p + "post_feedforward_layernorm.weight": (h,)}
+            shapes[p + "pre_feedforward_layernorm.weight"] = (h,)
+        if spec.sandwich_norms or spec.post_norms:
+            shapes[p + "post_feedforward_layernorm.weight"] = (h,)
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (config.vocab_size, h)
     return shapes
@@ -193,15 +158,16 @@ def init_params(config, seed: int = 0, dtype=ms.float32, shapes: dict | None = N
 def _attention(x, p, config, spec, cos, sin, bias, layer_cache, cache_position):
     b, s = cos.shape[0], cos.shape[2]
     d, heads, kv_heads = head_dim(config), config.num_attention_heads, config.num_key_value_heads
-    if "qkv_proj" in p:  # Phi-3: one product, split as q | k | v
+    if spec.fused_projections:  # Phi-3: one product, split as q | k | v
         qkv = linear(x, p["qkv_proj"]["weight"], p["qkv_proj"].get("bias"))
         q, k, v = ops.split(qkv, (heads * d, kv_heads * d, kv_heads * d), -1)
     else:
         q, k, v = (linear(x, p[name]["weight"], p[name].get("bias")) for name in ("q_proj", "k_proj", "v_proj"))
+    if spec.qk_norm == "projection":  # OLMo2: over the whole projection, before the split into heads
+        q, k = _qk_norm(q, k, p, config, spec)
     q, k, v = (y.reshape(b, s, n, d) for y, n in ((q, heads), (k, kv_heads), (v, kv_heads)))
-    if "q_norm" in p:  # Qwen3, Gemma 3: per-head RMSNorm before the rotation
-        q = rms_norm(q, p["q_norm"]["weight"], config.rms_norm_eps, spec.norm_offset)
-        k = rms_norm(k, p["k_norm"]["weight"], config.rms_norm_eps, spec.norm_offset)
+    if spec.qk_norm == "head":  # Qwen3, Gemma 3: per-head RMSNorm before the rotation
+        q, k = _qk_norm(q, k, p, config, spec)
     q, k, v = (y.transpose(0, 2, 1, 3) for y in (q, k, v))
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     if layer_cache is None:
@@ -220,17 +186,26 @@ def _attention(x, p, config, spec, cos, sin, bias, layer_cache, cache_position):
     return linear(out, p["o_proj"]["weight"], p["o_proj"].get("bias")), new_kv
 
 
-def _mlp(x, p, spec, act):
-    """The layer's MLP; returns `(y, router_logits or None)`."""
-    moe = p.get(spec.moe) if spec.moe else None
-    if moe is not None and "experts" in moe:
-        return sparse_moe(x, moe, spec.expert_names, spec.top_k, spec.normalize_top_k, act)
+def _qk_norm(q, k, p, config, spec):
+    return (rms_norm(q, p["q_norm"]["weight"], config.rms_norm_eps, spec.norm_offset),
+            rms_norm(k, p["k_norm"]["weight"], config.rms_norm_eps, spec.norm_offset))
+
+
+def _mlp(x, p, spec, act, sparse: bool):
+    """The layer's MLP (the sparse mixture of experts `p[spec.moe]` when `sparse`); returns
+    `(y, router_logits or None)`."""
+    if sparse:
+        return sparse_moe(x, p[spec.moe], spec.expert_names, spec.top_k, spec.normalize_top_k, act)
     return gated_mlp(x, p["mlp"], act), None
 
 
-def decoder_layer(x, p, config, cos, sin, bias, layer_cache=None, cache_position=None, spec=None):
+def decoder_layer(x, p, config, cos, sin, bias, layer_cache=None, cache_position=None, spec=None, sparse=False):
     """One pre-norm block: `x + attn(norm(x))`, then `x + mlp(norm(x))`. Returns
-    `(x, (k, v), router_logits)`, the last None unless the MLP is a sparse mixture of experts.
+    `(x, (k, v), router_logits)`, the last None unless `sparse` (the MLP is a sparse mixture of
+    experts: `spec.sparse_layers`).
+
+    With `spec.post_norms` (OLMo2) the attention and MLP outputs are normed instead of their
+    inputs: `x + norm(attn(x))`, then `x + norm(mlp(x))`.
 
     With `spec.sandwich_norms` (Gemma), the attention and MLP outputs are normed before each
     residual add (`post_attention_layernorm`, `post_feedforward_layernorm`) and the MLP input by
@@ -243,15 +218,20 @@ def decoder_layer(x, p, config, cos, sin, bias, layer_cache=None, cache_position
     def norm(y, name):
         return rms_norm(y, p[name]["weight"], config.rms_norm_eps, spec.norm_offset)
 
+    act = activation(spec.hidden_act or config.hidden_act)
+    if spec.post_norms:
+        h, kv = _attention(x, p["self_attn"], config, spec, cos, sin, bias, layer_cache, cache_position)
+        x = x + norm(h, "post_attention_layernorm")
+        h, router_logits = _mlp(x, p, spec, act, sparse)
+        return x + norm(h, "post_feedforward_layernorm"), kv, router_logits
     h, kv = _attention(norm(x, "input_layernorm"), p["self_attn"], config, spec, cos, sin, bias, layer_cache,
                        cache_position)
-    act = activation(spec.hidden_act or config.hidden_act)
     if spec.sandwich_norms:
         x = x + norm(h, "post_attention_layernorm")
-        h, router_logits = _mlp(norm(x, "pre_feedforward_layernorm"), p, spec, act)
+        h, router_logits = _mlp(norm(x, "pre_feedforward_layernorm"), p, spec, act, sparse)
         return x + norm(h, "post_feedforward_layernorm"), kv, router_logits
     x = x + dropout(h, spec.resid_pdrop)
-    h, router_logits = _mlp(norm(x, "post_attention_layernorm"), p, spec, act)
+    h, router_logits = _mlp(norm(x, "post_attention_layernorm"), p, spec, act, sparse)
     return x + dropout(h, spec.resid_pdrop), kv, router_logits
 
 
@@ -317,16 +297,17 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
             biases[(w, ring)] = ring_attention_bias(attention_mask, cache_position, ring, w)
     if spec.rope_by_layer_type:  # static tables per layer type (`inv_freq` is not used)
         tables = {kind: rope_cos_sin(position_ids, Tensor(freqs), scaling, x.dtype) for kind, (freqs, scaling)
-                  in ((kind, rope_frequencies(config, rope=rope)) for kind, rope in config.rope_parameters.items())}
+                  in ((kind, rope_frequencies(config, rope=rope, partial_default=spec.partial_rotary_default))
+                      for kind, rope in config.rope_parameters.items())}
         rotations = [tables[kind] for kind in config.layer_types]
     else:
         if inv_freq is None:
             if table_len is None:  # inside `no_host_reads` (a jit trace) sized by the sequence instead
                 table_len = int(position_ids.asnumpy().max()) + 1 if host_reads_allowed() else s
-            freqs, scaling = rope_frequencies(config, table_len)
+            freqs, scaling = rope_frequencies(config, table_len, partial_default=spec.partial_rotary_default)
             inv_freq = Tensor(freqs)
         else:
-            scaling = rope_frequencies(config)[1]
+            scaling = rope_frequencies(config, partial_default=spec.partial_rotary_default)[1]
         rotations = [rope_cos_sin(position_ids, inv_freq, scaling, x.dtype)] * config.num_hidden_layers
     hidden_states = [x] if output_hidden_states else None
     x = x.reshape(b * s, -1)
@@ -335,7 +316,7 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
         layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
         cos, sin = rotations[i]
         x, (k, v), routed = decoder_layer(x, layer, config, cos, sin, biases[(windows[i], rings[i])], layer_cache,
-                                          cache_position, spec)
+                                          cache_position, spec, bool(spec.moe) and spec.sparse_layers[i])
         new_keys.append(k)
         new_values.append(v)
         if routed is not None:
@@ -379,16 +360,16 @@ def forward(params: dict, input_ids: Tensor | None = None, attention_mask: Tenso
     return CausalLMOutput(lm_head(params, hidden, config), out.hidden_states, out.cache, out.router_logits)
 
 
-def loader(module_name: str) -> Callable[..., Params]:
-    """The `load` function of the architecture module `module_name` (Llama's or a family's)."""
+def loader(model_type: str) -> Callable[..., Params]:
+    """The `load` function of the Llama-like family `model_type` (see `msfx.families`)."""
     def load(ref, *, dtype="auto", gguf_file: str | None = None, **hub_kwargs) -> Params:
         """Parameters of a checkpoint of this family (directory, hub id, or `gguf_file=`), config attached.
 
         See `msfx.params.load_params` for the arguments and the errors raised.
         """
-        return load_params(sys.modules[module_name], ref, dtype=dtype, gguf_file=gguf_file, **hub_kwargs)
+        return load_params(family(model_type), ref, dtype=dtype, gguf_file=gguf_file, **hub_kwargs)
 
     return load
 
 
-load = loader(__name__)
+load = loader(MODEL_TYPE)

@@ -16,7 +16,6 @@ the stack; bidirectional buckets in the encoder, causal ones in the decoder) is 
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,6 +25,7 @@ from mindspore import Tensor, ops
 from transformers import T5Config
 
 from msfx.decode.cache import KVCache, write_cache
+from msfx.families import family
 from msfx.layers.attention import arange, attention_bias, padding_bias, scaled_dot_product_attention
 from msfx.layers.basic import activation, check_model_inputs, embedding, linear
 from msfx.layers.dropout import dropout
@@ -38,15 +38,6 @@ MODEL_TYPE = "t5"
 CONFIG_CLASS = T5Config
 # HF's `base_model_prefix`; no T5 key carries it (a checkpoint whose every key does loads without it).
 PREFIX = "transformer"
-# The base model: a missing tensor of it raises (`T5EncoderModel` has no decoder: a checkpoint's is dropped).
-BASE_KEYS = ("shared.", "encoder.", "decoder.")
-# Older checkpoints also store the embeddings tied to `shared.weight`, and a cross-attention position bias
-# no block reads; HF ignores them when loading.
-OPTIONAL_KEYS = ("encoder.embed_tokens.", "decoder.embed_tokens.",
-                 "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.")
-# HF's `T5PreTrainedModel._keep_in_fp32_modules`: `wo` stays float32 in a float16 load (its output overflows
-# float16 in large T5s) and `feed_forward` computes it in float32.
-KEEP_IN_FP32_MODULES = ("wo",)
 
 
 class T5StackOutput(NamedTuple):
@@ -247,7 +238,7 @@ def attention(x: Tensor, p: dict, bias: Tensor, batch: int, config, kv: tuple[Te
 def feed_forward(x: Tensor, p: dict, config) -> Tensor:
     """`T5DenseActDense` (`wo(act(wi(x)))`) or, with `wi_0` / `wi_1`, `T5DenseGatedActDense`
     (`wo(act(wi_0(x)) * wi_1(x))`); `act` is `config.dense_act_fn` ("gated-gelu" -> gelu_new). The input of
-    `wo` takes its dtype: a float32 `wo` (`KEEP_IN_FP32_MODULES`) gives a float32 output, as HF. In
+    `wo` takes its dtype: a float32 `wo` (`keep_in_fp32` in `msfx.families`) gives a float32 output, as HF. In
     training, dropout before `wo` and on the output (HF's `T5LayerFF` residual dropout)."""
     act = activation(config.dense_act_fn)
     if "wi_0" in p:
@@ -488,4 +479,4 @@ def load(ref, *, dtype="auto", decoder: bool = True, lm_head: bool | None = None
     def shapes(config):
         return param_shapes(config, decoder=decoder, lm_head=lm_head)
 
-    return load_params(sys.modules[__name__], ref, dtype=dtype, shapes=shapes, prefix=PREFIX, **hub_kwargs)
+    return load_params(family(MODEL_TYPE), ref, dtype=dtype, shapes=shapes, prefix=PREFIX, **hub_kwargs)

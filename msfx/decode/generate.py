@@ -18,6 +18,7 @@ from msfx.decode.cache import KVCache
 from msfx.decode.options import DecodeOptions, GenerationStats
 from msfx.decode.sampling import sample_tokens
 from msfx.decode.step import CompiledStep
+from msfx.families import family
 
 CACHE_BUCKET = 64
 PREFILL_BUCKET = 32
@@ -49,7 +50,7 @@ class DecodeState:
     `prefill_bucket`, the prompt is left-padded further (masked, so the logits do not change) to a
     multiple of it, for a compiled prefill. The cache holds the prompt plus `max_new_tokens`
     slots, rounded up to `CACHE_BUCKET`. With `use_cache` False every step runs the whole
-    sequence through `prefill` again (HF's `use_cache=False`). An architecture with a
+    sequence through `prefill` again (HF's `use_cache=False`). A family whose record has a
     `cache_refill_length(config)` has its cache recomputed once, at the step whose sequence
     (HF-counted: without the bucket's padding) holds that many tokens before the new one
     (Phi-3's switch to the long rope factors).
@@ -65,9 +66,10 @@ class DecodeState:
         self.input_ids = input_ids  # then each new token: the ids in cache slots 0..slot-1
         batch, self.prompt_len = input_ids.shape
         max_len = -(-(self.prompt_len + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
-        lengths = getattr(prefill.arch, "cache_lengths", None)  # ring buffers for sliding-window layers
-        self.cache = new_cache(config, batch, max_len, prefill.leaves[0].dtype, lengths and lengths(config, max_len))
-        refill = getattr(prefill.arch, "cache_refill_length", None)
+        rules = family(config.model_type)
+        lengths = rules.arch.cache_lengths(config, max_len) if rules.ring_cache else None  # sliding-window rings
+        self.cache = new_cache(config, batch, max_len, prefill.leaves[0].dtype, lengths)
+        refill = rules.cache_refill_length
         self._refill_slot = None if refill is None else refill(config) + extra
         key_mask = np.ones((batch, max_len), np.int32)
         key_mask[:, :self.prompt_len] = attention_mask

@@ -17,16 +17,9 @@ from mindspore import Tensor, ops
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
 
-# Model types whose *default* rope rotates only `partial_rotary_factor` of each head (Phi-3). HF's
-# other families apply that factor only through the scaled rope types: their own
-# `compute_default_rope_parameters` ignores it.
-PARTIAL_DEFAULT_ROPE: set[str] = set()
-
-
-def _rotary_dim(config, rope: dict) -> int:
+def _rotary_dim(config, rope: dict, partial_default: bool) -> int:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    default = rope.get("rope_type", "default") == "default"
-    if default and getattr(config, "model_type", None) not in PARTIAL_DEFAULT_ROPE:
+    if rope.get("rope_type", "default") == "default" and not partial_default:
         return head_dim
     return int(head_dim * rope.get("partial_rotary_factor", 1.0))
 
@@ -88,7 +81,8 @@ def _longrope(config, rope: dict, dim: int, seq_len: int) -> tuple[np.ndarray, f
     return inv_freq.astype(np.float32), float(attention_factor)
 
 
-def rope_frequencies(config, seq_len: int = 0, rope: dict | None = None) -> tuple[np.ndarray, float]:
+def rope_frequencies(config, seq_len: int = 0, rope: dict | None = None,
+                     partial_default: bool = False) -> tuple[np.ndarray, float]:
     """Inverse frequencies `[rotary_dim // 2]` float32 and the attention scaling for cos/sin.
 
     Args:
@@ -98,13 +92,15 @@ def rope_frequencies(config, seq_len: int = 0, rope: dict | None = None) -> tupl
             depend on it.
         rope: the parameters to use instead of `config.rope_parameters` (e.g. one layer type's,
             for configs that hold one set per layer type, as Gemma 3).
+        partial_default: the `default` type rotates only `partial_rotary_factor` of each head too
+            (Phi-3; HF's other families apply that factor only in the scaled types).
 
     Raises:
         ValueError: an unknown `rope_type`.
     """
     rope = dict(config.rope_parameters if rope is None else rope)
     rope_type = rope.get("rope_type", "default")
-    dim = _rotary_dim(config, rope)
+    dim = _rotary_dim(config, rope, partial_default)
     base = rope["rope_theta"]
     if rope_type == "default":
         return _base_inv_freq(base, dim), 1.0
@@ -161,14 +157,16 @@ def rope_per_layer_type(config) -> bool:
     return "rope_theta" not in rope and all(isinstance(v, dict) for v in rope.values())
 
 
-def decode_rope(config) -> Callable[[np.ndarray], tuple[Tensor, ...]]:
+def decode_rope(config, partial_default: bool = False) -> Callable[[np.ndarray], tuple[Tensor, ...]]:
     """The rotary inputs of a compiled forward step, given its `position_ids` (int numpy `[batch, seq]`):
     `(inv_freq,)`, float32 `[rotary_dim // 2]`, computed once, or for `dynamic` and `longrope` per call
     from `max(position_ids) + 1` (HF updates those with the length reached); `()` where the tables are
-    per layer type (Gemma 3: built inside the graph from the config)."""
+    per layer type (Gemma 3: built inside the graph from the config). `partial_default`: as in
+    `rope_frequencies`."""
     if rope_per_layer_type(config):
         return lambda position_ids: ()
     if config.rope_parameters.get("rope_type", "default") in ("dynamic", "longrope"):
-        return lambda position_ids: (Tensor(rope_frequencies(config, int(position_ids.max()) + 1)[0]),)
-    fixed = (Tensor(rope_frequencies(config)[0]),)
+        return lambda position_ids: (Tensor(rope_frequencies(config, int(position_ids.max()) + 1,
+                                                             partial_default=partial_default)[0]),)
+    fixed = (Tensor(rope_frequencies(config, partial_default=partial_default)[0]),)
     return lambda position_ids: fixed

@@ -1,36 +1,17 @@
 """HF's Auto classes (`AutoModelForCausalLM`, ...) over msfx's families.
 
-One registry, `FAMILIES` (model_type -> the module with that family's HF-named classes); each
-such module lists its classes by Auto class in `AUTO_CLASSES` (the names transformers' auto
-mappings use, e.g. `gpt2` -> `GPT2LMHeadModel` for `AutoModelForCausalLM`; a test checks them
-against transformers'), so adding a family is one line here. (transformers' mappings themselves
-need torch to import.)
+They dispatch on `config.model_type` through the table of `msfx.families` (each record lists its
+classes by Auto class, with the names transformers' auto mappings use, e.g. `gpt2` ->
+`GPT2LMHeadModel` for `AutoModelForCausalLM`; a test checks them against transformers'). Adding a
+family adds nothing here. (transformers' mappings themselves need torch to import.)
 """
 from __future__ import annotations
 
-import importlib
 import os
 
+from msfx.families import FAMILIES, family
 from msfx.params.config import read_config
 from msfx.params.hub import resolve_gguf_file, resolve_model_dir
-
-FAMILIES: dict[str, str] = {
-    "bert": "msfx.models.bert",
-    "clip": "msfx.models.clip",
-    "clip_text_model": "msfx.models.clip_text",
-    "clip_vision_model": "msfx.models.clip_vision",
-    "gpt2": "msfx.models.gpt2",
-    "gemma2": "msfx.models.gemma2",
-    "gemma3_text": "msfx.models.gemma3",
-    "llama": "msfx.models.llama",
-    "mistral": "msfx.models.mistral",
-    "mixtral": "msfx.models.mixtral",
-    "phi3": "msfx.models.phi3",
-    "qwen2": "msfx.models.qwen2",
-    "qwen3": "msfx.models.qwen3",
-    "qwen3_moe": "msfx.models.qwen3_moe",
-    "t5": "msfx.models.t5",
-}
 
 _HUB_KEYS = ("revision", "cache_dir", "local_files_only", "token")
 
@@ -39,8 +20,8 @@ def supported_classes() -> dict[str, dict[str, str]]:
     """Auto class name -> {model_type: msfx class name} for every class msfx provides."""
     table = {}
     for auto in AUTO_CLASSES:
-        table[auto.__name__] = {model_type: name for model_type in FAMILIES
-                                if (name := auto._class_name(model_type)) is not None}
+        table[auto.__name__] = {model_type: name for model_type, record in FAMILIES.items()
+                                if (name := dict(record.auto).get(auto.__name__)) is not None}
     return table
 
 
@@ -50,11 +31,6 @@ class _AutoModel:
     def __init__(self, *args, **kwargs):
         raise EnvironmentError(f"{type(self).__name__} is designed to be instantiated using "
                                f"`{type(self).__name__}.from_pretrained(...)` or `.from_config(config)`")
-
-    @classmethod
-    def _class_name(cls, model_type: str) -> str | None:
-        model_class = getattr(importlib.import_module(FAMILIES[model_type]), "AUTO_CLASSES", {}).get(cls.__name__)
-        return None if model_class is None else model_class.__name__
 
     @classmethod
     def model_class(cls, config):
@@ -67,12 +43,12 @@ class _AutoModel:
         if model_type not in FAMILIES:
             raise ValueError(f"msfx does not support model_type {model_type!r} (in {cls.__name__}); "
                              f"supported model types: {', '.join(sorted(FAMILIES))}")
-        name = cls._class_name(model_type)
-        if name is None:
-            supported = sorted(t for t in FAMILIES if cls._class_name(t) is not None)
+        model_class = family(model_type).auto_class(cls.__name__)
+        if model_class is None:
+            supported = sorted(t for t, record in FAMILIES.items() if cls.__name__ in dict(record.auto))
             raise ValueError(f"{cls.__name__} has no class for model_type {model_type!r} in msfx; model types "
                              f"it supports: {', '.join(supported) or 'none'}")
-        return getattr(importlib.import_module(FAMILIES[model_type]), name)
+        return model_class
 
     @classmethod
     def from_config(cls, config, **kwargs):

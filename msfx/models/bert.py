@@ -15,6 +15,7 @@ from msfx.modeling import (BaseModelOutputWithPooling, MaskedLMOutput, PreTraine
 
 class _BertBase(PreTrainedModel):
     arch = bert
+    model_type = bert.MODEL_TYPE
     base_model_prefix = bert.PREFIX
 
     def _encode(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
@@ -87,7 +88,3 @@ class BertForSequenceClassification(_BertBase):
         out = SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
         return out if return_dict else out.to_tuple()
 
-
-AUTO_CLASSES = {"AutoModel": BertModel, "AutoModelForMaskedLM": BertForMaskedLM,
-                "AutoModelForSequenceClassification": BertForSequenceClassification,
-                "AutoModelForTextEncoding": BertModel}

@@ -128,6 +128,7 @@ class CLIPTextModel(_TextMixin, _TowerModel):
     """
 
     arch = clip.TEXT
+    model_type = clip.TEXT.MODEL_TYPE
     base_model_prefix = clip.TEXT_PREFIX
 
     def construct(self, input_ids=None, attention_mask=None, position_ids=None, output_hidden_states=None,
@@ -141,6 +142,7 @@ class CLIPTextModelWithProjection(_TextMixin, _TowerModel):
     normalized), `last_hidden_state`, `hidden_states` as `CLIPTextModel`."""
 
     arch = clip.TEXT
+    model_type = clip.TEXT.MODEL_TYPE
     base_model_prefix = clip.TEXT_PREFIX
 
     @classmethod
@@ -166,6 +168,7 @@ class CLIPVisionModel(_VisionMixin, _TowerModel):
     """
 
     arch = clip.VISION
+    model_type = clip.VISION.MODEL_TYPE
     base_model_prefix = clip.VISION_PREFIX
     main_input_name = "pixel_values"
 
@@ -180,6 +183,7 @@ class CLIPVisionModelWithProjection(_VisionMixin, _TowerModel):
     normalized), `last_hidden_state`, `hidden_states` as `CLIPVisionModel`."""
 
     arch = clip.VISION
+    model_type = clip.VISION.MODEL_TYPE
     base_model_prefix = clip.VISION_PREFIX
     main_input_name = "pixel_values"
 
@@ -212,6 +216,7 @@ class CLIPModel(_TextMixin, _VisionMixin, PreTrainedModel):
     """
 
     arch = clip
+    model_type = clip.MODEL_TYPE
     base_model_prefix = clip.PREFIX
 
     def get_text_features(self, input_ids=None, attention_mask=None, position_ids=None, output_hidden_states=None,
@@ -244,5 +249,3 @@ class CLIPModel(_TextMixin, _VisionMixin, PreTrainedModel):
                          vision_model_output=_pooling_output(out.vision_model_output))
         return out if return_dict else out.to_tuple()
 
-
-AUTO_CLASSES = {"AutoModel": CLIPModel, "AutoModelForZeroShotImageClassification": CLIPModel}

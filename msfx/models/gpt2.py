@@ -20,6 +20,7 @@ from msfx.modeling import (BaseModelOutputWithPast, CausalLMOutputWithPast, PreT
 
 class _GPT2Base(PreTrainedModel):
     arch = gpt2
+    model_type = gpt2.MODEL_TYPE
     base_model_prefix = gpt2.BASE_MODEL_PREFIX
 
     @classmethod
@@ -104,6 +105,3 @@ class GPT2ForSequenceClassification(_GPT2Base):
         out = SequenceClassifierOutputWithPast(loss=loss, logits=pooled, cache=cache, hidden_states=states)
         return out if return_dict else out.to_tuple()
 
-
-AUTO_CLASSES = {"AutoModel": GPT2Model, "AutoModelForCausalLM": GPT2LMHeadModel,
-                "AutoModelForSequenceClassification": GPT2ForSequenceClassification}

@@ -1,11 +1,13 @@
 """HF-named Llama classes: `LlamaModel`, `LlamaForCausalLM`, `LlamaForSequenceClassification`.
 
-Each forwards to its `arch` module (`msfx.architectures.llama`; the Llama-like families
-subclass these with their own); see `transformers.models.llama.modeling_llama` for the
+Each forwards to its `arch` module (`msfx.architectures.llama`; the Llama-like families' classes
+subclass these: `family_classes`); see `transformers.models.llama.modeling_llama` for the
 behaviour they reproduce. Arguments take HF 5.25's names and order; `cache` (or `past_key_values`)
 and `use_cache` run HF's manual decode loop over an msfx `KVCache` (see `msfx.modeling.past_cache`).
 """
 from __future__ import annotations
+
+import functools
 
 from msfx.architectures import llama
 from msfx.generation import GenerationMixin
@@ -18,6 +20,7 @@ from msfx.modeling import (BaseModelOutputWithPast, CausalLMOutputWithPast, MoeC
 
 class _LlamaBase(PreTrainedModel):
     arch = llama
+    model_type = llama.MODEL_TYPE
 
     def _backbone(self, input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states, cache=None,
                   use_cache=None) -> llama.DecoderOutput:
@@ -86,7 +89,7 @@ class MoeForCausalLM(LlamaForCausalLM):
         aux_loss = router_logits = None
         if output_router_logits:
             router_logits = out.router_logits
-            spec = self.arch.spec(self.config)
+            spec = llama.spec_of(self.config)
             aux_loss = load_balancing_loss(router_logits, spec.num_experts, spec.top_k, as_tensor(attention_mask))
             if loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss
@@ -118,20 +121,18 @@ class LlamaForSequenceClassification(_LlamaBase):
         return out if return_dict else out.to_tuple()
 
 
-AUTO_CLASSES = {"AutoModel": LlamaModel, "AutoModelForCausalLM": LlamaForCausalLM,
-                "AutoModelForSequenceClassification": LlamaForSequenceClassification}
-
-
-def llama_family(prefix: str, arch, module: str, names: tuple[str, str, str] | None = None,
-                 moe: bool = False) -> tuple[type, type, type, dict[str, type]]:
-    """`{prefix}Model`, `{prefix}ForCausalLM`, `{prefix}ForSequenceClassification` (HF's names, or
-    `names` where HF's differ) over the Llama-like architecture module `arch`, defined in
-    `module`, and their `AUTO_CLASSES` table; `moe` gives the causal LM `MoeForCausalLM`'s outputs."""
-    classes = []
-    bases = (LlamaModel, MoeForCausalLM if moe else LlamaForCausalLM, LlamaForSequenceClassification)
-    names = names or [prefix + suffix for suffix in ("Model", "ForCausalLM", "ForSequenceClassification")]
-    for base, name in zip(bases, names):
-        doc = f"HF's `{name}`: as `{base.__name__}`, over `{arch.__name__}`."
-        classes.append(type(name, (base,), {"arch": arch, "__doc__": doc, "__module__": module, "__qualname__": name}))
-    auto = dict(zip(("AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification"), classes))
-    return (*classes, auto)
+@functools.cache
+def family_classes(family) -> dict[str, type]:
+    """The HF-named classes of the Llama-like `family` (a `msfx.families.Family` with no `classes`
+    module), by name: its `AutoModel`, `AutoModelForCausalLM` and `AutoModelForSequenceClassification`
+    classes subclass Llama's (`MoeForCausalLM` for the causal LM with `family.moe_outputs`), over
+    `family.arch`. Built once per family, so `isinstance` holds across calls."""
+    causal = MoeForCausalLM if family.moe_outputs else LlamaForCausalLM
+    bases = {"AutoModel": LlamaModel, "AutoModelForCausalLM": causal,
+             "AutoModelForSequenceClassification": LlamaForSequenceClassification}
+    classes = {}
+    for auto, name in family.auto:
+        doc = f"HF's `{name}`: as `{bases[auto].__name__}`, over `{family.core}` (`{family.model_type}`)."
+        classes[name] = type(name, (bases[auto],), {"arch": family.arch, "model_type": family.model_type,
+                                                    "__doc__": doc, "__module__": "msfx", "__qualname__": name})
+    return classes

@@ -69,6 +69,7 @@ _HUB_KEYS = ("revision", "cache_dir", "local_files_only", "token")
 
 class _T5Base(PreTrainedModel):
     arch = t5
+    model_type = t5.MODEL_TYPE
     base_model_prefix = t5.PREFIX
 
     def _shift_right(self, input_ids) -> Tensor:
@@ -203,6 +204,3 @@ class T5ForConditionalGeneration(GenerationMixin, _T5Base):
             self._decoder_step = DecoderStep(self.params, self.config)
         return self._decoder_step
 
-
-AUTO_CLASSES = {"AutoModel": T5Model, "AutoModelForSeq2SeqLM": T5ForConditionalGeneration,
-                "AutoModelForTextEncoding": T5EncoderModel}

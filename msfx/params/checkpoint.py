@@ -1,7 +1,8 @@
 """Loading checkpoints into parameter trees and saving them back, for any architecture module.
 
-An architecture module provides `MODEL_TYPE`, `CONFIG_CLASS` and `param_shapes(config)` (every
-HF key with its shape); this file turns a model reference into a validated `Params` tree.
+A family's record (`msfx.families.Family`) gives its `model_type`, key rules and core module
+(`param_shapes(config)`: every HF key with its shape); this file turns a model reference into a
+validated `Params` tree.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import numpy as np
 from mindspore import Parameter, Tensor
 
 from msfx.errors import CheckpointError
+from msfx.families import Family, family as family_of
 from msfx.params.config import read_config
 from msfx.params.dtypes import NUMPY_BFLOAT16, STORED, dtype_name, parse_dtype, to_numpy
 from msfx.params.hub import resolve_gguf_file, resolve_model_dir
@@ -45,10 +47,10 @@ def _check_keys(found: dict[str, tuple], expected: dict[str, tuple], source: str
     """Raise on missing, unexpected or mis-shaped tensors of the base model; return the head tensors
     the checkpoint lacks (a new task head: HF initializes those freshly).
 
-    `base`: key prefixes of the base model (an architecture's `BASE_KEYS`); those this model has are
+    `base`: key prefixes of the base model (a family's `base_keys`); those this model has are
     checked strictly, so a base weight is never silently random. Keys of another class (`lm_head`
     in a base-model load, a decoder in `T5EncoderModel`) are dropped by the caller, as in HF. Keys
-    starting with one of `optional` (an architecture's `OPTIONAL_KEYS`: base-model parts some
+    starting with one of `optional` (a family's `optional_keys`: base-model parts some
     classes or older checkpoints lack, as BERT's pooler) are treated as head tensors. `stored`: the
     checkpoint's own keys (before renaming), named when none fits."""
     strict = tuple(p for p in base if any(k.startswith(p) for k in expected))
@@ -75,10 +77,10 @@ def _check_keys(found: dict[str, tuple], expected: dict[str, tuple], source: str
     return [k for k in missing if not body(k)]
 
 
-def _check_model_type(config, arch: ModuleType, source: str) -> None:
-    if config.model_type != arch.MODEL_TYPE:
+def _check_model_type(config, family: Family, source: str) -> None:
+    if config.model_type != family.model_type:
         raise CheckpointError(f"{source} is a {config.model_type!r} checkpoint; this model needs "
-                              f"{arch.MODEL_TYPE!r}")
+                              f"{family.model_type!r}")
 
 
 def _key_names(found, expected: dict, prefix: str) -> dict[str, str]:
@@ -97,9 +99,9 @@ def _key_names(found, expected: dict, prefix: str) -> dict[str, str]:
     return {k: k for k in keys}
 
 
-def _tie(names: dict[str, str], value: Callable[[str], np.ndarray], expected: dict, config, arch,
+def _tie(names: dict[str, str], value: Callable[[str], np.ndarray], expected: dict, config, family: Family,
          shapes: Callable[[Any], dict]) -> tuple[dict[str, str], Any, dict]:
-    """HF 5.x's tying at load time for `arch.TIED_KEYS` (`{head key: embedding key}`) when
+    """HF 5.x's tying at load time for `family.tied_keys` (`(head key, embedding key)` pairs) when
     `config.tie_word_embeddings`: a checkpoint holding only the head loads it as the embedding; one
     holding both with different values keeps them apart with a warning (HF's
     `PreTrainedModel.tie_weights`; here by a config copy with `tie_word_embeddings=False`, so the
@@ -107,7 +109,7 @@ def _tie(names: dict[str, str], value: Callable[[str], np.ndarray], expected: di
     Returns `names`, `config` and `expected`, updated."""
     if not getattr(config, "tie_word_embeddings", False):
         return names, config, expected
-    for head, embedding in getattr(arch, "TIED_KEYS", {}).items():
+    for head, embedding in family.tied_keys:
         stored = {model: key for key, model in names.items()}
         if embedding not in expected or head not in stored:
             continue
@@ -161,11 +163,12 @@ def _fresh_heads(flat: dict, missing_heads: list[str], expected: dict, config, t
         flat[key] = _parameter(value, target or ms.float32, key, owned=True)
 
 
-def load_params(arch: ModuleType, ref: str | os.PathLike, *, dtype="auto", config=None, gguf_file: str | None = None,
-                shapes: Callable[[Any], dict] | None = None, prefix: str = "model", config_kwargs: dict | None = None,
-                revision: str | None = None, cache_dir: str | None = None, local_files_only: bool = False,
-                token=None) -> Params:
-    """Load a checkpoint into a `Params` tree for architecture module `arch`.
+def load_params(family: Family | str | ModuleType, ref: str | os.PathLike, *, dtype="auto", config=None,
+                gguf_file: str | None = None, shapes: Callable[[Any], dict] | None = None, prefix: str | None = None,
+                config_kwargs: dict | None = None, revision: str | None = None, cache_dir: str | None = None,
+                local_files_only: bool = False, token=None) -> Params:
+    """Load a checkpoint into a `Params` tree for `family`: a `msfx.families` record, a
+    `model_type`, or an architecture module (`msfx.llama`: its `MODEL_TYPE`).
 
     As HF 5.x: `model.safetensors` is read when present (an index beside it is not), and under
     `tie_word_embeddings` a checkpoint's head and embedding are tied as `_tie` says.
@@ -173,41 +176,45 @@ def load_params(arch: ModuleType, ref: str | os.PathLike, *, dtype="auto", confi
     Args:
         ref: local directory or hub id (see `resolve_model_dir`).
         dtype: "auto" (each tensor's stored dtype; float32 for GGUF), "float32", "float16",
-            "bfloat16"; the tensors HF keeps in float32 (`arch.KEEP_IN_FP32_MODULES`, T5's `wo`)
+            "bfloat16"; the tensors HF keeps in float32 (`family.keep_in_fp32`, T5's `wo`)
             stay float32 in a float16 load.
         config: an HF config to use instead of the checkpoint's `config.json`.
         gguf_file: a GGUF file name inside `ref` (or a path) to load instead of safetensors.
-        shapes: `config -> {key: shape}` of the tensors to load; default `arch.param_shapes`
+        shapes: `config -> {key: shape}` of the tensors to load; default `family.arch.param_shapes`
             (a wrapper class passes its own, e.g. without `lm_head`).
-        prefix: the base model's key prefix; a checkpoint saved without it still loads (and one
+        prefix: the base model's key prefix (default `family.base_prefix`); a checkpoint saved
+            without it still loads (and one
             whose every key carries it where the model's keys do not, as HF's `clip.`).
         config_kwargs: config attributes to override when reading `config.json` (`num_labels=3`).
 
     Raises:
         ModelNotFoundError: `ref` cannot be resolved.
         CheckpointError: wrong architecture, or missing/unexpected/mis-shaped tensors of the base
-            model (named); a missing task head (not under `arch.BASE_KEYS` / `prefix.`) is
+            model (named); a missing task head (not under `family.base_keys` / `prefix.`) is
             initialized freshly with a warning naming it, as HF.
         CorruptCheckpointError: a truncated or malformed weights file.
-        ValueError: an unknown dtype.
+        ValueError: an unknown dtype or a model_type msfx does not support.
     """
+    if not isinstance(family, Family):
+        family = family_of(family if isinstance(family, str) else family.MODEL_TYPE)
     target = parse_dtype(dtype)
-    shapes = shapes or arch.param_shapes
+    shapes = shapes or family.arch.param_shapes
+    prefix = family.base_prefix if prefix is None else prefix
     if gguf_file is not None:
-        return _load_gguf(arch, ref, gguf_file, target, shapes, prefix, revision, cache_dir, local_files_only, token)
+        return _load_gguf(family, ref, gguf_file, target, shapes, prefix, revision, cache_dir, local_files_only, token)
     model_dir = resolve_model_dir(ref, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
                                   token=token)
     if config is None:
         config = read_config(model_dir, **(config_kwargs or {}))
-    _check_model_type(config, arch, str(ref))
+    _check_model_type(config, family, str(ref))
     files = checkpoint_files(model_dir)
     found = read_shapes(files)
     expected = shapes(config)
     names, config, expected = _tie(_key_names(found, expected, prefix), lambda k: read_tensor(files, k), expected,
-                                   config, arch, shapes)
-    missing_heads = _check_keys({names[k]: found[k] for k in names}, expected, str(ref), _base_keys(arch, prefix),
-                                getattr(arch, "OPTIONAL_KEYS", ()), list(names))
-    kept = _kept_in_float32(arch, target)
+                                   config, family, shapes)
+    missing_heads = _check_keys({names[k]: found[k] for k in names}, expected, str(ref),
+                                family.base_keys or (prefix + ".",), family.optional_keys, list(names))
+    kept = _kept_in_float32(family, target)
     flat = {}
     for name, array, stored in iter_tensors(files):
         name = names.get(name)
@@ -219,29 +226,22 @@ def load_params(arch: ModuleType, ref: str | os.PathLike, *, dtype="auto", confi
     return Params(unflatten_keys(flat), config)
 
 
-def _base_keys(arch, prefix: str) -> tuple[str, ...]:
-    """The base model's key prefixes: `arch.BASE_KEYS` where the base model has no single prefix
-    (CLIP, T5), else `prefix.`."""
-    return getattr(arch, "BASE_KEYS", (prefix + ".",))
-
-
-def _kept_in_float32(arch, target) -> "re.Pattern | None":
-    """HF's `_get_dtype_plan`: the keys kept in float32 under a float16 load (`arch.KEEP_IN_FP32_MODULES`,
-    HF's `_keep_in_fp32_modules`, e.g. T5's `wo`) or a float16/bfloat16 one (`KEEP_IN_FP32_MODULES_STRICT`),
-    matched anywhere in the key (`re.search`) as HF does; None when nothing is kept."""
-    modules = list(getattr(arch, "KEEP_IN_FP32_MODULES_STRICT", ())) if target in (ms.float16, ms.bfloat16) else []
-    if target == ms.float16:
-        modules += getattr(arch, "KEEP_IN_FP32_MODULES", ())
+def _kept_in_float32(family: Family, target) -> "re.Pattern | None":
+    """HF's `_get_dtype_plan`: the keys kept in float32 under a float16 load (`family.keep_in_fp32`,
+    HF's `_keep_in_fp32_modules`, e.g. T5's `wo`), matched anywhere in the key (`re.search`) as HF
+    does; None when nothing is kept. (No family msfx has sets HF's `_keep_in_fp32_modules_strict`.)"""
+    modules = family.keep_in_fp32 if target == ms.float16 else ()
     return re.compile("|".join(modules)) if modules else None
 
 
-def _load_gguf(arch, ref, gguf_file, target, shapes, prefix, revision, cache_dir, local_files_only, token) -> Params:
+def _load_gguf(family: Family, ref, gguf_file, target, shapes, prefix, revision, cache_dir, local_files_only,
+               token) -> Params:
     """A GGUF file loads as the HF directory `gguf_checkpoint` converts it to once (float32 weights)."""
     from msfx.params.gguf import gguf_checkpoint
 
     path = resolve_gguf_file(ref, gguf_file, revision=revision, cache_dir=cache_dir,
                              local_files_only=local_files_only, token=token)
-    return load_params(arch, gguf_checkpoint(path), dtype=target, shapes=shapes, prefix=prefix)
+    return load_params(family, gguf_checkpoint(path), dtype=target, shapes=shapes, prefix=prefix)
 
 
 def save_params(params: dict, config, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:

@@ -1,0 +1,216 @@
+"""The families msfx supports: one `Family` record per HF `model_type`, in one table (`FAMILIES`).
+
+The Auto classes (`msfx.models.auto`), `msfx`'s exports, the README's model table
+(`scripts/update_readme_table.py`) and the family tests iterate this table; the loaders and
+generation read a family's rules from its record (`family(model_type)`). A family is found by its
+`model_type`; its modules are imported by name when first used, and nothing registers itself at
+import. A Llama-like family that differs from Llama by switches is one record here (its
+`DecoderSpec`) plus one test row.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Callable
+
+import transformers
+
+from msfx.architectures.decoder_spec import DecoderSpec, sliding_windows
+
+_LLAMA_TIED = (("lm_head.weight", "model.embed_tokens.weight"),)
+_CAUSAL = ("Model", "ForCausalLM", "ForSequenceClassification")
+_CAUSAL_AUTO = ("AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification")
+
+
+@dataclass(frozen=True)
+class Family:
+    """One HF `model_type`: where its code is and the rules the loaders and generation apply to it.
+
+    `auto`: (Auto class name, msfx class name) pairs, HF's names (a test checks them against
+    transformers' auto mappings). `classes`: the module defining those classes; None for a
+    Llama-like family, whose classes `msfx.models.llama.family_classes` builds over `core`.
+    `spec`: config -> `DecoderSpec` (Llama-like families only). `base_prefix`: HF's
+    `base_model_prefix` (the default of `msfx.params.load_params`'s `prefix`). `tied_keys`: HF's
+    `_tied_weights_keys` as (head, embedding) pairs, tied under `tie_word_embeddings`.
+    `base_keys`: the base model's key prefixes where it has no single `base_prefix` (CLIP, T5).
+    `optional_keys`: base-model key prefixes a checkpoint may lack (BERT's pooler).
+    `keep_in_fp32`: HF's `_keep_in_fp32_modules` (kept float32 in a float16 load).
+    `ring_cache`: sliding-window layers keep a ring buffer (`core.cache_lengths`).
+    `cache_refill_length`: config -> the cached tokens at which generation recomputes the cache
+    (Phi-3's switch to the long LongRoPE factors; see `msfx.decode.generate.DecodeState`).
+    """
+
+    model_type: str
+    config_class: type
+    auto: tuple[tuple[str, str], ...]
+    core: str = "msfx.architectures.llama"
+    classes: str | None = None
+    spec: Callable[..., DecoderSpec] | None = None
+    base_prefix: str = "model"
+    base_keys: tuple[str, ...] = ()
+    optional_keys: tuple[str, ...] = ()
+    tied_keys: tuple[tuple[str, str], ...] = _LLAMA_TIED
+    keep_in_fp32: tuple[str, ...] = ()
+    ring_cache: bool = False
+    cache_refill_length: Callable[..., int] | None = None
+    moe_outputs: bool = False  # the causal LM returns router logits and the load-balancing loss
+
+    @property
+    def arch(self) -> ModuleType:
+        """The functional core module (`param_shapes`, `forward`, `step_inputs`, ...)."""
+        return importlib.import_module(self.core)
+
+    def class_named(self, name: str) -> type:
+        """The msfx class `name` of this family (one of `auto`'s)."""
+        if self.classes is None:
+            from msfx.models.llama import family_classes
+            return family_classes(self)[name]
+        return getattr(importlib.import_module(self.classes), name)
+
+    def auto_class(self, auto: str) -> type | None:
+        """The class the Auto class named `auto` picks for this family, or None."""
+        name = dict(self.auto).get(auto)
+        return None if name is None else self.class_named(name)
+
+
+def _llama_like(model_type: str, config_class: type, spec: Callable[..., DecoderSpec], prefix: str,
+                names: tuple[str, str, str] | None = None, **rules) -> Family:
+    """A Llama-like family: HF's `{prefix}Model`, `{prefix}ForCausalLM`,
+    `{prefix}ForSequenceClassification` (or `names`) over `msfx.architectures.llama`."""
+    names = names or tuple(prefix + suffix for suffix in _CAUSAL)
+    return Family(model_type, config_class, tuple(zip(_CAUSAL_AUTO, names)), spec=spec, ring_cache=True, **rules)
+
+
+def llama_spec(config) -> DecoderSpec:
+    return DecoderSpec(qkv_bias=config.attention_bias, o_bias=config.attention_bias, mlp_bias=config.mlp_bias)
+
+
+def qwen2_spec(config) -> DecoderSpec:
+    """Biases on q/k/v (not o); sliding windows on the layers `layer_types` marks."""
+    return DecoderSpec(qkv_bias=True, sliding_windows=sliding_windows(config))
+
+
+def qwen3_spec(config) -> DecoderSpec:
+    """A per-head RMSNorm on q and k before the rotation; `attention_bias` on all four projections."""
+    return DecoderSpec(qkv_bias=config.attention_bias, o_bias=config.attention_bias, qk_norm="head",
+                       sliding_windows=sliding_windows(config))
+
+
+def mistral_spec(config) -> DecoderSpec:
+    return DecoderSpec(sliding_windows=sliding_windows(config))
+
+
+def phi3_spec(config) -> DecoderSpec:
+    """Fused `qkv_proj` (q | k | v rows) and `gate_up_proj` (gate | up rows), partial rotary."""
+    return DecoderSpec(fused_projections=True, sliding_windows=sliding_windows(config), partial_rotary_default=True,
+                       resid_pdrop=config.resid_pdrop)
+
+
+def phi3_refill_length(config) -> int:
+    """HF's `Phi3ForCausalLM.prepare_inputs_for_generation` drops its cache when the sequence
+    reaches `original_max_position_embeddings + 1` tokens, so that keys rotated with LongRoPE's
+    short factors are rotated again (with the long ones once a position passes that length)."""
+    return config.original_max_position_embeddings
+
+
+def gemma2_spec(config) -> DecoderSpec:
+    """Gemma's RMSNorm (`1 + weight`), scaled embeddings, sandwich norms, `query_pre_attn_scalar`,
+    tanh soft-capping, the tanh-GELU `hidden_activation`."""
+    return DecoderSpec(
+        qkv_bias=config.attention_bias, o_bias=config.attention_bias, sliding_windows=sliding_windows(config),
+        norm_offset=1.0, embed_scale=True, sandwich_norms=True, attn_scale=config.query_pre_attn_scalar ** -0.5,
+        attn_softcap=config.attn_logit_softcapping, final_softcap=config.final_logit_softcapping,
+        hidden_act=config.hidden_activation)
+
+
+def gemma3_spec(config) -> DecoderSpec:
+    """Gemma 2's, plus a per-head RMSNorm on q and k and rotary parameters per layer type."""
+    return gemma2_spec(config)._replace(qk_norm="head", rope_by_layer_type=True)
+
+
+def mixtral_spec(config) -> DecoderSpec:
+    """Mistral with a sparse mixture of experts (`block_sparse_moe`, experts `w1`/`w3`/`w2`) on every layer."""
+    return DecoderSpec(
+        sliding_windows=sliding_windows(config), moe="block_sparse_moe",
+        sparse_layers=(True,) * config.num_hidden_layers, expert_names=("w1", "w3", "w2"),
+        num_experts=config.num_local_experts, top_k=config.num_experts_per_tok,
+        expert_intermediate=config.intermediate_size)
+
+
+def qwen3_moe_spec(config) -> DecoderSpec:
+    """Qwen3 with a sparse MLP on every `decoder_sparse_step`-th layer not in `mlp_only_layers`."""
+    return qwen3_spec(config)._replace(
+        moe="mlp", sparse_layers=tuple(i not in config.mlp_only_layers and config.num_experts > 0
+                                       and (i + 1) % config.decoder_sparse_step == 0
+                                       for i in range(config.num_hidden_layers)),
+        num_experts=config.num_experts, top_k=config.num_experts_per_tok,
+        expert_intermediate=config.moe_intermediate_size, normalize_top_k=config.norm_topk_prob)
+
+
+def olmo2_spec(config) -> DecoderSpec:
+    """Norms on the attention and MLP outputs only; RMSNorm on q and k over the whole projection."""
+    return DecoderSpec(qkv_bias=config.attention_bias, o_bias=config.attention_bias, qk_norm="projection",
+                       post_norms=True)
+
+
+_ALL = (
+    Family("bert", transformers.BertConfig, (("AutoModel", "BertModel"), ("AutoModelForMaskedLM", "BertForMaskedLM"),
+                                             ("AutoModelForSequenceClassification", "BertForSequenceClassification"),
+                                             ("AutoModelForTextEncoding", "BertModel")),
+           core="msfx.architectures.bert", classes="msfx.models.bert", base_prefix="bert",
+           # HF's `add_pooling_layer`: `BertForMaskedLM` has no pooler, `BertModel` gets a fresh one
+           optional_keys=("bert.pooler.",), tied_keys=()),
+    Family("clip", transformers.CLIPConfig, (("AutoModel", "CLIPModel"),
+                                             ("AutoModelForZeroShotImageClassification", "CLIPModel")),
+           core="msfx.architectures.clip", classes="msfx.models.clip", base_prefix="clip",
+           base_keys=("text_model.", "vision_model.", "text_projection.", "visual_projection.", "logit_scale"),
+           tied_keys=()),
+    Family("clip_text_model", transformers.CLIPTextConfig, (("AutoModel", "CLIPTextModel"),
+                                                            ("AutoModelForTextEncoding", "CLIPTextModel")),
+           core="msfx.architectures.clip", classes="msfx.models.clip", base_prefix="text_model", tied_keys=()),
+    Family("clip_vision_model", transformers.CLIPVisionConfig, (("AutoModel", "CLIPVisionModel"),),
+           core="msfx.architectures.clip", classes="msfx.models.clip", base_prefix="vision_model", tied_keys=()),
+    Family("gpt2", transformers.GPT2Config, (("AutoModel", "GPT2Model"), ("AutoModelForCausalLM", "GPT2LMHeadModel"),
+                                             ("AutoModelForSequenceClassification", "GPT2ForSequenceClassification")),
+           core="msfx.architectures.gpt2", classes="msfx.models.gpt2", base_prefix="transformer",
+           tied_keys=(("lm_head.weight", "transformer.wte.weight"),)),
+    _llama_like("gemma2", transformers.Gemma2Config, gemma2_spec, "Gemma2"),
+    _llama_like("gemma3_text", transformers.Gemma3TextConfig, gemma3_spec, "Gemma3",
+                ("Gemma3TextModel", "Gemma3ForCausalLM", "Gemma3TextForSequenceClassification")),
+    Family("llama", transformers.LlamaConfig, tuple(zip(_CAUSAL_AUTO, ("LlamaModel", "LlamaForCausalLM",
+                                                                       "LlamaForSequenceClassification"))),
+           classes="msfx.models.llama", spec=llama_spec, ring_cache=True),
+    _llama_like("mistral", transformers.MistralConfig, mistral_spec, "Mistral"),
+    _llama_like("mixtral", transformers.MixtralConfig, mixtral_spec, "Mixtral", moe_outputs=True),
+    _llama_like("olmo2", transformers.Olmo2Config, olmo2_spec, "Olmo2"),
+    _llama_like("phi3", transformers.Phi3Config, phi3_spec, "Phi3", cache_refill_length=phi3_refill_length),
+    _llama_like("qwen2", transformers.Qwen2Config, qwen2_spec, "Qwen2"),
+    _llama_like("qwen3", transformers.Qwen3Config, qwen3_spec, "Qwen3"),
+    _llama_like("qwen3_moe", transformers.Qwen3MoeConfig, qwen3_moe_spec, "Qwen3Moe", moe_outputs=True),
+    Family("t5", transformers.T5Config, (("AutoModel", "T5Model"),
+                                         ("AutoModelForSeq2SeqLM", "T5ForConditionalGeneration"),
+                                         ("AutoModelForTextEncoding", "T5EncoderModel")),
+           core="msfx.architectures.t5", classes="msfx.models.t5", base_prefix="transformer",
+           base_keys=("shared.", "encoder.", "decoder."),
+           # older checkpoints also store the embeddings tied to `shared.weight`, and a cross-attention
+           # position bias no block reads; HF ignores them when loading
+           optional_keys=("encoder.embed_tokens.", "decoder.embed_tokens.",
+                          "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias."),
+           # `wo` overflows float16 in large T5s (HF's `_keep_in_fp32_modules`)
+           keep_in_fp32=("wo",), tied_keys=()),
+)
+
+FAMILIES: dict[str, Family] = {f.model_type: f for f in _ALL}
+
+
+def family(model_type: str) -> Family:
+    """The record of `model_type`.
+
+    Raises:
+        ValueError: a model_type msfx does not support (the supported ones named).
+    """
+    if model_type not in FAMILIES:
+        raise ValueError(f"msfx does not support model_type {model_type!r}; supported model types: "
+                         f"{', '.join(sorted(FAMILIES))}")
+    return FAMILIES[model_type]
