@@ -154,6 +154,13 @@ def olmo2_spec(config) -> DecoderSpec:
                        post_norms=True)
 
 
+def smollm3_spec(config) -> DecoderSpec:
+    """Rotary skipped on the layers `no_rope_layers` marks 0; windows only with `use_sliding_window`."""
+    return DecoderSpec(qkv_bias=config.attention_bias, o_bias=config.attention_bias, mlp_bias=config.mlp_bias,
+                       sliding_windows=sliding_windows(config) if config.use_sliding_window else (),
+                       rotary_layers=tuple(bool(use) for use in config.no_rope_layers))
+
+
 _ALL = (
     Family("bert", transformers.BertConfig, (("AutoModel", "BertModel"), ("AutoModelForMaskedLM", "BertForMaskedLM"),
                                              ("AutoModelForSequenceClassification", "BertForSequenceClassification"),
@@ -188,6 +195,7 @@ _ALL = (
     _llama_like("qwen2", transformers.Qwen2Config, qwen2_spec, "Qwen2"),
     _llama_like("qwen3", transformers.Qwen3Config, qwen3_spec, "Qwen3"),
     _llama_like("qwen3_moe", transformers.Qwen3MoeConfig, qwen3_moe_spec, "Qwen3Moe", moe_outputs=True),
+    _llama_like("smollm3", transformers.SmolLM3Config, smollm3_spec, "SmolLM3"),
     Family("t5", transformers.T5Config, (("AutoModel", "T5Model"),
                                          ("AutoModelForSeq2SeqLM", "T5ForConditionalGeneration"),
                                          ("AutoModelForTextEncoding", "T5EncoderModel")),

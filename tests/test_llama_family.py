@@ -42,6 +42,8 @@ OVERRIDES = {
                  rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.5,
                                       short_factor=[1.0, 1.3, 1.7, 2.2], long_factor=[1.5, 2.0, 3.0, 4.0])),
     "olmo2": dict(attention_bias=True),
+    "smollm3": dict(no_rope_layers=[1, 0, 1], use_sliding_window=True, sliding_window=6, mlp_bias=True,
+                    layer_types=["full_attention", "sliding_attention", "full_attention"]),
 }
 # name -> (HF config class, HF causal LM class, config overrides), for every Llama-like record but Llama's
 FAMILIES = {name: (record.config_class.__name__, dict(record.auto)["AutoModelForCausalLM"], OVERRIDES[name])

@@ -18,6 +18,7 @@ class DecoderSpec(NamedTuple):
     fused_projections: bool = False  # `qkv_proj` and `gate_up_proj` (Phi-3)
     sliding_windows: tuple = ()  # per layer: attention window in cache slots, or None (Mistral, Qwen2)
     partial_rotary_default: bool = False  # the default rope honours `partial_rotary_factor` (Phi-3)
+    rotary_layers: tuple = ()  # per layer: False where the layer skips rotary (SmolLM3's `no_rope_layers`)
     post_norms: bool = False  # norms on the attention and MLP outputs instead of their inputs (OLMo2)
     # Gemma 2 / 3:
     norm_offset: float = 0.0  # RMSNorm scales by `offset + weight`

@@ -65,6 +65,29 @@ def spec_of(config) -> DecoderSpec:
     return family(config.model_type).spec(config)
 
 
+class LayerPlan(NamedTuple):
+    """How one decoder layer runs, fixed once per forward by the config, the spec and the cache
+    (`layer_plans`); the layer branches on it, never on which keys its parameters hold."""
+
+    window: int | None  # sliding-window length in positions; None: full attention
+    ring: int | None  # the length of the layer's ring-buffer cache (`cache_lengths`); None: no ring
+    rope: str  # the rotary tables it uses: its layer type's (Gemma 3) or "shared"
+    rotary: bool  # False: no rotary at all on this layer (SmolLM3's `no_rope_layers`)
+    sparse: bool  # its MLP is the sparse mixture of experts (`spec.sparse_layers`)
+
+
+def layer_plans(config, spec: DecoderSpec, cache: KVCache | None = None, keys: int | None = None):
+    """Each layer's `LayerPlan`; a layer's cache is a ring when its buffer is shorter than the
+    `keys` positions the cache covers."""
+    n = config.num_hidden_layers
+    windows = spec.sliding_windows or (None,) * n
+    rings = [None if cache is None or cache.keys[i].shape[2] == keys else cache.keys[i].shape[2] for i in range(n)]
+    ropes = config.layer_types if spec.rope_by_layer_type else ("shared",) * n
+    rotary = spec.rotary_layers or (True,) * n
+    sparse = [bool(spec.moe) and spec.sparse_layers[i] for i in range(n)]
+    return tuple(LayerPlan(*row) for row in zip(windows, rings, ropes, rotary, sparse))
+
+
 def cache_lengths(config, max_len: int) -> tuple[int, ...]:
     """Per-layer KV-cache lengths for a generation of up to `max_len` positions: sliding-window
     layers keep a ring of their last `window` positions (`msfx.decode.cache.write_ring`), the
@@ -155,7 +178,7 @@ def init_params(config, seed: int = 0, dtype=ms.float32, shapes: dict | None = N
     return Params(unflatten_keys(flat), config)
 
 
-def _attention(x, p, config, spec, cos, sin, bias, layer_cache, cache_position):
+def _attention(x, p, config, spec, plan, cos, sin, bias, layer_cache, cache_position):
     b, s = cos.shape[0], cos.shape[2]
     d, heads, kv_heads = head_dim(config), config.num_attention_heads, config.num_key_value_heads
     if spec.fused_projections:  # Phi-3: one product, split as q | k | v
@@ -169,10 +192,11 @@ def _attention(x, p, config, spec, cos, sin, bias, layer_cache, cache_position):
     if spec.qk_norm == "head":  # Qwen3, Gemma 3: per-head RMSNorm before the rotation
         q, k = _qk_norm(q, k, p, config, spec)
     q, k, v = (y.transpose(0, 2, 1, 3) for y in (q, k, v))
-    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    if plan.rotary:
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     if layer_cache is None:
         new_kv = (k, v)
-    elif bias.shape[-1] != layer_cache[0].shape[2]:
+    elif plan.ring is not None:
         # a sliding-window ring buffer (see `cache_lengths`): attend over its old entries and the
         # new keys (`ring_attention_bias`), then keep the last window of positions in it
         new_kv = (write_ring(layer_cache[0], k, cache_position), write_ring(layer_cache[1], v, cache_position))
@@ -199,10 +223,10 @@ def _mlp(x, p, spec, act, sparse: bool):
     return gated_mlp(x, p["mlp"], act), None
 
 
-def decoder_layer(x, p, config, cos, sin, bias, layer_cache=None, cache_position=None, spec=None, sparse=False):
+def decoder_layer(x, p, config, cos, sin, bias, layer_cache=None, cache_position=None, spec=None, plan=None):
     """One pre-norm block: `x + attn(norm(x))`, then `x + mlp(norm(x))`. Returns
-    `(x, (k, v), router_logits)`, the last None unless `sparse` (the MLP is a sparse mixture of
-    experts: `spec.sparse_layers`).
+    `(x, (k, v), router_logits)`, the last None unless `plan.sparse` (the MLP is a sparse mixture
+    of experts). `plan`: the layer's `LayerPlan` (default: full attention, no ring, rotary, dense).
 
     With `spec.post_norms` (OLMo2) the attention and MLP outputs are normed instead of their
     inputs: `x + norm(attn(x))`, then `x + norm(mlp(x))`.
@@ -214,17 +238,19 @@ def decoder_layer(x, p, config, cos, sin, bias, layer_cache=None, cache_position
     (`config.attention_dropout`) and, with `spec.resid_pdrop`, on both outputs (Phi-3).
     """
     spec = spec or spec_of(config)
+    plan = plan or LayerPlan(None, None, "shared", True, False)
+    sparse = plan.sparse
 
     def norm(y, name):
         return rms_norm(y, p[name]["weight"], config.rms_norm_eps, spec.norm_offset)
 
     act = activation(spec.hidden_act or config.hidden_act)
     if spec.post_norms:
-        h, kv = _attention(x, p["self_attn"], config, spec, cos, sin, bias, layer_cache, cache_position)
+        h, kv = _attention(x, p["self_attn"], config, spec, plan, cos, sin, bias, layer_cache, cache_position)
         x = x + norm(h, "post_attention_layernorm")
         h, router_logits = _mlp(x, p, spec, act, sparse)
         return x + norm(h, "post_feedforward_layernorm"), kv, router_logits
-    h, kv = _attention(norm(x, "input_layernorm"), p["self_attn"], config, spec, cos, sin, bias, layer_cache,
+    h, kv = _attention(norm(x, "input_layernorm"), p["self_attn"], config, spec, plan, cos, sin, bias, layer_cache,
                        cache_position)
     if spec.sandwich_norms:
         x = x + norm(h, "post_attention_layernorm")
@@ -289,17 +315,16 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
     keys = s if cache is None else keys
     if attention_mask is None:
         attention_mask = ops.ones((b, keys), ms.int32)
+    plans = layer_plans(config, spec, cache, keys)
     biases = {(w, None): attention_bias(attention_mask, cache_position, w) for w in set(windows)}
-    rings = [None if cache is None or cache.keys[i].shape[2] == keys else cache.keys[i].shape[2]
-             for i in range(config.num_hidden_layers)]
-    for w, ring in set(zip(windows, rings)):
+    for w, ring in {(plan.window, plan.ring) for plan in plans}:
         if ring is not None:
             biases[(w, ring)] = ring_attention_bias(attention_mask, cache_position, ring, w)
     if spec.rope_by_layer_type:  # static tables per layer type (`inv_freq` is not used)
         tables = {kind: rope_cos_sin(position_ids, Tensor(freqs), scaling, x.dtype) for kind, (freqs, scaling)
                   in ((kind, rope_frequencies(config, rope=rope, partial_default=spec.partial_rotary_default))
                       for kind, rope in config.rope_parameters.items())}
-        rotations = [tables[kind] for kind in config.layer_types]
+        rotations = [tables[plan.rope] for plan in plans]
     else:
         if inv_freq is None:
             if table_len is None:  # inside `no_host_reads` (a jit trace) sized by the sequence instead
@@ -315,8 +340,9 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
     for i, layer in enumerate(params["model"]["layers"]):
         layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
         cos, sin = rotations[i]
-        x, (k, v), routed = decoder_layer(x, layer, config, cos, sin, biases[(windows[i], rings[i])], layer_cache,
-                                          cache_position, spec, bool(spec.moe) and spec.sparse_layers[i])
+        plan = plans[i]
+        x, (k, v), routed = decoder_layer(x, layer, config, cos, sin, biases[(plan.window, plan.ring)], layer_cache,
+                                          cache_position, spec, plan)
         new_keys.append(k)
         new_values.append(v)
         if routed is not None:
