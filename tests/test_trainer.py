@@ -277,6 +277,17 @@ def run_child(script: Path, *args) -> int:
                           timeout=600).returncode
 
 
+def assert_same_run(straight: Path, interrupted: Path) -> list:
+    """Both runs of `RESUMABLE_RUN` end with bit-identical weights and the same 8 logged losses
+    (returned)."""
+    a = load_file(str(straight / "final" / "model.safetensors"))
+    b = load_file(str(interrupted / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    losses = json.loads((straight / "losses.json").read_text())
+    assert json.loads((interrupted / "losses.json").read_text()) == losses and len(losses) == 8
+    return losses
+
+
 def test_sigkill_and_resume_is_exact(tiny_llama, tmp_path):
     """3 epochs of 12 rows (2 x 2 accumulation: 3 updates per epoch), saving every 2 updates. The
     interrupted run is killed inside the save of checkpoint-4 (all files written, not renamed), resumed
@@ -292,11 +303,7 @@ def test_sigkill_and_resume_is_exact(tiny_llama, tmp_path):
     assert run_child(script, path, interrupted, 7, -1, 1) == -9
     assert sorted(p.name for p in interrupted.iterdir()) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
     assert run_child(script, path, interrupted, -1, -1, 1) == 0
-    a = load_file(str(straight / "final" / "model.safetensors"))
-    b = load_file(str(interrupted / "final" / "model.safetensors"))
-    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-    losses = json.loads((straight / "losses.json").read_text())
-    assert json.loads((interrupted / "losses.json").read_text()) == losses and len(losses) == 8
+    assert_same_run(straight, interrupted)
 
 
 def test_bad_datasets_and_checkpoints(tiny_llama, tmp_path):

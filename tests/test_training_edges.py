@@ -4,7 +4,6 @@ ignores, and dropout in training (mask statistics, eval / generate untouched, ex
 """
 from __future__ import annotations
 
-import json
 import warnings
 
 import mindspore as ms
@@ -13,7 +12,6 @@ import pytest
 import torch
 import transformers
 from mindspore import Tensor
-from safetensors.numpy import load_file
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 import msfx
@@ -26,7 +24,7 @@ from test_bert import make_hf_bert
 from test_gpt2 import make_hf_gpt2
 from test_llama_family import FAMILIES, make_hf
 from test_t5 import TINY as T5_TINY
-from test_trainer import RESUMABLE_RUN, args_for, lm_rows, run_child, tiny_llama  # noqa: F401 (a fixture)
+from test_trainer import RESUMABLE_RUN, args_for, assert_same_run, lm_rows, run_child, tiny_llama  # noqa: F401 (a fixture)
 
 
 def _sample_counts(monkeypatch) -> dict:
@@ -291,11 +289,7 @@ def test_sigkill_and_resume_is_exact_with_dropout(tmp_path):
     assert run_child(script, path, straight, -1, -1, 0) == 0
     assert run_child(script, path, interrupted, 5, -1, 0) == -9
     assert run_child(script, path, interrupted, -1, -1, 1) == 0
-    a = load_file(str(straight / "final" / "model.safetensors"))
-    b = load_file(str(interrupted / "final" / "model.safetensors"))
-    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-    losses = json.loads((straight / "losses.json").read_text())
-    assert json.loads((interrupted / "losses.json").read_text()) == losses and len(losses) == 8
+    losses = assert_same_run(straight, interrupted)
     rng = np.random.default_rng(0)  # the script's rows; the first window: 2 x 2 rows of epoch 0 with seed 7
     rows = [rng.integers(3, 99, 8) for _ in range(12)]
     window = np.stack([rows[i] for i in np.random.default_rng([7, 0]).permutation(12)[:4]])
