@@ -40,8 +40,7 @@ if _ms.get_context("device_target") == "CPU":
     # token, measured with MindSpore 2.10); compiled steps are unaffected.
     _ms.runtime.launch_blocking()
 
-from msfx.architectures import (bert, gemma2, gemma3_text, gpt2, llama, mistral, mixtral, phi3, qwen2,  # noqa: E402
-                                qwen3, qwen3_moe)
+from msfx.architectures import bert, clip, gpt2, llama, t5  # noqa: E402
 from msfx.decode.cache import KVCache  # noqa: E402
 from msfx.errors import CheckpointError, CorruptCheckpointError, ModelNotFoundError  # noqa: E402
 from msfx.families import FAMILIES as _FAMILIES  # noqa: E402
@@ -61,9 +60,13 @@ _CLASSES |= {"CLIPTextModelWithProjection": _clip_models.CLIPTextModelWithProjec
              "CLIPVisionModelWithProjection": _clip_models.CLIPVisionModelWithProjection}
 globals().update(_CLASSES)
 
+# the other Llama-like families' functional modules (`msfx.qwen2.forward`), one per record
+_LLAMA_LIKE = sorted(t for t, record in _FAMILIES.items() if record.spec is not None and t != "llama")
+for _model_type in _LLAMA_LIKE:
+    _sys.modules[f"msfx.{_model_type}"] = globals()[_model_type] = llama.family_module(_model_type)
+
 __all__ = ["AutoModel", "AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModelForSeq2SeqLM",
            "AutoModelForSequenceClassification", "AutoModelForTextEncoding", "AutoModelForZeroShotImageClassification",
            "CheckpointError", "CorruptCheckpointError", "KVCache", "ModelNotFoundError", "Trainer", "TrainingArguments",
-           "bert", "gemma2", "gemma3_text", "gpt2", "llama", "mistral", "mixtral", "phi3", "pipeline", "qwen2", "qwen3",
-           "qwen3_moe"]
-__all__ += sorted(_CLASSES)
+           "bert", "clip", "gpt2", "llama", "pipeline", "t5"]
+__all__ += _LLAMA_LIKE + sorted(_CLASSES)

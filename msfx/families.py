@@ -16,7 +16,8 @@ from typing import Callable
 
 import transformers
 
-from msfx.architectures.decoder_spec import DecoderSpec, sliding_windows
+from msfx.architectures.decoder_spec import (AttentionSpec, DecoderSpec, MLPSpec, MoESpec, NormSpec, RopeSpec,
+                                            sliding_windows)
 
 _LLAMA_TIED = (("lm_head.weight", "model.embed_tokens.weight"),)
 _CAUSAL = ("Model", "ForCausalLM", "ForSequenceClassification")
@@ -82,28 +83,33 @@ def _llama_like(model_type: str, config_class: type, spec: Callable[..., Decoder
     return Family(model_type, config_class, tuple(zip(_CAUSAL_AUTO, names)), spec=spec, ring_cache=True, **rules)
 
 
+def _biases(config) -> AttentionSpec:
+    """Llama's `attention_bias`: biases on all four attention projections."""
+    return AttentionSpec(qkv_bias=config.attention_bias, o_bias=config.attention_bias)
+
+
 def llama_spec(config) -> DecoderSpec:
-    return DecoderSpec(qkv_bias=config.attention_bias, o_bias=config.attention_bias, mlp_bias=config.mlp_bias)
+    return DecoderSpec(_biases(config), MLPSpec(bias=config.mlp_bias))
 
 
 def qwen2_spec(config) -> DecoderSpec:
     """Biases on q/k/v (not o); sliding windows on the layers `layer_types` marks."""
-    return DecoderSpec(qkv_bias=True, sliding_windows=sliding_windows(config))
+    return DecoderSpec(AttentionSpec(qkv_bias=True, sliding_windows=sliding_windows(config)))
 
 
 def qwen3_spec(config) -> DecoderSpec:
     """A per-head RMSNorm on q and k before the rotation; `attention_bias` on all four projections."""
-    return DecoderSpec(qkv_bias=config.attention_bias, o_bias=config.attention_bias, qk_norm="head",
-                       sliding_windows=sliding_windows(config))
+    return DecoderSpec(_biases(config)._replace(qk_norm="head", sliding_windows=sliding_windows(config)))
 
 
 def mistral_spec(config) -> DecoderSpec:
-    return DecoderSpec(sliding_windows=sliding_windows(config))
+    return DecoderSpec(AttentionSpec(sliding_windows=sliding_windows(config)))
 
 
 def phi3_spec(config) -> DecoderSpec:
     """Fused `qkv_proj` (q | k | v rows) and `gate_up_proj` (gate | up rows), partial rotary."""
-    return DecoderSpec(fused_projections=True, sliding_windows=sliding_windows(config), partial_rotary_default=True,
+    return DecoderSpec(AttentionSpec(fused_qkv=True, sliding_windows=sliding_windows(config)),
+                       MLPSpec(fused_gate_up=True), rope=RopeSpec(partial_default=True),
                        resid_pdrop=config.resid_pdrop)
 
 
@@ -117,48 +123,45 @@ def phi3_refill_length(config) -> int:
 def gemma2_spec(config) -> DecoderSpec:
     """Gemma's RMSNorm (`1 + weight`), scaled embeddings, sandwich norms, `query_pre_attn_scalar`,
     tanh soft-capping, the tanh-GELU `hidden_activation`."""
-    return DecoderSpec(
-        qkv_bias=config.attention_bias, o_bias=config.attention_bias, sliding_windows=sliding_windows(config),
-        norm_offset=1.0, embed_scale=True, sandwich_norms=True, attn_scale=config.query_pre_attn_scalar ** -0.5,
-        attn_softcap=config.attn_logit_softcapping, final_softcap=config.final_logit_softcapping,
-        hidden_act=config.hidden_activation)
+    attention = _biases(config)._replace(sliding_windows=sliding_windows(config),
+                                         scale=config.query_pre_attn_scalar ** -0.5,
+                                         softcap=config.attn_logit_softcapping)
+    return DecoderSpec(attention, MLPSpec(hidden_act=config.hidden_activation), NormSpec("sandwich", 1.0),
+                       embed_scale=True, final_softcap=config.final_logit_softcapping)
 
 
 def gemma3_spec(config) -> DecoderSpec:
     """Gemma 2's, plus a per-head RMSNorm on q and k and rotary parameters per layer type."""
-    return gemma2_spec(config)._replace(qk_norm="head", rope_by_layer_type=True)
+    spec = gemma2_spec(config)
+    return spec._replace(attention=spec.attention._replace(qk_norm="head"), rope=RopeSpec(by_layer_type=True))
 
 
 def mixtral_spec(config) -> DecoderSpec:
     """Mistral with a sparse mixture of experts (`block_sparse_moe`, experts `w1`/`w3`/`w2`) on every layer."""
-    return DecoderSpec(
-        sliding_windows=sliding_windows(config), moe="block_sparse_moe",
-        sparse_layers=(True,) * config.num_hidden_layers, expert_names=("w1", "w3", "w2"),
-        num_experts=config.num_local_experts, top_k=config.num_experts_per_tok,
-        expert_intermediate=config.intermediate_size)
+    return mistral_spec(config)._replace(moe=MoESpec(
+        "block_sparse_moe", (True,) * config.num_hidden_layers, config.num_local_experts,
+        config.num_experts_per_tok, config.intermediate_size, expert_names=("w1", "w3", "w2")))
 
 
 def qwen3_moe_spec(config) -> DecoderSpec:
     """Qwen3 with a sparse MLP on every `decoder_sparse_step`-th layer not in `mlp_only_layers`."""
-    return qwen3_spec(config)._replace(
-        moe="mlp", sparse_layers=tuple(i not in config.mlp_only_layers and config.num_experts > 0
-                                       and (i + 1) % config.decoder_sparse_step == 0
-                                       for i in range(config.num_hidden_layers)),
-        num_experts=config.num_experts, top_k=config.num_experts_per_tok,
-        expert_intermediate=config.moe_intermediate_size, normalize_top_k=config.norm_topk_prob)
+    sparse = tuple(i not in config.mlp_only_layers and config.num_experts > 0
+                   and (i + 1) % config.decoder_sparse_step == 0 for i in range(config.num_hidden_layers))
+    return qwen3_spec(config)._replace(moe=MoESpec(
+        "mlp", sparse, config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size,
+        normalize_top_k=config.norm_topk_prob))
 
 
 def olmo2_spec(config) -> DecoderSpec:
     """Norms on the attention and MLP outputs only; RMSNorm on q and k over the whole projection."""
-    return DecoderSpec(qkv_bias=config.attention_bias, o_bias=config.attention_bias, qk_norm="projection",
-                       post_norms=True)
+    return DecoderSpec(_biases(config)._replace(qk_norm="projection"), norms=NormSpec("post"))
 
 
 def smollm3_spec(config) -> DecoderSpec:
     """Rotary skipped on the layers `no_rope_layers` marks 0; windows only with `use_sliding_window`."""
-    return DecoderSpec(qkv_bias=config.attention_bias, o_bias=config.attention_bias, mlp_bias=config.mlp_bias,
-                       sliding_windows=sliding_windows(config) if config.use_sliding_window else (),
-                       rotary_layers=tuple(bool(use) for use in config.no_rope_layers))
+    windows = sliding_windows(config) if config.use_sliding_window else ()
+    return DecoderSpec(_biases(config)._replace(sliding_windows=windows), MLPSpec(bias=config.mlp_bias),
+                       rope=RopeSpec(layers=tuple(bool(use) for use in config.no_rope_layers)))
 
 
 _ALL = (

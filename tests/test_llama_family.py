@@ -77,6 +77,18 @@ def test_logits_and_hidden_states_match_hf(family):
         np.testing.assert_allclose(ours.asnumpy(), theirs.numpy(), atol=1e-4, rtol=0)
 
 
+def test_functional_module_loads_and_runs_the_family(family):
+    """`msfx.<model_type>` (built from the family's record) loads its checkpoints and its
+    `forward` gives the class's logits; it refuses another family's checkpoint."""
+    name, _, path, model = family
+    core = getattr(msfx, name)
+    ids = msfx.llama.ms.Tensor(random_ids(1, 6, seed=2))
+    np.testing.assert_array_equal(core.forward(core.load(path), ids).logits.asnumpy(), model(ids).logits.asnumpy())
+    other = "qwen2" if name != "qwen2" else "mistral"
+    with pytest.raises(msfx.CheckpointError, match=name):
+        getattr(msfx, other).load(path)
+
+
 @pytest.mark.parametrize("jit", [False, True])
 def test_greedy_generate_matches_hf_past_the_window(family, jit):
     name, torch_model, path, model = family

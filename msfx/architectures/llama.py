@@ -10,6 +10,7 @@ functions: their record in `msfx.families` gives the `DecoderSpec` for their `mo
 """
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Callable, NamedTuple
 
 import mindspore as ms
@@ -73,18 +74,18 @@ class LayerPlan(NamedTuple):
     ring: int | None  # the length of the layer's ring-buffer cache (`cache_lengths`); None: no ring
     rope: str  # the rotary tables it uses: its layer type's (Gemma 3) or "shared"
     rotary: bool  # False: no rotary at all on this layer (SmolLM3's `no_rope_layers`)
-    sparse: bool  # its MLP is the sparse mixture of experts (`spec.sparse_layers`)
+    sparse: bool  # its MLP is the sparse mixture of experts (`spec.moe.sparse_layers`)
 
 
 def layer_plans(config, spec: DecoderSpec, cache: KVCache | None = None, keys: int | None = None):
     """Each layer's `LayerPlan`; a layer's cache is a ring when its buffer is shorter than the
     `keys` positions the cache covers."""
     n = config.num_hidden_layers
-    windows = spec.sliding_windows or (None,) * n
+    windows = spec.attention.sliding_windows or (None,) * n
     rings = [None if cache is None or cache.keys[i].shape[2] == keys else cache.keys[i].shape[2] for i in range(n)]
-    ropes = config.layer_types if spec.rope_by_layer_type else ("shared",) * n
-    rotary = spec.rotary_layers or (True,) * n
-    sparse = [bool(spec.moe) and spec.sparse_layers[i] for i in range(n)]
+    ropes = config.layer_types if spec.rope.by_layer_type else ("shared",) * n
+    rotary = spec.rope.layers or (True,) * n
+    sparse = spec.moe.sparse_layers if spec.moe else (False,) * n
     return tuple(LayerPlan(*row) for row in zip(windows, rings, ropes, rotary, sparse))
 
 
@@ -92,14 +93,14 @@ def cache_lengths(config, max_len: int) -> tuple[int, ...]:
     """Per-layer KV-cache lengths for a generation of up to `max_len` positions: sliding-window
     layers keep a ring of their last `window` positions (`msfx.decode.cache.write_ring`), the
     others every position."""
-    windows = spec_of(config).sliding_windows or (None,) * config.num_hidden_layers
+    windows = spec_of(config).attention.sliding_windows or (None,) * config.num_hidden_layers
     return tuple(max_len if w is None or w >= max_len else w for w in windows)
 
 
 def step_inputs(config) -> Callable[[np.ndarray], tuple[Tensor, ...]]:
     """What a compiled forward step takes after `cache_position`, by its positions: the rotary
     frequencies (`msfx.layers.rotary.decode_rope`), passed on as `forward`'s `inv_freq`."""
-    return decode_rope(config, spec_of(config).partial_rotary_default)
+    return decode_rope(config, spec_of(config).rope.partial_default)
 
 
 def head_dim(config) -> int:
@@ -114,24 +115,25 @@ def param_shapes(config) -> dict[str, tuple[int, ...]]:
             `mindspore.jit` traces a step leaves MindSpore 2.10 unable to exit the process).
     """
     spec = spec_of(config)
-    activation(spec.hidden_act or config.hidden_act)
+    attn, mlp, moe, placement = spec.attention, spec.mlp, spec.moe, spec.norms.placement
+    activation(mlp.hidden_act or config.hidden_act)
     h, d = config.hidden_size, head_dim(config)
     q, kv, inter = config.num_attention_heads * d, config.num_key_value_heads * d, config.intermediate_size
     shapes = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
-    projections = {"self_attn": [("qkv_proj", q + 2 * kv, spec.qkv_bias)] if spec.fused_projections else
-                   [("q_proj", q, spec.qkv_bias), ("k_proj", kv, spec.qkv_bias), ("v_proj", kv, spec.qkv_bias)],
-                   "mlp": [("gate_up_proj", 2 * inter, spec.mlp_bias)] if spec.fused_projections else
-                   [("gate_proj", inter, spec.mlp_bias), ("up_proj", inter, spec.mlp_bias)]}
+    projections = {"self_attn": [("qkv_proj", q + 2 * kv, attn.qkv_bias)] if attn.fused_qkv else
+                   [("q_proj", q, attn.qkv_bias), ("k_proj", kv, attn.qkv_bias), ("v_proj", kv, attn.qkv_bias)],
+                   "mlp": [("gate_up_proj", 2 * inter, mlp.bias)] if mlp.fused_gate_up else
+                   [("gate_proj", inter, mlp.bias), ("up_proj", inter, mlp.bias)]}
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
-        if not spec.post_norms:  # OLMo2 norms the outputs only
+        if placement != "post":  # OLMo2 norms the outputs only
             shapes[p + "input_layernorm.weight"] = (h,)
         shapes[p + "post_attention_layernorm.weight"] = (h,)
-        sparse = bool(spec.moe) and spec.sparse_layers[i]
+        sparse = moe is not None and moe.sparse_layers[i]
         if sparse:
-            m, (gate, up, down), e_inter = p + spec.moe, spec.expert_names, spec.expert_intermediate
-            shapes[m + ".gate.weight"] = (spec.num_experts, h)
-            for e in range(spec.num_experts):
+            m, (gate, up, down), e_inter = p + moe.module, moe.expert_names, moe.intermediate
+            shapes[m + ".gate.weight"] = (moe.num_experts, h)
+            for e in range(moe.num_experts):
                 shapes |= {f"{m}.experts.{e}.{gate}.weight": (e_inter, h), f"{m}.experts.{e}.{up}.weight": (e_inter, h),
                            f"{m}.experts.{e}.{down}.weight": (h, e_inter)}
         for module, rows in projections.items():
@@ -142,18 +144,18 @@ def param_shapes(config) -> dict[str, tuple[int, ...]]:
                 if bias:
                     shapes[p + f"{module}.{name}.bias"] = (out,)
         shapes[p + "self_attn.o_proj.weight"] = (h, q)
-        if spec.o_bias:
+        if attn.o_bias:
             shapes[p + "self_attn.o_proj.bias"] = (h,)
         if not sparse:
             shapes[p + "mlp.down_proj.weight"] = (h, inter)
-            if spec.mlp_bias:
+            if mlp.bias:
                 shapes[p + "mlp.down_proj.bias"] = (h,)
-        if spec.qk_norm:  # over each head, or over the whole projection (OLMo2)
-            qn, kn = (q, kv) if spec.qk_norm == "projection" else (d, d)
+        if attn.qk_norm:  # over each head, or over the whole projection (OLMo2)
+            qn, kn = (q, kv) if attn.qk_norm == "projection" else (d, d)
             shapes |= {p + "self_attn.q_norm.weight": (qn,), p + "self_attn.k_norm.weight": (kn,)}
-        if spec.sandwich_norms:
+        if placement == "sandwich":
             shapes[p + "pre_feedforward_layernorm.weight"] = (h,)
-        if spec.sandwich_norms or spec.post_norms:
+        if placement != "pre":
             shapes[p + "post_feedforward_layernorm.weight"] = (h,)
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (config.vocab_size, h)
@@ -165,7 +167,7 @@ def init_params(config, seed: int = 0, dtype=ms.float32, shapes: dict | None = N
     zero biases, unit norm weights. `shapes` (default `param_shapes(config)`) picks the keys,
     e.g. a classification head's."""
     rng = np.random.default_rng(seed)
-    unit_norm = 1.0 - spec_of(config).norm_offset  # Gemma's norms scale by 1 + weight: zeros
+    unit_norm = 1.0 - spec_of(config).norms.offset  # Gemma's norms scale by 1 + weight: zeros
     flat = {}
     for key, shape in (shapes or param_shapes(config)).items():
         if key.endswith("norm.weight"):
@@ -181,15 +183,16 @@ def init_params(config, seed: int = 0, dtype=ms.float32, shapes: dict | None = N
 def _attention(x, p, config, spec, plan, cos, sin, bias, layer_cache, cache_position):
     b, s = cos.shape[0], cos.shape[2]
     d, heads, kv_heads = head_dim(config), config.num_attention_heads, config.num_key_value_heads
-    if spec.fused_projections:  # Phi-3: one product, split as q | k | v
+    attn = spec.attention
+    if attn.fused_qkv:  # Phi-3: one product, split as q | k | v
         qkv = linear(x, p["qkv_proj"]["weight"], p["qkv_proj"].get("bias"))
         q, k, v = ops.split(qkv, (heads * d, kv_heads * d, kv_heads * d), -1)
     else:
         q, k, v = (linear(x, p[name]["weight"], p[name].get("bias")) for name in ("q_proj", "k_proj", "v_proj"))
-    if spec.qk_norm == "projection":  # OLMo2: over the whole projection, before the split into heads
+    if attn.qk_norm == "projection":  # OLMo2: over the whole projection, before the split into heads
         q, k = _qk_norm(q, k, p, config, spec)
     q, k, v = (y.reshape(b, s, n, d) for y, n in ((q, heads), (k, kv_heads), (v, kv_heads)))
-    if spec.qk_norm == "head":  # Qwen3, Gemma 3: per-head RMSNorm before the rotation
+    if attn.qk_norm == "head":  # Qwen3, Gemma 3: per-head RMSNorm before the rotation
         q, k = _qk_norm(q, k, p, config, spec)
     q, k, v = (y.transpose(0, 2, 1, 3) for y in (q, k, v))
     if plan.rotary:
@@ -204,23 +207,24 @@ def _attention(x, p, config, spec, plan, cos, sin, bias, layer_cache, cache_posi
     else:
         k, v = write_cache(layer_cache[0], k, cache_position), write_cache(layer_cache[1], v, cache_position)
         new_kv = (k, v)
-    scale = d ** -0.5 if spec.attn_scale is None else spec.attn_scale
-    out = scaled_dot_product_attention(q, k, v, bias, scale, spec.attn_softcap, config.attention_dropout)
+    scale = d ** -0.5 if attn.scale is None else attn.scale
+    out = scaled_dot_product_attention(q, k, v, bias, scale, attn.softcap, config.attention_dropout)
     out = out.transpose(0, 2, 1, 3).reshape(b * s, -1)
     return linear(out, p["o_proj"]["weight"], p["o_proj"].get("bias")), new_kv
 
 
 def _qk_norm(q, k, p, config, spec):
-    return (rms_norm(q, p["q_norm"]["weight"], config.rms_norm_eps, spec.norm_offset),
-            rms_norm(k, p["k_norm"]["weight"], config.rms_norm_eps, spec.norm_offset))
+    return (rms_norm(q, p["q_norm"]["weight"], config.rms_norm_eps, spec.norms.offset),
+            rms_norm(k, p["k_norm"]["weight"], config.rms_norm_eps, spec.norms.offset))
 
 
 def _mlp(x, p, spec, act, sparse: bool):
-    """The layer's MLP (the sparse mixture of experts `p[spec.moe]` when `sparse`); returns
+    """The layer's MLP (the sparse mixture of experts `p[spec.moe.module]` when `sparse`); returns
     `(y, router_logits or None)`."""
     if sparse:
-        return sparse_moe(x, p[spec.moe], spec.expert_names, spec.top_k, spec.normalize_top_k, act)
-    return gated_mlp(x, p["mlp"], act), None
+        moe = spec.moe
+        return sparse_moe(x, p[moe.module], moe.expert_names, moe.top_k, moe.normalize_top_k, act)
+    return gated_mlp(x, p["mlp"], act, spec.mlp.fused_gate_up), None
 
 
 def decoder_layer(x, p, config, cos, sin, bias, layer_cache=None, cache_position=None, spec=None, plan=None):
@@ -228,10 +232,10 @@ def decoder_layer(x, p, config, cos, sin, bias, layer_cache=None, cache_position
     `(x, (k, v), router_logits)`, the last None unless `plan.sparse` (the MLP is a sparse mixture
     of experts). `plan`: the layer's `LayerPlan` (default: full attention, no ring, rotary, dense).
 
-    With `spec.post_norms` (OLMo2) the attention and MLP outputs are normed instead of their
-    inputs: `x + norm(attn(x))`, then `x + norm(mlp(x))`.
+    With `spec.norms.placement` "post" (OLMo2) the attention and MLP outputs are normed instead of
+    their inputs: `x + norm(attn(x))`, then `x + norm(mlp(x))`.
 
-    With `spec.sandwich_norms` (Gemma), the attention and MLP outputs are normed before each
+    With "sandwich" (Gemma), the attention and MLP outputs are normed before each
     residual add (`post_attention_layernorm`, `post_feedforward_layernorm`) and the MLP input by
     `pre_feedforward_layernorm`. `x` is `[batch * seq, hidden]`: kept 2-D through the stack so
     each linear is one matmul. In training, dropout on the attention probabilities
@@ -242,23 +246,55 @@ def decoder_layer(x, p, config, cos, sin, bias, layer_cache=None, cache_position
     sparse = plan.sparse
 
     def norm(y, name):
-        return rms_norm(y, p[name]["weight"], config.rms_norm_eps, spec.norm_offset)
+        return rms_norm(y, p[name]["weight"], config.rms_norm_eps, spec.norms.offset)
 
-    act = activation(spec.hidden_act or config.hidden_act)
-    if spec.post_norms:
+    act = activation(spec.mlp.hidden_act or config.hidden_act)
+    if spec.norms.placement == "post":
         h, kv = _attention(x, p["self_attn"], config, spec, plan, cos, sin, bias, layer_cache, cache_position)
         x = x + norm(h, "post_attention_layernorm")
         h, router_logits = _mlp(x, p, spec, act, sparse)
         return x + norm(h, "post_feedforward_layernorm"), kv, router_logits
     h, kv = _attention(norm(x, "input_layernorm"), p["self_attn"], config, spec, plan, cos, sin, bias, layer_cache,
                        cache_position)
-    if spec.sandwich_norms:
+    if spec.norms.placement == "sandwich":
         x = x + norm(h, "post_attention_layernorm")
         h, router_logits = _mlp(norm(x, "pre_feedforward_layernorm"), p, spec, act, sparse)
         return x + norm(h, "post_feedforward_layernorm"), kv, router_logits
     x = x + dropout(h, spec.resid_pdrop)
     h, router_logits = _mlp(norm(x, "post_attention_layernorm"), p, spec, act, sparse)
     return x + dropout(h, spec.resid_pdrop), kv, router_logits
+
+
+def layer_biases(plans, attention_mask: Tensor, cache_position: Tensor) -> list[Tensor]:
+    """Each layer's additive attention bias `[batch, 1, seq, keys]` for its plan's window and ring,
+    built once per distinct (window, ring)."""
+    built = {}
+    for plan in plans:
+        if (plan.window, plan.ring) not in built:
+            built[plan.window, plan.ring] = (
+                attention_bias(attention_mask, cache_position, plan.window) if plan.ring is None
+                else ring_attention_bias(attention_mask, cache_position, plan.ring, plan.window))
+    return [built[plan.window, plan.ring] for plan in plans]
+
+
+def layer_rotations(config, spec: DecoderSpec, plans, position_ids: Tensor, inv_freq: Tensor | None,
+                    table_len: int | None, dtype) -> list[tuple[Tensor, Tensor]]:
+    """Each layer's rotary `(cos, sin)` `[batch, 1, seq, rotary_dim]`: its layer type's static
+    table (Gemma 3), else one table from `inv_freq` or, without it, from the config's rope for
+    `table_len` positions (dynamic scalings depend on it)."""
+    partial = spec.rope.partial_default
+    if spec.rope.by_layer_type:
+        tables = {}
+        for kind, rope in config.rope_parameters.items():
+            freqs, scaling = rope_frequencies(config, rope=rope, partial_default=partial)
+            tables[kind] = rope_cos_sin(position_ids, Tensor(freqs), scaling, dtype)
+        return [tables[plan.rope] for plan in plans]
+    if inv_freq is None:
+        freqs, scaling = rope_frequencies(config, table_len, partial_default=partial)
+        inv_freq = Tensor(freqs)
+    else:
+        scaling = rope_frequencies(config, partial_default=partial)[1]
+    return [rope_cos_sin(position_ids, inv_freq, scaling, dtype)] * len(plans)
 
 
 def _cache_slots(cache: KVCache, windows: tuple, attention_mask: Tensor | None) -> int:
@@ -296,7 +332,7 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
     """
     config = config or config_of(params)
     spec = spec_of(config)
-    windows = spec.sliding_windows or (None,) * config.num_hidden_layers
+    windows = spec.attention.sliding_windows or (None,) * config.num_hidden_layers
     keys = None if cache is None else _cache_slots(cache, windows, attention_mask)
     check_model_inputs(config, input_ids, inputs_embeds, attention_mask, position_ids, keys, check_ids)
     if inputs_embeds is None:
@@ -316,40 +352,26 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
     if attention_mask is None:
         attention_mask = ops.ones((b, keys), ms.int32)
     plans = layer_plans(config, spec, cache, keys)
-    biases = {(w, None): attention_bias(attention_mask, cache_position, w) for w in set(windows)}
-    for w, ring in {(plan.window, plan.ring) for plan in plans}:
-        if ring is not None:
-            biases[(w, ring)] = ring_attention_bias(attention_mask, cache_position, ring, w)
-    if spec.rope_by_layer_type:  # static tables per layer type (`inv_freq` is not used)
-        tables = {kind: rope_cos_sin(position_ids, Tensor(freqs), scaling, x.dtype) for kind, (freqs, scaling)
-                  in ((kind, rope_frequencies(config, rope=rope, partial_default=spec.partial_rotary_default))
-                      for kind, rope in config.rope_parameters.items())}
-        rotations = [tables[plan.rope] for plan in plans]
-    else:
-        if inv_freq is None:
-            if table_len is None:  # inside `no_host_reads` (a jit trace) sized by the sequence instead
-                table_len = int(position_ids.asnumpy().max()) + 1 if host_reads_allowed() else s
-            freqs, scaling = rope_frequencies(config, table_len, partial_default=spec.partial_rotary_default)
-            inv_freq = Tensor(freqs)
-        else:
-            scaling = rope_frequencies(config, partial_default=spec.partial_rotary_default)[1]
-        rotations = [rope_cos_sin(position_ids, inv_freq, scaling, x.dtype)] * config.num_hidden_layers
+    biases = layer_biases(plans, attention_mask, cache_position)
+    if inv_freq is None and table_len is None and not spec.rope.by_layer_type:
+        # read the positions back for the table's length; inside a jit trace, sized by the sequence
+        table_len = int(position_ids.asnumpy().max()) + 1 if host_reads_allowed() else s
+    rotations = layer_rotations(config, spec, plans, position_ids, inv_freq, table_len, x.dtype)
     hidden_states = [x] if output_hidden_states else None
     x = x.reshape(b * s, -1)
     new_keys, new_values, router_logits = [], [], []
     for i, layer in enumerate(params["model"]["layers"]):
         layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
         cos, sin = rotations[i]
-        plan = plans[i]
-        x, (k, v), routed = decoder_layer(x, layer, config, cos, sin, biases[(plan.window, plan.ring)], layer_cache,
-                                          cache_position, spec, plan)
+        x, (k, v), routed = decoder_layer(x, layer, config, cos, sin, biases[i], layer_cache, cache_position, spec,
+                                          plans[i])
         new_keys.append(k)
         new_values.append(v)
         if routed is not None:
             router_logits.append(routed)
         if output_hidden_states:
             hidden_states.append(x.reshape(b, s, -1))
-    x = rms_norm(x, params["model"]["norm"]["weight"], config.rms_norm_eps, spec.norm_offset).reshape(b, s, -1)
+    x = rms_norm(x, params["model"]["norm"]["weight"], config.rms_norm_eps, spec.norms.offset).reshape(b, s, -1)
     if output_hidden_states:
         hidden_states[-1] = x
     return DecoderOutput(x, tuple(hidden_states) if output_hidden_states else None,
@@ -399,3 +421,16 @@ def loader(model_type: str) -> Callable[..., Params]:
 
 
 load = loader(MODEL_TYPE)
+
+_FUNCTIONS = ("cache_lengths", "forward", "init_params", "lm_head", "model_forward", "param_shapes", "step_inputs")
+
+
+def family_module(model_type: str) -> ModuleType:
+    """`msfx.<model_type>` for a Llama-like family: this module's functions, with `load` reading
+    that family's checkpoints (`msfx.qwen2.forward(msfx.qwen2.load(path), ids)`)."""
+    spec = family(model_type).spec
+    module = ModuleType(f"msfx.{model_type}", f"`{model_type}` as `msfx.llama`'s functions switched by "
+                                              f"`msfx.families.{spec.__name__}`: {spec.__doc__ or 'Llama'}")
+    module.__dict__.update({name: globals()[name] for name in _FUNCTIONS}, MODEL_TYPE=model_type,
+                           load=loader(model_type))
+    return module

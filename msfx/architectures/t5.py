@@ -236,12 +236,12 @@ def attention(x: Tensor, p: dict, bias: Tensor, batch: int, config, kv: tuple[Te
 
 
 def feed_forward(x: Tensor, p: dict, config) -> Tensor:
-    """`T5DenseActDense` (`wo(act(wi(x)))`) or, with `wi_0` / `wi_1`, `T5DenseGatedActDense`
+    """`T5DenseActDense` (`wo(act(wi(x)))`) or, with `config.is_gated_act`, `T5DenseGatedActDense`
     (`wo(act(wi_0(x)) * wi_1(x))`); `act` is `config.dense_act_fn` ("gated-gelu" -> gelu_new). The input of
     `wo` takes its dtype: a float32 `wo` (`keep_in_fp32` in `msfx.families`) gives a float32 output, as HF. In
     training, dropout before `wo` and on the output (HF's `T5LayerFF` residual dropout)."""
     act = activation(config.dense_act_fn)
-    if "wi_0" in p:
+    if config.is_gated_act:
         h = act(linear(x, p["wi_0"]["weight"])) * linear(x, p["wi_1"]["weight"])
     else:
         h = act(linear(x, p["wi"]["weight"]))

@@ -163,13 +163,13 @@ def activation(name: str) -> Callable[[Tensor], Tensor]:
     return lambda x: fn(x.astype(ms.float32)).astype(x.dtype) if lacks_bf16_kernels(x) else fn(x)
 
 
-def gated_mlp(x: Tensor, p: dict, act: Callable[[Tensor], Tensor]) -> Tensor:
+def gated_mlp(x: Tensor, p: dict, act: Callable[[Tensor], Tensor], fused: bool = False) -> Tensor:
     """Llama's SwiGLU-style MLP: `down_proj(act(gate_proj(x)) * up_proj(x))`.
 
     `p` holds `gate_proj`, `up_proj`, `down_proj` sub-dicts with `weight` (and optional `bias`),
-    or `gate_up_proj` (gate rows first, then up: Phi-3's fused layout) and `down_proj`.
+    or with `fused`, `gate_up_proj` (gate rows first, then up: Phi-3's layout) and `down_proj`.
     """
-    if "gate_up_proj" in p:
+    if fused:
         gate, up = ops.chunk(linear(x, p["gate_up_proj"]["weight"], p["gate_up_proj"].get("bias")), 2, -1)
     else:
         gate = linear(x, p["gate_proj"]["weight"], p["gate_proj"].get("bias"))

@@ -89,8 +89,8 @@ class MoeForCausalLM(LlamaForCausalLM):
         aux_loss = router_logits = None
         if output_router_logits:
             router_logits = out.router_logits
-            spec = llama.spec_of(self.config)
-            aux_loss = load_balancing_loss(router_logits, spec.num_experts, spec.top_k, as_tensor(attention_mask))
+            moe = llama.spec_of(self.config).moe
+            aux_loss = load_balancing_loss(router_logits, moe.num_experts, moe.top_k, as_tensor(attention_mask))
             if loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss
         result = MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits, cache=out.cache,
