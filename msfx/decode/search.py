@@ -65,6 +65,128 @@ def _sample_k(log_probs: np.ndarray, k: int, rng: np.random.Generator) -> tuple[
     return _gather(log_probs, index), index
 
 
+@dataclass
+class _Hypotheses:
+    """Sequences `[batch, beams, max_length]` (int64), their scores `[batch, beams]` (float32) and
+    origins `[batch, beams, max_new_tokens]` (int32: per generated token, the flat row it came from)."""
+
+    seqs: np.ndarray
+    scores: np.ndarray
+    origin: np.ndarray
+
+    def take(self, index: np.ndarray) -> _Hypotheses:
+        """The hypotheses `index` `[batch, k]` picks in each row."""
+        return _Hypotheses(_gather(self.seqs, index), _gather(self.scores, index), _gather(self.origin, index))
+
+    def join(self, other: _Hypotheses, scores: np.ndarray) -> _Hypotheses:
+        """Both sets side by side, scored by `scores` `[batch, both]`."""
+        return _Hypotheses(np.concatenate([self.seqs, other.seqs], 1), scores,
+                           np.concatenate([self.origin, other.origin], 1))
+
+
+@dataclass
+class _BeamSearch:
+    """The running beams and the finished hypotheses of each batch row (HF's vectorized
+    `_beam_search` state), with the rules that move candidates between them."""
+
+    beams: BeamOptions
+    prompt_len: int
+    max_length: int
+    running: _Hypotheses
+    finished: _Hypotheses
+    is_finished: np.ndarray  # bool [batch, beams]
+    can_improve: np.ndarray  # bool [batch, 1]: a running beam can still beat the worst finished one
+
+    @classmethod
+    def start(cls, input_ids: np.ndarray, beams: BeamOptions, max_new_tokens: int, fill: int) -> _BeamSearch:
+        n = beams.num_beams
+        batch, prompt_len = input_ids.shape[0] // n, input_ids.shape[1]
+        max_length = prompt_len + max_new_tokens
+        seqs = np.full((batch, n, max_length), fill, np.int64)
+        seqs[:, :, :prompt_len] = input_ids.reshape(batch, n, prompt_len)
+        scores = np.zeros((batch, n), np.float32)
+        scores[:, 1:] = _NEG  # only the first beam's continuations at the start: no duplicates
+        origin = np.full((batch, n, max_new_tokens), -1, np.int32)
+        finished = _Hypotheses(seqs.copy(), np.full((batch, n), _NEG, np.float32), origin.copy())
+        return cls(beams, prompt_len, max_length, _Hypotheses(seqs, scores, origin), finished,
+                   np.zeros((batch, n), bool), np.ones((batch, 1), bool))
+
+    def candidates(self, log_probs: np.ndarray, cur_len: int, keep: int, rng) -> _Hypotheses:
+        """The top (or, with `rng`, sampled) `keep` continuations of all beams of each row,
+        scored by the running score plus `log_probs` `[batch * beams, vocab]`."""
+        batch, n = self.running.scores.shape
+        total = (log_probs.reshape(batch, n, -1) + self.running.scores[:, :, None]).reshape(batch, -1)
+        scores, index = _top_k(total, keep) if rng is None else _sample_k(total, keep, rng)
+        source = index // log_probs.shape[-1]
+        cands = self.running.take(source)
+        cands.scores = scores
+        cands.seqs[:, :, cur_len] = index % log_probs.shape[-1]
+        cands.origin[:, :, cur_len - self.prompt_len] = source + (np.arange(batch) * n)[:, None]
+        return cands
+
+    def advance(self, cands: _Hypotheses, hits: np.ndarray, cur_len: int) -> None:
+        """The best candidates that did not finish (`hits` bool `[batch, keep]`) keep running; the
+        finished ones among the top `num_beams` join the finished hypotheses if they rank, scored
+        `sum log p / generated_len ** length_penalty`."""
+        n, length_penalty, early_stopping = self.beams.num_beams, self.beams.length_penalty, self.beams.early_stopping
+        open_scores, best = _top_k(cands.scores + hits * _NEG, n)
+        self.running = _Hypotheses(_gather(cands.seqs, best), open_scores, _gather(cands.origin, best))
+        just_finished = hits & (np.arange(hits.shape[1]) < n)
+        penalized = cands.scores / np.float32((cur_len + 1 - self.prompt_len) ** length_penalty)
+        full = self.is_finished.all(-1, keepdims=True) & (early_stopping is True)
+        penalized = penalized + (full | ~self.can_improve) * _NEG + ~just_finished * _NEG
+        scores = np.concatenate([self.finished.scores, penalized], 1)
+        _, best = _top_k(scores, n)
+        self.finished = self.finished.join(cands, scores).take(best)
+        self.is_finished = _gather(np.concatenate([self.is_finished, just_finished], 1), best)
+
+    def should_stop(self, cur_len: int, hits: np.ndarray) -> bool:
+        """HF's `_beam_search` loop end, `cur_len` counting the token just chosen."""
+        length_penalty, early_stopping = self.beams.length_penalty, self.beams.early_stopping
+        hypothetical = (self.max_length if early_stopping == "never" and length_penalty > 0.0 else cur_len)
+        best_possible = self.running.scores[:, :1] / np.float32((hypothetical - self.prompt_len) ** length_penalty)
+        worst_finished = np.where(self.is_finished, self.finished.scores.min(-1, keepdims=True), _NEG)
+        self.can_improve = self.can_improve & (best_possible > worst_finished).any(-1, keepdims=True)
+        all_full = self.is_finished.all() and early_stopping is True
+        return not self.can_improve.any() or all_full or hits.all()
+
+    def result(self) -> BeamSearchResult:
+        batch, n = self.finished.scores.shape[0], self.beams.num_return_sequences
+        sequences = self.finished.seqs[:, :n].reshape(batch * n, self.max_length)
+        origin = self.finished.origin[:, :n].reshape(batch * n, -1)
+        generated = int((origin >= 0).sum(1).max())
+        return BeamSearchResult(sequences[:, :self.prompt_len + generated],
+                                self.finished.scores[:, :n].reshape(batch * n), origin[:, :generated])
+
+
+def _step_log_probs(logits, sequences: np.ndarray, options: DecodeOptions) -> np.ndarray:
+    """Log-softmax of the raw logits `[rows, vocab]`, through `options.logits_processor`, both
+    recorded when `options.recorder` asks."""
+    raw = logits.asnumpy()
+    log_probs = _log_softmax(raw)
+    if options.logits_processor:
+        log_probs = options.logits_processor(sequences, log_probs)
+    if options.recorder.logits is not None:
+        options.recorder.logits.append(raw.copy())
+    if options.recorder.scores is not None:
+        options.recorder.scores.append(log_probs.copy())
+    return log_probs
+
+
+def _finishes(cands: _Hypotheses, cur_len: int, search: _BeamSearch, options: DecodeOptions,
+              began: float) -> np.ndarray:
+    """bool `[batch, keep]`: the candidates ending with an eos token, at the length limit, stopped
+    by a stopping criterion, or (all) past `max_time`."""
+    batch, keep = cands.scores.shape
+    hits = np.isin(cands.seqs[:, :, cur_len], options.eos_token_id) | (cur_len + 1 >= search.max_length)
+    flat = cands.seqs[:, :, :cur_len + 1].reshape(batch * keep, cur_len + 1)
+    for criterion in options.stopping_criteria:
+        hits |= np.broadcast_to(np.asarray(criterion(flat, None), bool), (batch * keep,)).reshape(batch, keep)
+    if options.max_time is not None and time.perf_counter() - began > options.max_time:
+        hits[:] = True
+    return hits
+
+
 def beam_search(state: DecodeState, input_ids: np.ndarray, options: DecodeOptions,
                 beams: BeamOptions) -> BeamSearchResult:
     """Beam search continuation of `input_ids` `[batch * num_beams, seq]` (each prompt repeated
@@ -85,91 +207,24 @@ def beam_search(state: DecodeState, input_ids: np.ndarray, options: DecodeOption
     """
     began = time.perf_counter()
     rng = options.sampling_rng()
-    num_beams, length_penalty, early_stopping = beams.num_beams, beams.length_penalty, beams.early_stopping
-    eos_token_id, pad_token_id, max_new_tokens = options.eos_token_id, options.pad_token_id, options.max_new_tokens
-    recorder = options.recorder
-    prompt_len = input_ids.shape[1]
-    batch = input_ids.shape[0] // num_beams
-    max_length = prompt_len + max_new_tokens
-    timer = StepTimer(recorder.stats, state)
-
-    keep = max(2, 1 + len(eos_token_id)) * num_beams
-    is_top_beam = np.arange(keep) < num_beams
-    fill = (pad_token_id or eos_token_id[0]) if eos_token_id else -1  # HF's `pad or eos[0]`: pad 0 gives eos
-    running = np.full((batch, num_beams, max_length), fill, np.int64)
-    running[:, :, :prompt_len] = input_ids.reshape(batch, num_beams, prompt_len)
-    finished_seqs = running.copy()
-    running_scores = np.zeros((batch, num_beams), np.float32)
-    running_scores[:, 1:] = _NEG  # only the first beam's continuations at the start: no duplicates
-    finished_scores = np.full((batch, num_beams), _NEG, np.float32)
-    is_finished = np.zeros((batch, num_beams), bool)
-    can_improve = np.ones((batch, 1), bool)
-    running_origin = np.full((batch, num_beams, max_new_tokens), -1, np.int32)
-    finished_origin = running_origin.copy()
-    batch_offset = (np.arange(batch) * num_beams)[:, None]
-
-    logits = state.prefill()
-    cur_len = prompt_len
+    eos = options.eos_token_id
+    fill = (options.pad_token_id or eos[0]) if eos else -1  # HF's `pad or eos[0]`: pad 0 gives eos
+    search = _BeamSearch.start(input_ids, beams, options.max_new_tokens, fill)
+    keep = max(2, 1 + len(eos)) * beams.num_beams
+    timer = StepTimer(options.recorder.stats, state)
+    logits, cur_len = state.prefill(), search.prompt_len
     while True:
-        raw = logits.asnumpy()
-        flat_running = running[:, :, :cur_len].reshape(batch * num_beams, cur_len)
-        log_probs = _log_softmax(raw)
-        if options.logits_processor:
-            log_probs = options.logits_processor(flat_running, log_probs)
-        if recorder.logits is not None:
-            recorder.logits.append(raw.copy())
-        if recorder.scores is not None:
-            recorder.scores.append(log_probs.copy())
+        log_probs = _step_log_probs(logits, search.running.seqs[:, :, :cur_len].reshape(-1, cur_len), options)
         timer.lap()
-
-        # candidates: the top K of all beams' continuations, scored by the summed log-probs
-        total = (log_probs.reshape(batch, num_beams, -1) + running_scores[:, :, None]).reshape(batch, -1)
-        cand_scores, cand_index = _sample_k(total, keep, rng) if options.do_sample else _top_k(total, keep)
-        vocab = log_probs.shape[-1]
-        source = cand_index // vocab
-        cand_seqs = _gather(running, source)
-        cand_seqs[:, :, cur_len] = cand_index % vocab
-        cand_origin = _gather(running_origin, source)
-        cand_origin[:, :, cur_len - prompt_len] = source + batch_offset
-
-        hits = np.isin(cand_seqs[:, :, cur_len], eos_token_id) | (cur_len + 1 >= max_length)
-        flat_cands = cand_seqs[:, :, :cur_len + 1].reshape(batch * keep, cur_len + 1)
-        for criterion in options.stopping_criteria:
-            hits |= np.broadcast_to(np.asarray(criterion(flat_cands, None), bool), (batch * keep,)).reshape(batch, keep)
-        if options.max_time is not None and time.perf_counter() - began > options.max_time:
-            hits[:] = True
-
-        # the best candidates that did not finish keep running
-        open_scores = cand_scores + hits * _NEG
-        running_scores, best = _top_k(open_scores, num_beams)
-        running = _gather(cand_seqs, best)
-        running_origin = _gather(cand_origin, best)
-
-        # finished candidates among the top num_beams join the finished hypotheses if they rank
-        just_finished = hits & is_top_beam
-        penalized = cand_scores / np.float32((cur_len + 1 - prompt_len) ** length_penalty)
-        full = is_finished.all(-1, keepdims=True) & (early_stopping is True)
-        penalized = penalized + (full | ~can_improve) * _NEG + ~just_finished * _NEG
-        finished_scores, best = _top_k(np.concatenate([finished_scores, penalized], 1), num_beams)
-        finished_seqs = _gather(np.concatenate([finished_seqs, cand_seqs], 1), best)
-        finished_origin = _gather(np.concatenate([finished_origin, cand_origin], 1), best)
-        is_finished = _gather(np.concatenate([is_finished, just_finished], 1), best)
-
+        cands = search.candidates(log_probs, cur_len, keep, rng)
+        hits = _finishes(cands, cur_len, search, options, began)
+        search.advance(cands, hits, cur_len)
         cur_len += 1
-        hypothetical = (max_length if early_stopping == "never" and length_penalty > 0.0 else cur_len) - prompt_len
-        best_possible = running_scores[:, :1] / np.float32(hypothetical ** length_penalty)
-        worst_finished = np.where(is_finished, finished_scores.min(-1, keepdims=True), _NEG)
-        can_improve = can_improve & (best_possible > worst_finished).any(-1, keepdims=True)
-        all_full = is_finished.all() and early_stopping is True
-        if not can_improve.any() or all_full or hits.all():
+        if search.should_stop(cur_len, hits):
             break
-        logits = state.step(running[:, :, cur_len - 1].reshape(-1),
-                            beam_idx=running_origin[:, :, cur_len - 1 - prompt_len].reshape(-1))
-
-    n = beams.num_return_sequences
-    sequences = finished_seqs[:, :n].reshape(batch * n, max_length)
-    scores = finished_scores[:, :n].reshape(batch * n)
-    origin = finished_origin[:, :n].reshape(batch * n, max_new_tokens)
-    generated = int((origin >= 0).sum(1).max())
-    timer.finish(generated)
-    return BeamSearchResult(sequences[:, :prompt_len + generated], scores, origin[:, :generated])
+        last = cur_len - 1
+        logits = state.step(search.running.seqs[:, :, last].reshape(-1),
+                            beam_idx=search.running.origin[:, :, last - search.prompt_len].reshape(-1))
+    result = search.result()
+    timer.finish(result.beam_indices.shape[1])
+    return result
