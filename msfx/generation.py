@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from mindspore import Tensor
@@ -151,6 +151,16 @@ class _Prepared:
     as_dict: bool
 
 
+class _Hooks(NamedTuple):
+    """What the caller of `generate` plugs into the decode loop (arguments as `generate`'s)."""
+
+    streamer: Any = None
+    logits_processor: list | None = None
+    stopping_criteria: list | None = None
+    tokenizer: Any = None
+    seed: int | None = None
+
+
 def _check_callables(jit, logits_processor, stopping_criteria) -> None:
     if jit not in (True, False, "decode"):
         raise ValueError(f"jit must be True, False or 'decode', got {jit!r}")
@@ -281,21 +291,21 @@ class GenerationMixin:
                 `guidance_scale`, ...), or `output_attentions` / `output_hidden_states` with
                 `return_dict_in_generate`.
         """
-        prepared = self._prepare_generation(input_ids, attention_mask, generation_config, streamer, jit,
-                                            logits_processor, stopping_criteria, tokenizer, seed, kwargs)
+        hooks = _Hooks(streamer, logits_processor, stopping_criteria, tokenizer, seed)
+        prepared = self._prepare_generation(input_ids, attention_mask, generation_config, jit, hooks, kwargs)
         if prepared.options.max_new_tokens <= 0:  # HF returns the prompt
             ids = prepared.input_ids.astype(np.int64)
             return self._output_class(False)(sequences=ids) if prepared.as_dict else ids
         return self._package(prepared, self._run_generation(prepared))
 
-    def _prepare_generation(self, input_ids, attention_mask, generation_config, streamer, jit, logits_processor,
-                            stopping_criteria, tokenizer, seed, kwargs) -> _Prepared:
+    def _prepare_generation(self, input_ids, attention_mask, generation_config, jit, hooks: _Hooks,
+                            kwargs) -> _Prepared:
         """HF's preparation in `generate` (arguments as there): config, special tokens, mask, lengths,
         the inputs expanded per beam / returned sequence, processors and criteria. Raises as `generate`."""
-        _check_callables(jit, logits_processor, stopping_criteria)
+        _check_callables(jit, hooks.logits_processor, hooks.stopping_criteria)
         config, default_max_length = self._merge_generation_config(generation_config, kwargs)
         check_sampling_args(config)
-        num_beams, as_dict = _check_modes(config, streamer)
+        num_beams, as_dict = _check_modes(config, hooks.streamer)
         ids = check_token_ids(input_ids, self.config.vocab_size)
         eos, pad = _special_tokens(config, ids, attention_mask)
         mask = self._attention_mask(ids, attention_mask, pad, eos)
@@ -307,17 +317,17 @@ class GenerationMixin:
         config.max_length = ids.shape[1] + max_new
         if config.min_new_tokens is not None:
             config.min_length = config.min_new_tokens + ids.shape[1]
-        criteria = _stopping_criteria(config, stopping_criteria, tokenizer)
+        criteria = _stopping_criteria(config, hooks.stopping_criteria, hooks.tokenizer)
         copies = max(num_beams, config.num_return_sequences or 1)  # HF's `_expand_inputs_for_generation`
         ids, mask = np.repeat(ids, copies, 0), np.repeat(mask, copies, 0)
         if encoder_inputs is not None:
             encoder_inputs = tuple(np.repeat(x, copies, 0) for x in encoder_inputs)
-        processors = build_logits_processors(config, ids.shape[1], logits_processor, attention_mask=mask)
+        processors = build_logits_processors(config, ids.shape[1], hooks.logits_processor, attention_mask=mask)
         recorder = Recorder(GenerationStats(prompt_tokens=int(mask.sum()) // copies),
                             scores=[] if as_dict and config.output_scores else None,
-                            logits=[] if as_dict and config.output_logits else None, streamer=streamer)
+                            logits=[] if as_dict and config.output_logits else None, streamer=hooks.streamer)
         options = DecodeOptions(max_new, tuple(eos), pad, processors, tuple(criteria), config.max_time,
-                                bool(config.do_sample), make_rng(seed) if config.do_sample else None, recorder)
+                                bool(config.do_sample), make_rng(hooks.seed) if config.do_sample else None, recorder)
         beams = None if num_beams == 1 else BeamOptions(num_beams, config.length_penalty, config.early_stopping,
                                                         config.num_return_sequences or 1)
         return _Prepared(config, ids, mask, encoder_inputs, options, beams, jit, as_dict)
