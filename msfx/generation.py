@@ -23,7 +23,8 @@ from msfx.decode.processors import build_logits_processors
 from msfx.decode.sampling import make_rng
 from msfx.decode.search import BeamSearchResult, beam_search
 from msfx.decode.stopping import StopStringCriteria
-from msfx.layers.basic import check_token_ids, lacks_bf16_kernels
+from msfx.backend import lacks_bf16_kernels
+from msfx.inputs import check_token_ids
 
 logger = logging.getLogger(__name__)
 

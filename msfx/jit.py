@@ -14,15 +14,36 @@ MindSpore 2.10's trace-mode `jit` needs four things around it, each owned here:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import itertools
 import threading
-from typing import Callable, Hashable
+from typing import Callable, Hashable, Iterator
 
 import mindspore as ms
 from mindspore import Parameter
 from mindspore.common.tensor import Tensor
 
 _GRAPH_IDS = itertools.count()
+
+_HOST_READS = contextvars.ContextVar("msfx_host_reads", default=True)
+
+
+@contextlib.contextmanager
+def no_host_reads() -> Iterator[None]:
+    """Within: model code reads no tensor values on the host (range checks, pad positions, label
+    shifts are skipped or computed in the graph). For code that `mindspore.jit` traces in trace
+    mode, where a value read on the host is baked into the graph as a constant of the first call;
+    the caller checks the inputs on the host beforehand. Per thread (a context variable)."""
+    token = _HOST_READS.set(False)
+    try:
+        yield
+    finally:
+        _HOST_READS.reset(token)
+
+
+def host_reads_allowed() -> bool:
+    """False inside `no_host_reads()`."""
+    return _HOST_READS.get()
 
 
 @contextlib.contextmanager

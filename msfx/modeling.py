@@ -26,7 +26,8 @@ from msfx.decode.cache import KVCache
 from msfx.decode.options import GenerationStats
 from msfx.decode.step import CompiledStep
 from msfx.layers.attention import arange
-from msfx.layers.basic import check_token_ids, host_reads_allowed
+from msfx.inputs import check_token_ids
+from msfx.jit import host_reads_allowed
 from msfx.layers.losses import causal_lm_loss, masked_cross_entropy
 from msfx.families import family
 from msfx.params import Params, flatten, load_params, save_params, unflatten

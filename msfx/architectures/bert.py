@@ -23,7 +23,9 @@ from transformers import BertConfig
 
 from msfx.families import family
 from msfx.layers.attention import arange, attention_bias, padding_bias, scaled_dot_product_attention
-from msfx.layers.basic import activation, check_model_inputs, embedding, host_reads_allowed, linear, tanh
+from msfx.layers.basic import activation, embedding, linear, tanh
+from msfx.inputs import check_model_inputs
+from msfx.jit import host_reads_allowed
 from msfx.layers.dropout import dropout
 from msfx.layers.norms import layer_norm
 from msfx.params import load_params
@@ -44,7 +46,7 @@ class BertOutput(NamedTuple):
     hidden_states: tuple[Tensor, ...] | None
 
 
-class MaskedLMOutput(NamedTuple):
+class MaskedLMLogits(NamedTuple):
     """`logits` `[batch, seq, vocab]`; `hidden_states` as in `BertOutput`."""
 
     logits: Tensor
@@ -238,13 +240,13 @@ def mlm_head(params: dict, hidden: Tensor, config) -> Tensor:
 def forward(params: dict, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
             token_type_ids: Tensor | None = None, position_ids: Tensor | None = None, *, config=None,
             inputs_embeds: Tensor | None = None, output_hidden_states: bool = False,
-            check_ids: bool = True) -> MaskedLMOutput:
+            check_ids: bool = True) -> MaskedLMLogits:
     """`BertForMaskedLM`: logits `[batch, seq, vocab]` in the params' dtype. Arguments and errors
     as `model_forward`; the tree needs the `cls.predictions` head (`param_shapes(with_mlm_head=True)`)."""
     config = config or config_of(params)
     out = model_forward(params, input_ids, attention_mask, token_type_ids, position_ids, config=config,
                         inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states, check_ids=check_ids)
-    return MaskedLMOutput(mlm_head(params, out.last_hidden_state, config), out.hidden_states)
+    return MaskedLMLogits(mlm_head(params, out.last_hidden_state, config), out.hidden_states)
 
 
 def load(ref, *, dtype="auto", with_pooler: bool = True, with_mlm_head: bool = False, **hub_kwargs) -> Params:

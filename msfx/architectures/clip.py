@@ -26,7 +26,9 @@ from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
 from msfx.families import family
 from msfx.layers.attention import arange, attention_bias, scaled_dot_product_attention
-from msfx.layers.basic import activation, check_model_inputs, embedding, lacks_bf16_kernels, linear
+from msfx.layers.basic import activation, embedding, linear
+from msfx.backend import lacks_bf16_kernels
+from msfx.inputs import check_model_inputs
 from msfx.layers.norms import layer_norm
 from msfx.params import load_params
 from msfx.params.tree import Params, unflatten_keys
@@ -49,7 +51,7 @@ class TowerOutput(NamedTuple):
     hidden_states: tuple[Tensor, ...] | None
 
 
-class CLIPOutput(NamedTuple):
+class CLIPLogits(NamedTuple):
     """`logits_per_image` `[images, texts]` and `logits_per_text` `[texts, images]` (scaled cosine
     similarities); `text_embeds` `[texts, projection_dim]` and `image_embeds` `[images, projection_dim]`,
     L2-normalized; the towers' outputs, their `pooler_output` projected but not normalized
@@ -365,7 +367,7 @@ def _l2_normalize(x: Tensor) -> Tensor:
 
 def forward(params: dict, input_ids: Tensor, pixel_values: Tensor, attention_mask: Tensor | None = None,
             position_ids: Tensor | None = None, *, config: CLIPConfig | None = None,
-            interpolate_pos_encoding: bool = False, output_hidden_states: bool = False) -> CLIPOutput:
+            interpolate_pos_encoding: bool = False, output_hidden_states: bool = False) -> CLIPLogits:
     """`CLIPModel`: both towers, projections, L2-normalized embeddings, and the similarity logits
     `logits_per_text = exp(logit_scale) * text_embeds @ image_embeds.T` (`logits_per_image` its
     transpose). Arguments and errors as `text_forward` and `vision_forward`; `config` defaults to
@@ -380,7 +382,7 @@ def forward(params: dict, input_ids: Tensor, pixel_values: Tensor, attention_mas
     vision = vision._replace(pooler_output=project(params, "visual_projection", vision.pooler_output))
     text_embeds, image_embeds = _l2_normalize(text.pooler_output), _l2_normalize(vision.pooler_output)
     logits_per_text = ops.matmul(text_embeds, image_embeds.T) * ops.exp(params["logit_scale"]).astype(text_embeds.dtype)
-    return CLIPOutput(logits_per_text.T, logits_per_text, text_embeds, image_embeds, text, vision)
+    return CLIPLogits(logits_per_text.T, logits_per_text, text_embeds, image_embeds, text, vision)
 
 
 def load(ref, *, dtype="auto", **hub_kwargs) -> Params:

@@ -23,8 +23,10 @@ from msfx.architectures.llama import CausalLMOutput
 from msfx.decode.cache import KVCache, write_cache
 from msfx.families import family
 from msfx.layers.attention import arange, attention_bias, scaled_dot_product_attention
-from msfx.layers.basic import (activation, check_model_inputs, embedding, host_reads_allowed, lacks_bf16_kernels,
-                              linear)
+from msfx.layers.basic import activation, embedding, linear
+from msfx.backend import lacks_bf16_kernels
+from msfx.inputs import check_model_inputs
+from msfx.jit import host_reads_allowed
 from msfx.layers.dropout import dropout
 from msfx.layers.norms import layer_norm
 from msfx.params import load_params

@@ -22,8 +22,9 @@ from msfx.architectures.decoder_spec import DecoderSpec
 from msfx.decode.cache import KVCache, write_cache, write_ring
 from msfx.families import family
 from msfx.layers.attention import arange, attention_bias, ring_attention_bias, scaled_dot_product_attention
-from msfx.layers.basic import (activation, check_model_inputs, embedding, gated_mlp, host_reads_allowed, linear,
-                              tanh)
+from msfx.layers.basic import activation, embedding, gated_mlp, linear, tanh
+from msfx.inputs import check_model_inputs
+from msfx.jit import host_reads_allowed
 from msfx.layers.dropout import dropout
 from msfx.layers.moe import sparse_moe
 from msfx.layers.norms import rms_norm

@@ -27,7 +27,8 @@ from transformers import T5Config
 from msfx.decode.cache import KVCache, write_cache
 from msfx.families import family
 from msfx.layers.attention import arange, attention_bias, padding_bias, scaled_dot_product_attention
-from msfx.layers.basic import activation, check_model_inputs, embedding, linear
+from msfx.layers.basic import activation, embedding, linear
+from msfx.inputs import check_model_inputs
 from msfx.layers.dropout import dropout
 from msfx.layers.norms import rms_norm
 from msfx.params import load_params, resolve_model_dir
@@ -56,7 +57,7 @@ class T5ModelOutput(NamedTuple):
     encoder_last_hidden_state: Tensor
 
 
-class Seq2SeqLMOutput(NamedTuple):
+class Seq2SeqLogits(NamedTuple):
     """`logits` `[batch, target_seq, vocab]`; `encoder_last_hidden_state` `[batch, source_seq, d_model]`."""
 
     logits: Tensor
@@ -426,14 +427,14 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
 def forward(params: dict, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
             decoder_input_ids: Tensor | None = None, decoder_attention_mask: Tensor | None = None, *,
             encoder_hidden_states: Tensor | None = None, config=None, inputs_embeds: Tensor | None = None,
-            decoder_inputs_embeds: Tensor | None = None, check_ids: bool = True) -> Seq2SeqLMOutput:
+            decoder_inputs_embeds: Tensor | None = None, check_ids: bool = True) -> Seq2SeqLogits:
     """`T5ForConditionalGeneration`: logits `[batch, target_seq, vocab]` in the params' dtype. Arguments
     and errors as `model_forward`."""
     config = config or config_of(params)
     out = model_forward(params, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
                         encoder_hidden_states=encoder_hidden_states, config=config, inputs_embeds=inputs_embeds,
                         decoder_inputs_embeds=decoder_inputs_embeds, check_ids=check_ids)
-    return Seq2SeqLMOutput(lm_head(params, out.last_hidden_state, config), out.encoder_last_hidden_state)
+    return Seq2SeqLogits(lm_head(params, out.last_hidden_state, config), out.encoder_last_hidden_state)
 
 
 def decode_step(params: dict, tokens: Tensor, position: Tensor, cross_bias: Tensor, cross_cache: KVCache,

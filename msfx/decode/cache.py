@@ -11,7 +11,7 @@ from typing import NamedTuple
 import mindspore as ms
 from mindspore import Tensor, ops
 
-from msfx.layers.basic import lacks_bf16_kernels
+from msfx.backend import lacks_bf16_kernels
 
 
 class KVCache(NamedTuple):

@@ -14,7 +14,7 @@ from msfx.decode.cache import KVCache, reorder_cache
 from msfx.decode.generate import CACHE_BUCKET
 from msfx.jit import Graph
 from msfx.layers.attention import padding_bias
-from msfx.layers.basic import check_token_ids
+from msfx.inputs import check_token_ids
 from msfx.params.tree import flatten, unflatten
 
 

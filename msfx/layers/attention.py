@@ -9,7 +9,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, ops
 
-from msfx.layers.basic import lacks_bf16_kernels, tanh
+from msfx.layers.basic import tanh
+from msfx.backend import lacks_bf16_kernels
 from msfx.layers.dropout import dropout
 
 _BMM_T = ops.BatchMatMul(transpose_b=True)

@@ -1,43 +1,14 @@
 """Linear, embedding and activation functions on HF's parameter layouts."""
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from typing import Callable, Iterator
+from typing import Callable
 
 import mindspore as ms
-import numpy as np
 from mindspore import Tensor, ops
 
+from msfx.backend import lacks_bf16_kernels
 
 _MATMUL_T = ops.MatMul(transpose_b=True)
-_HOST_READS = contextvars.ContextVar("msfx_host_reads", default=True)
-
-
-@contextlib.contextmanager
-def no_host_reads() -> Iterator[None]:
-    """Within: model code reads no tensor values on the host (range checks, pad positions, label
-    shifts are skipped or computed in the graph). For code that `mindspore.jit` traces in trace
-    mode, where a value read on the host is baked into the graph as a constant of the first call;
-    the caller checks the inputs on the host beforehand. Per thread (a context variable)."""
-    token = _HOST_READS.set(False)
-    try:
-        yield
-    finally:
-        _HOST_READS.reset(token)
-
-
-def host_reads_allowed() -> bool:
-    """False inside `no_host_reads()`."""
-    return _HOST_READS.get()
-
-
-def lacks_bf16_kernels(x: Tensor) -> bool:
-    """True for a bfloat16 `x` on MindSpore's CPU backend, whose kernels (2.10) have no bfloat16
-    MatMul, BatchMatMul, Gather, SiLU or TensorScatterElements. There those ops compute in
-    float32 and round the result to bfloat16, as PyTorch's CPU bfloat16 kernels do. (Eager only:
-    the CPU graph compiler lacks even a bfloat16 Reshape, so `jit` steps cannot run bf16 there.)"""
-    return x.dtype == ms.bfloat16 and ms.get_context("device_target") == "CPU"
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -57,65 +28,6 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     else:
         y = _MATMUL_T(x.reshape(-1, x.shape[-1]), weight).reshape(*x.shape[:-1], weight.shape[0])
     return y if bias is None else y + bias
-
-
-def check_model_inputs(config, input_ids: Tensor | None, inputs_embeds: Tensor | None, attention_mask: Tensor | None,
-                       position_ids: Tensor | None = None, keys: int | None = None,
-                       check_ids: bool = True) -> tuple[int, int]:
-    """The checks every model's forward runs first; returns `(batch, seq)`. Static (shapes and
-    dtypes), so they also run while `jit` traces; `check_ids` also reads the ids on the host to
-    check their range.
-
-    `attention_mask` must be `[batch, keys]` (`keys` defaults to `seq`; with a KV cache, its
-    length) and `position_ids` `[batch, seq]` or `[1, seq]`.
-
-    Raises:
-        ValueError: none or both of `input_ids` / `inputs_embeds`, non-integer or non-2-D ids,
-            out-of-range ids, an empty sequence, a mis-shaped mask or positions.
-    """
-    if (input_ids is None) == (inputs_embeds is None):
-        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-    if input_ids is not None:
-        if not isinstance(input_ids, Tensor) or input_ids.ndim != 2 or input_ids.dtype not in (ms.int32, ms.int64):
-            kind = f"{input_ids.dtype} {list(input_ids.shape)}" if isinstance(input_ids, Tensor) else type(input_ids)
-            raise ValueError(f"input_ids must be an int32/int64 mindspore Tensor [batch, seq], got {kind}")
-        b, s = input_ids.shape
-        if check_ids and host_reads_allowed():
-            check_token_ids(input_ids, config.vocab_size)
-    else:
-        b, s = inputs_embeds.shape[0], inputs_embeds.shape[1]
-    if s == 0:
-        raise ValueError("the input sequence is empty (length 0)")
-    keys = s if keys is None else keys
-    if attention_mask is not None and tuple(attention_mask.shape) != (b, keys):
-        what = "the sequence length" if keys == s else "the cache length"
-        raise ValueError(f"attention_mask has shape {list(attention_mask.shape)}, expected [batch, keys] = "
-                         f"[{b}, {keys}] ({what})")
-    if position_ids is not None and tuple(position_ids.shape) not in ((b, s), (1, s)):
-        raise ValueError(f"position_ids has shape {list(position_ids.shape)}, expected [{b}, {s}] or [1, {s}]")
-    return b, s
-
-
-def check_token_ids(input_ids, vocab_size: int) -> np.ndarray:
-    """`input_ids` (Tensor or array; 1-D taken as one row) as an int numpy array `[batch, seq]`.
-
-    Raises:
-        ValueError: an empty sequence or batch, a non-integer or non-2-D input, or an id
-            outside `[0, vocab_size)` (named).
-    """
-    ids = input_ids.asnumpy() if isinstance(input_ids, Tensor) else np.asarray(input_ids)
-    if ids.ndim == 1:
-        ids = ids[None]
-    if ids.ndim == 2 and ids.shape[1] == 0:
-        raise ValueError("input_ids is empty (sequence length 0): give at least one token")
-    if ids.ndim == 2 and ids.shape[0] == 0:
-        raise ValueError("input_ids is an empty batch (0 rows): give at least one sequence")
-    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"input_ids must be integer [batch, seq], got {ids.dtype} {list(ids.shape)}")
-    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-        bad = ids.max() if ids.max() >= vocab_size else ids.min()
-        raise ValueError(f"token id {bad} in input_ids is out of range for vocab_size {vocab_size}")
-    return ids
 
 
 def embedding(ids: Tensor, weight: Tensor) -> Tensor:

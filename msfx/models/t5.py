@@ -17,7 +17,7 @@ from transformers.utils import ModelOutput
 from msfx.architectures import t5
 from msfx.decode.seq2seq import DecoderStep, Seq2SeqDecodeState
 from msfx.generation import GenerationMixin
-from msfx.layers.basic import lacks_bf16_kernels
+from msfx.backend import lacks_bf16_kernels
 from msfx.modeling import PreTrainedModel, as_tensor, masked_cross_entropy, token_ids
 from msfx.params import resolve_model_dir
 

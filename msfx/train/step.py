@@ -45,7 +45,8 @@ import numpy as np
 from mindspore import Parameter, Tensor, ops
 
 from msfx.jit import Graph
-from msfx.layers.basic import check_token_ids, no_host_reads
+from msfx.inputs import check_token_ids
+from msfx.jit import no_host_reads
 from msfx.layers.dropout import dropout_rng, step_key
 from msfx.params.tree import unflatten
 from msfx.train.losses import IGNORE_INDEX, causal_lm_loss_fn

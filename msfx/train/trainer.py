@@ -46,7 +46,8 @@ from transformers.trainer_utils import (EvalPrediction, IntervalStrategy, Predic
 
 from msfx.errors import CorruptCheckpointError
 from msfx.jit import Graph
-from msfx.layers.basic import check_token_ids, no_host_reads
+from msfx.inputs import check_token_ids
+from msfx.jit import no_host_reads
 from msfx.layers.losses import IGNORE_INDEX
 from msfx.modeling import PreTrainedModel
 from msfx.params import flatten, unflatten
