@@ -2,71 +2,71 @@
 
 Swap the import (`from msfx import LlamaForCausalLM`) and keep the `transformers` tokenizer and
 config. Research code calls the functional cores directly: `msfx.llama.forward(params, ids)`.
+
+Names are imported on first use (PEP 562), so `msfx --help` and argument errors do not wait for
+MindSpore and transformers to import.
 """
+import importlib as _importlib
 import os as _os
 import sys as _sys
 
-# MindSpore's C++ log prints ~120 graph-analyzer warnings while compiling a decode step, in the
-# middle of streamed text; keep errors only unless the user set a level (read at its import).
-_QUIET_LOG = "GLOG_v" not in _os.environ
-_MINDSPORE_FIRST = "mindspore" in _sys.modules
-_os.environ.setdefault("GLOG_v", "3")
-
-import mindspore as _ms  # noqa: E402
-
-
-def _raise_cpp_log_threshold(level: int = 3) -> None:
-    """Keep MindSpore's C++ messages below `level` (3: errors) out, after mindspore was imported.
-
-    MindSpore 2.10 has no API for it and reads GLOG_v once; its log macros compare against the
-    exported per-submodule table `mindspore::g_ms_submodule_log_levels` (39 ints, `nm -DS
-    libmindspore_core.so`), which is raised here. Another MindSpore keeps its log as it is.
-    """
-    import ctypes
-
-    if not _ms.__version__.startswith("2.10."):
-        return
-    core = ctypes.CDLL(_os.path.join(_os.path.dirname(_ms.__file__), "lib", "libmindspore_core.so"))
-    levels = (ctypes.c_int * 39).in_dll(core, "_ZN9mindspore25g_ms_submodule_log_levelsE")
-    for i, current in enumerate(levels):
-        levels[i] = max(current, level)
-
-
-if _QUIET_LOG and _MINDSPORE_FIRST:
-    _raise_cpp_log_threshold()
-
-if _ms.get_context("device_target") == "CPU":
-    # Synchronous kernel launch: eager CPU steps ran ~10x faster (2.6 s -> 0.2 s per SmolLM2
-    # token, measured with MindSpore 2.10); compiled steps are unaffected.
-    _ms.runtime.launch_blocking()
-
-from msfx.architectures import bert, clip, gpt2, llama, t5  # noqa: E402
-from msfx.decode.cache import KVCache  # noqa: E402
-from msfx.errors import CheckpointError, CorruptCheckpointError, ModelNotFoundError  # noqa: E402
-from msfx.families import FAMILIES as _FAMILIES  # noqa: E402
-from msfx.models.auto import (AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM,  # noqa: E402
-                              AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoModelForTextEncoding,
-                              AutoModelForZeroShotImageClassification)
-from msfx.models import clip as _clip_models  # noqa: E402
-from msfx.pipelines import pipeline  # noqa: E402
-from msfx.train.trainer import Trainer, TrainingArguments  # noqa: E402
-
 __version__ = "0.1.0"
 
-# every family's classes, by HF's names, from the table in `msfx.families`
-_CLASSES = {name: _record.class_named(name) for _record in _FAMILIES.values() for _, name in _record.auto}
-# classes no Auto class picks (HF's auto mappings have no entry for them)
-_CLASSES |= {"CLIPTextModelWithProjection": _clip_models.CLIPTextModelWithProjection,
-             "CLIPVisionModelWithProjection": _clip_models.CLIPVisionModelWithProjection}
-globals().update(_CLASSES)
+# MindSpore's C++ log prints ~120 graph-analyzer warnings while compiling a decode step, in the
+# middle of streamed text; keep errors only unless the user set a level (read at its import).
+if "GLOG_v" not in _os.environ:
+    _os.environ["GLOG_v"] = "3"
+    if "mindspore" in _sys.modules:  # imported before msfx: too late for GLOG_v
+        from msfx.backend import raise_cpp_log_threshold as _raise
 
-# the other Llama-like families' functional modules (`msfx.qwen2.forward`), one per record
-_LLAMA_LIKE = sorted(t for t, record in _FAMILIES.items() if record.spec is not None and t != "llama")
-for _model_type in _LLAMA_LIKE:
-    _sys.modules[f"msfx.{_model_type}"] = globals()[_model_type] = llama.family_module(_model_type)
+        _raise()
 
-__all__ = ["AutoModel", "AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModelForSeq2SeqLM",
-           "AutoModelForSequenceClassification", "AutoModelForTextEncoding", "AutoModelForZeroShotImageClassification",
-           "CheckpointError", "CorruptCheckpointError", "KVCache", "ModelNotFoundError", "Trainer", "TrainingArguments",
-           "bert", "clip", "gpt2", "llama", "pipeline", "t5"]
-__all__ += _LLAMA_LIKE + sorted(_CLASSES)
+# public name -> (module, attribute; None: the module itself)
+_NAMES = {
+    **{name: ("msfx.models.auto", name) for name in (
+        "AutoModel", "AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModelForSeq2SeqLM",
+        "AutoModelForSequenceClassification", "AutoModelForTextEncoding", "AutoModelForZeroShotImageClassification")},
+    **{name: ("msfx.errors", name) for name in ("CheckpointError", "CorruptCheckpointError", "ModelNotFoundError")},
+    "KVCache": ("msfx.decode.cache", "KVCache"),
+    "Trainer": ("msfx.train.trainer", "Trainer"),
+    "TrainingArguments": ("msfx.train.trainer", "TrainingArguments"),
+    "pipeline": ("msfx.pipelines", "pipeline"),
+    **{core: (f"msfx.architectures.{core}", None) for core in ("bert", "clip", "gpt2", "llama", "t5")},
+    # classes no Auto class picks (HF's auto mappings have no entry for them)
+    **{name: ("msfx.models.clip", name) for name in ("CLIPTextModelWithProjection", "CLIPVisionModelWithProjection")},
+}
+
+
+def _family_names() -> dict:
+    """Every family's classes by HF's names, and the other Llama-like families' functional modules
+    (`msfx.qwen2`), from the table in `msfx.families`."""
+    from msfx.families import FAMILIES
+
+    names = {name: record for record in FAMILIES.values() for _, name in record.auto}
+    names |= {t: record for t, record in FAMILIES.items() if record.spec is not None and t != "llama"}
+    return names
+
+
+def __getattr__(name: str):
+    if name in _NAMES:
+        module, attribute = _NAMES[name]
+        value = _importlib.import_module(module)
+        value = value if attribute is None else getattr(value, attribute)
+    elif name == "__all__":
+        value = sorted(_NAMES) + sorted(_family_names())
+    elif not name.startswith("_") and name in (family := _family_names()):
+        record = family[name]
+        if name == record.model_type:
+            from msfx.architectures.llama import family_module
+
+            value = family_module(name)
+        else:
+            value = record.class_named(name)
+    else:
+        raise AttributeError(f"module 'msfx' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(__getattr__("__all__")))

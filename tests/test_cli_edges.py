@@ -234,3 +234,24 @@ def test_mindspore_imported_first_compiles_quietly(llama_dir, glog_v):
                          timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert ("[WARNING] ANALYZER" in out.stderr) == (glog_v == "2"), out.stderr[-2000:]
+
+
+_NO_HEAVY_IMPORTS = """
+import sys
+import msfx
+from msfx.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+heavy = [name for name in ("mindspore", "transformers", "torch") if name in sys.modules]
+print("heavy:", heavy)
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["generate", "--help"], ["generate", "--max-new-tokens", "-1"]])
+def test_help_and_argument_errors_import_neither_mindspore_nor_transformers(argv):
+    """`import msfx` is lazy (PEP 562): the CLI answers these before any heavy import (< 1 s)."""
+    out = subprocess.run([sys.executable, "-c", _NO_HEAVY_IMPORTS, *argv], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert "heavy: []" in out.stdout, out.stdout + out.stderr
