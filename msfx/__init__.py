@@ -25,7 +25,8 @@ if "GLOG_v" not in _os.environ:
 _NAMES = {
     **{name: ("msfx.models.auto", name) for name in (
         "AutoModel", "AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModelForSeq2SeqLM",
-        "AutoModelForSequenceClassification", "AutoModelForTextEncoding", "AutoModelForZeroShotImageClassification")},
+        "AutoModelForSequenceClassification", "AutoModelForTextEncoding", "AutoModelForZeroShotImageClassification",
+        "AutoModelForImageTextToText")},
     **{name: ("msfx.errors", name) for name in ("CheckpointError", "CorruptCheckpointError", "ModelNotFoundError")},
     "KVCache": ("msfx.decode.cache", "KVCache"),
     "Trainer": ("msfx.train.trainer", "Trainer"),

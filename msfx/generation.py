@@ -307,7 +307,7 @@ class GenerationMixin:
         config, default_max_length = self._merge_generation_config(generation_config, kwargs)
         check_sampling_args(config)
         num_beams, as_dict = _check_modes(config, hooks.streamer)
-        ids = check_token_ids(input_ids, self.config.vocab_size)
+        ids = check_token_ids(input_ids, self.config.get_text_config().vocab_size)
         eos, pad = _special_tokens(config, ids, attention_mask)
         mask = self._attention_mask(ids, attention_mask, pad, eos)
         encoder_inputs = None
@@ -426,7 +426,7 @@ class GenerationMixin:
         Raises:
             ValueError: `max_length` not above the prompt, or a total beyond a learned position table.
         """
-        limit = getattr(self.config, "max_position_embeddings", None) or float("inf")  # none for relative positions
+        limit = getattr(self.config.get_text_config(), "max_position_embeddings", None) or float("inf")  # none for relative positions
         if config.max_new_tokens is not None:
             max_new = config.max_new_tokens
         elif default_max_length:  # HF: 20 new tokens by default, within max_position_embeddings

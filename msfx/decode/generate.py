@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from mindspore import Tensor
+from mindspore import Tensor, ops
 
 from msfx.decode.cache import KVCache
 from msfx.decode.options import DecodeOptions, GenerationStats
@@ -53,14 +53,20 @@ class DecodeState:
     sequence through `prefill` again (HF's `use_cache=False`). A family whose record has a
     `cache_refill_length(config)` has its cache recomputed once, at the step whose sequence
     (HF-counted: without the bucket's padding) holds that many tokens before the new one
-    (Phi-3's switch to the long rope factors).
+    (Phi-3's switch to the long rope factors). With `prompt_embeds` (`[batch, prompt, hidden]`, a
+    multimodal prompt's embeddings), `prefill` is a step over embeddings (`CompiledStep(...,
+    embeds=True)`) and runs them instead of the prompt's ids.
     """
 
     def __init__(self, config, prefill: CompiledStep, step: CompiledStep, input_ids: np.ndarray,
                  attention_mask: np.ndarray, max_new_tokens: int, prefill_bucket: int | None = None,
-                 use_cache: bool = True):
+                 use_cache: bool = True, prompt_embeds: Tensor | None = None):
         self.config, self._prefill, self._step, self._use_cache = config, prefill, step, use_cache
         extra = -input_ids.shape[1] % prefill_bucket if prefill_bucket else 0
+        if prompt_embeds is not None and extra:
+            zeros = ops.zeros((prompt_embeds.shape[0], extra, prompt_embeds.shape[2]), prompt_embeds.dtype)
+            prompt_embeds = ops.concat((zeros, prompt_embeds), 1)  # masked, as the padded ids
+        self._prompt_embeds = prompt_embeds
         input_ids = np.pad(input_ids, ((0, 0), (extra, 0)))
         attention_mask = np.pad(attention_mask, ((0, 0), (extra, 0)))
         self.input_ids = input_ids  # then each new token: the ids in cache slots 0..slot-1
@@ -87,7 +93,14 @@ class DecodeState:
     def _run_from_start(self) -> Tensor:
         """Every id written so far run through `prefill`, rewriting cache slots 0..slot-1."""
         positions = self.position_ids
-        logits, self.cache = self._prefill(Tensor(self.input_ids.astype(np.int32)), self.key_mask, Tensor(positions),
+        if self._prompt_embeds is not None:
+            if self.slot != self.prompt_len:
+                raise NotImplementedError("generation from prompt embeddings (an image prompt) runs with the "
+                                          "cache only: use_cache=False and cache refills are not supported")
+            inputs = self._prompt_embeds
+        else:
+            inputs = Tensor(self.input_ids.astype(np.int32))
+        logits, self.cache = self._prefill(inputs, self.key_mask, Tensor(positions),
                                            Tensor(np.arange(self.slot, dtype=np.int32)),
                                            self._step_inputs(positions), self.cache)
         return logits

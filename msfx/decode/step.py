@@ -27,10 +27,11 @@ class CompiledStep:
 
     Called with `beam_idx` (int32 `[batch]`), the step first gathers the cache rows by it (beam
     search's reordering), inside the same graph. `compiles` counts the distinct input signatures
-    seen, i.e. the graphs built (0 when `jit` is False).
+    seen, i.e. the graphs built (0 when `jit` is False). With `embeds`, the step's first input is
+    `inputs_embeds` `[batch, seq, hidden]` instead of ids (a multimodal prompt, `msfx.architectures.llava`).
     """
 
-    def __init__(self, arch: ModuleType, params: dict, config, jit: bool = True):
+    def __init__(self, arch: ModuleType, params: dict, config, jit: bool = True, embeds: bool = False):
         self.arch = arch
         self.leaves, keys = flatten(dict(params))
         n = len(self.leaves)
@@ -40,8 +41,10 @@ class CompiledStep:
             n_inputs = len(rest) - n - n_cache
             inputs, leaves = rest[:n_inputs], rest[n_inputs:]
             tree = unflatten(leaves[:n], keys)
-            out = arch.forward(tree, input_ids, attention_mask, position_ids, KVCache.from_leaves(leaves[n:]),
-                               cache_position, *inputs, config=config, logits_to_keep=1, check_ids=False)
+            ids, vectors = (None, input_ids) if embeds else (input_ids, None)
+            out = arch.forward(tree, ids, attention_mask, position_ids, KVCache.from_leaves(leaves[n:]),
+                               cache_position, *inputs, config=config, inputs_embeds=vectors, logits_to_keep=1,
+                               check_ids=False)
             logits = out.logits  # [batch, 1, vocab]: a reshape, where `[:, -1]` took ~1.5 ms (CPU StridedSlice)
             logits = logits.reshape(logits.shape[0], logits.shape[2])
             return (logits if logits.dtype == ms.float32 else logits.astype(ms.float32), *out.cache.leaves())

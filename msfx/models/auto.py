@@ -93,9 +93,11 @@ AutoModelForSequenceClassification = _auto("AutoModelForSequenceClassification")
 AutoModelForMaskedLM = _auto("AutoModelForMaskedLM")
 AutoModelForTextEncoding = _auto("AutoModelForTextEncoding")
 AutoModelForZeroShotImageClassification = _auto("AutoModelForZeroShotImageClassification")
+AutoModelForImageTextToText = _auto("AutoModelForImageTextToText")
 
 AUTO_CLASSES = (AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
-                AutoModelForMaskedLM, AutoModelForTextEncoding, AutoModelForZeroShotImageClassification)
+                AutoModelForMaskedLM, AutoModelForTextEncoding, AutoModelForZeroShotImageClassification,
+                AutoModelForImageTextToText)
 
 
 def supported_table() -> str:
