@@ -45,10 +45,11 @@ from msfx.architectures import (bert, gemma2, gemma3_text, gpt2, llama, mistral,
 from msfx.decode.cache import KVCache  # noqa: E402
 from msfx.errors import CheckpointError, CorruptCheckpointError, ModelNotFoundError  # noqa: E402
 from msfx.families import FAMILIES as _FAMILIES  # noqa: E402
-from msfx.models.auto import (AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM,  # noqa: E402
-                              AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoModelForTextEncoding,
-                              AutoModelForZeroShotImageClassification)
+from msfx.models.auto import (AutoModel, AutoModelForCausalLM, AutoModelForImageClassification,  # noqa: E402
+                              AutoModelForMaskedLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
+                              AutoModelForTextEncoding, AutoModelForZeroShotImageClassification)
 from msfx.models import clip as _clip_models  # noqa: E402
+from msfx.models import siglip as _siglip_models  # noqa: E402
 from msfx.pipelines import pipeline  # noqa: E402
 from msfx.train.trainer import Trainer, TrainingArguments  # noqa: E402
 
@@ -58,11 +59,12 @@ __version__ = "0.1.0"
 _CLASSES = {name: _record.class_named(name) for _record in _FAMILIES.values() for _, name in _record.auto}
 # classes no Auto class picks (HF's auto mappings have no entry for them)
 _CLASSES |= {"CLIPTextModelWithProjection": _clip_models.CLIPTextModelWithProjection,
-             "CLIPVisionModelWithProjection": _clip_models.CLIPVisionModelWithProjection}
+             "CLIPVisionModelWithProjection": _clip_models.CLIPVisionModelWithProjection,
+             "SiglipTextModel": _siglip_models.SiglipTextModel}
 globals().update(_CLASSES)
 
-__all__ = ["AutoModel", "AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModelForSeq2SeqLM",
-           "AutoModelForSequenceClassification", "AutoModelForTextEncoding", "AutoModelForZeroShotImageClassification",
+__all__ = ["AutoModel", "AutoModelForCausalLM", "AutoModelForImageClassification", "AutoModelForMaskedLM",
+           "AutoModelForSeq2SeqLM", "AutoModelForSequenceClassification", "AutoModelForTextEncoding", "AutoModelForZeroShotImageClassification",
            "CheckpointError", "CorruptCheckpointError", "KVCache", "ModelNotFoundError", "Trainer", "TrainingArguments",
            "bert", "gemma2", "gemma3_text", "gpt2", "llama", "mistral", "mixtral", "phi3", "pipeline", "qwen2", "qwen3",
            "qwen3_moe"]

@@ -84,13 +84,16 @@ class _VisionMixin:
 
 
 class _TowerModel(PreTrainedModel):
-    """A tower loaded on its own: `arch` is `clip.TEXT` or `clip.VISION`."""
+    """A tower loaded on its own: `arch` is `clip.TEXT` or `clip.VISION` (SigLIP's: `siglip.TEXT`,
+    `siglip.VISION`), which also loads from a checkpoint of `full_model_type`."""
+
+    full_model_type = clip.MODEL_TYPE
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, config=None, dtype="auto",
                         revision: str | None = None, cache_dir: str | None = None, local_files_only: bool = False,
                         token=None, gguf_file: str | None = None, **config_kwargs) -> "PreTrainedModel":
-        """Load from the tower's own checkpoint or a full CLIP one (then the tower's sub-config and
+        """Load from the tower's own checkpoint or a full CLIP / SigLIP one (then the tower's sub-config and
         keys, as HF). Arguments as `PreTrainedModel.from_pretrained` (no GGUF).
 
         Raises:
@@ -105,10 +108,10 @@ class _TowerModel(PreTrainedModel):
             directory = resolve_model_dir(pretrained_model_name_or_path, **hub)
             with open(directory / "config.json") as f:
                 model_type = json.load(f).get("model_type")
-            if model_type not in (cls.arch.MODEL_TYPE, clip.MODEL_TYPE):
+            if model_type not in (cls.arch.MODEL_TYPE, cls.full_model_type):
                 # checked here: HF's sub-config `from_pretrained` would only warn and build a default config
                 raise CheckpointError(f"{pretrained_model_name_or_path} is a {model_type!r} checkpoint; {cls.__name__} "
-                                      f"needs {cls.arch.MODEL_TYPE!r} or {clip.MODEL_TYPE!r}")
+                                      f"needs {cls.arch.MODEL_TYPE!r} or {cls.full_model_type!r}")
             passed_on = {k: config_kwargs.pop(k) for k in ("torch_dtype",) if k in config_kwargs}
             config = cls.arch.CONFIG_CLASS.from_pretrained(directory, **config_kwargs)
             pretrained_model_name_or_path, config_kwargs = directory, passed_on
