@@ -204,11 +204,15 @@ def forward(params: dict, input_ids: Tensor, pixel_values: Tensor, attention_mas
     the tree's.
 
     Raises:
-        ValueError: also a vision config without `vision_use_head` (no image embedding to score).
+        ValueError: also a vision config without `vision_use_head` (no image embedding to score), or a
+            text `projection_size` other than the image tower's `hidden_size` (the two embeddings differ).
     """
     config = config or params.config
     if not config.vision_config.vision_use_head:
         raise ValueError("SiglipModel needs vision_config.vision_use_head=True (the image embedding is its head's)")
+    if config.text_config.projection_size != config.vision_config.hidden_size:
+        raise ValueError(f"text_config.projection_size {config.text_config.projection_size} must equal "
+                         f"vision_config.hidden_size {config.vision_config.hidden_size}: SigLIP compares the two")
     vision = vision_forward(params, pixel_values, config=config.vision_config,
                             interpolate_pos_encoding=interpolate_pos_encoding,
                             output_hidden_states=output_hidden_states)
