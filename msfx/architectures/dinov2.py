@@ -16,7 +16,7 @@ from transformers import Dinov2Config
 
 from msfx.architectures.vision_encoder import DINOV2_LAYOUT, check_pixel_values, layer_shapes
 from msfx.architectures import vit
-from msfx.architectures.vit import VisionOutput, embedding_shapes, encode
+from msfx.architectures.vit import VisionOutput, embedding_shapes, encode, mean_tokens
 
 MODEL_TYPE = "dinov2"
 CONFIG_CLASS = Dinov2Config
@@ -61,4 +61,4 @@ def forward(params: dict, pixel_values: Tensor, *, config: Dinov2Config | None =
 def classifier_features(last_hidden_state: Tensor) -> Tensor:
     """`Dinov2ForImageClassification`'s input: the class token and the mean patch token
     concatenated -> `[batch, 2 * hidden]`."""
-    return ops.concat([last_hidden_state[:, 0], last_hidden_state[:, 1:].mean(1)], 1)
+    return ops.concat([last_hidden_state[:, 0], mean_tokens(last_hidden_state[:, 1:])], 1)

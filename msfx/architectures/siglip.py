@@ -192,7 +192,10 @@ def vision_forward(params: dict, pixel_values: Tensor, *, config: SiglipVisionCo
 
 
 def _l2_normalize(x: Tensor) -> Tensor:
-    return x / ops.sqrt((x * x).sum(-1, keepdims=True))
+    """`x / ||x||` over the last axis, the norm summed in float32 and rounded to `x`'s dtype (torch's
+    bfloat16 `norm`; MindSpore 2.10's CPU reductions have no bfloat16 kernel)."""
+    h = x.astype(ms.float32)
+    return x / ops.sqrt((h * h).sum(-1, keepdims=True)).astype(x.dtype)
 
 
 def forward(params: dict, input_ids: Tensor, pixel_values: Tensor, attention_mask: Tensor | None = None,
@@ -219,9 +222,10 @@ def forward(params: dict, input_ids: Tensor, pixel_values: Tensor, attention_mas
     text = text_forward(params, input_ids, attention_mask, position_ids, config=config.text_config,
                         output_hidden_states=output_hidden_states)
     text_embeds, image_embeds = _l2_normalize(text.pooler_output), _l2_normalize(vision.pooler_output)
-    dtype = text_embeds.dtype
-    logits_per_text = (ops.matmul(text_embeds, image_embeds.T) * ops.exp(params["logit_scale"]).astype(dtype)
-                       + params["logit_bias"].astype(dtype))
+    dtype = text_embeds.dtype  # float32 products and exp rounded once each, as torch's bfloat16 CPU kernels
+    cosine = ops.matmul(text_embeds.astype(ms.float32), image_embeds.astype(ms.float32).T).astype(dtype)
+    scale = ops.exp(params["logit_scale"].astype(ms.float32)).astype(dtype)
+    logits_per_text = cosine * scale + params["logit_bias"].astype(dtype)
     return SiglipOutput(logits_per_text.T, logits_per_text, text_embeds, image_embeds, text, vision)
 
 

@@ -142,6 +142,12 @@ def forward(params: dict, pixel_values: Tensor, *, config: ViTConfig | None = No
     return VisionOutput(x, pooled, hidden_states)
 
 
+def mean_tokens(x: Tensor) -> Tensor:
+    """The mean of `x` `[batch, tokens, hidden]` over the tokens, summed in float32 and rounded once
+    (torch's bfloat16 mean; MindSpore 2.10's CPU reductions have no bfloat16 kernel)."""
+    return x.astype(ms.float32).mean(1).astype(x.dtype)
+
+
 def classify(params: dict, pooled: Tensor) -> Tensor:
     """`classifier` over `pooled` `[batch, features]` -> logits `[batch, num_labels]`."""
     return linear(pooled, params["classifier"]["weight"], params["classifier"]["bias"])

@@ -18,7 +18,7 @@ from typing import Any
 from mindspore import Tensor
 from transformers.utils import ModelOutput
 
-from msfx.architectures import siglip
+from msfx.architectures import siglip, vit
 from msfx.modeling import BaseModelOutputWithPooling, PreTrainedModel, as_tensor, token_ids
 from msfx.models.clip import _TowerModel
 from msfx.models.vit import classifier_output, hidden_states_flag
@@ -161,5 +161,5 @@ class SiglipForImageClassification(_Towers, PreTrainedModel):
                                     interpolate_pos_encoding=bool(interpolate_pos_encoding),
                                     output_hidden_states=hidden_states_flag(output_hidden_states, self.config),
                                     with_head=False)
-        out = classifier_output(self, out.last_hidden_state.mean(1), labels, out.hidden_states)
+        out = classifier_output(self, vit.mean_tokens(out.last_hidden_state), labels, out.hidden_states)
         return out if return_dict else out.to_tuple()
