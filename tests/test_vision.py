@@ -177,7 +177,7 @@ def test_dinov2_layer_scale_matters(dinov2_dirs):
 
 # the text tower narrower than the image tower: its head projects to the image width (`projection_size`)
 SIGLIP_TEXT = dict(vocab_size=99, hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-                   max_position_embeddings=16, projection_size=32, pad_token_id=1, bos_token_id=None,
+                   max_position_embeddings=64, projection_size=32, pad_token_id=1, bos_token_id=None,
                    eos_token_id=2)
 SEQ = 16
 
