@@ -52,7 +52,8 @@ DINOV2_LAYOUT = VIT_LAYOUT._replace(norm1="norm1", norm2="norm2", fc1="mlp.fc1",
                                     layer_scale=True, swiglu="use_swiglu_ffn", mlp_ratio=True)
 
 
-def _get(p: dict, path: str) -> dict:
+def subtree(p: dict, path: str) -> dict:
+    """`p[a][b]...` for the dotted `path` "a.b..."."""
     for part in path.split("."):
         p = p[part]
     return p
@@ -125,7 +126,7 @@ def mlp(x: Tensor, p: dict, layout: EncoderLayout, config) -> Tensor:
     if layout.swiglu and getattr(config, layout.swiglu):
         gate, up = ops.chunk(_dense(x, p["mlp"]["weights_in"]), 2, -1)
         return _dense(activation("silu")(gate) * up, p["mlp"]["weights_out"])
-    return _dense(activation(config.hidden_act)(_dense(x, _get(p, layout.fc1))), _get(p, layout.fc2))
+    return _dense(activation(config.hidden_act)(_dense(x, subtree(p, layout.fc1))), subtree(p, layout.fc2))
 
 
 def encoder_layer(x: Tensor, p: dict, layout: EncoderLayout, config, bias: Tensor, batch: int) -> Tensor:
@@ -134,19 +135,19 @@ def encoder_layer(x: Tensor, p: dict, layout: EncoderLayout, config, bias: Tenso
     s, heads = x.shape[0] // batch, config.num_attention_heads
     d = config.hidden_size // heads
     eps = config.layer_norm_eps
-    h = norm(x, _get(p, layout.norm1), eps)
+    h = norm(x, subtree(p, layout.norm1), eps)
 
     def project(path):
-        return _dense(h, _get(p, path)).reshape(batch, s, heads, d).transpose(0, 2, 1, 3)
+        return _dense(h, subtree(p, path)).reshape(batch, s, heads, d).transpose(0, 2, 1, 3)
 
     ctx = scaled_dot_product_attention(project(layout.q), project(layout.k), project(layout.v), bias, d ** -0.5,
                                        dropout_rate=getattr(config, layout.attention_dropout))
-    out = _dense(ctx.transpose(0, 2, 1, 3).reshape(batch * s, -1), _get(p, layout.o))
+    out = _dense(ctx.transpose(0, 2, 1, 3).reshape(batch * s, -1), subtree(p, layout.o))
     rate = getattr(config, layout.hidden_dropout) if layout.hidden_dropout else 0.0
     if layout.layer_scale:
         out = out * p["layer_scale1"]["lambda1"]
     x = x + dropout(out, rate)
-    out = mlp(norm(x, _get(p, layout.norm2), eps), p, layout, config)
+    out = mlp(norm(x, subtree(p, layout.norm2), eps), p, layout, config)
     if layout.layer_scale:
         out = out * p["layer_scale2"]["lambda1"]
     return x + dropout(out, rate)

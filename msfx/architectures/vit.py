@@ -18,7 +18,7 @@ from mindspore import Tensor, ops
 from transformers import ViTConfig
 
 from msfx.architectures.vision_encoder import (VIT_LAYOUT, EncoderLayout, check_pixel_values, embed_patches, encoder,
-                                               int_size, layer_shapes, no_mask, norm, position_embeddings)
+                                               int_size, layer_shapes, no_mask, norm, position_embeddings, subtree)
 from msfx.layers.basic import activation, linear, tanh
 from msfx.layers.dropout import dropout
 from msfx.params.tree import Params, unflatten_keys
@@ -110,10 +110,7 @@ def encode(params: dict, pixel_values: Tensor, config, layout: EncoderLayout, pr
     p = params[prefix]
     x = embeddings(p["embeddings"], pixel_values, config, interpolate)
     x = dropout(x, config.hidden_dropout_prob)
-    layers = p
-    for part in layout.layers_key.split("."):
-        layers = layers[part]
-    x, hidden_states = encoder(x, layers, layout, config, no_mask(), output_hidden_states)
+    x, hidden_states = encoder(x, subtree(p, layout.layers_key), layout, config, no_mask(), output_hidden_states)
     return norm(x, p["layernorm"], config.layer_norm_eps), hidden_states
 
 

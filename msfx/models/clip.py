@@ -83,7 +83,7 @@ class _VisionMixin:
                                    output_hidden_states=_flag(output_hidden_states, config))
 
 
-class _TowerModel(PreTrainedModel):
+class TowerModel(PreTrainedModel):
     """A tower loaded on its own: `arch` is `clip.TEXT` or `clip.VISION` (SigLIP's: `siglip.TEXT`,
     `siglip.VISION`), which also loads from a checkpoint of `full_model_type`."""
 
@@ -119,7 +119,7 @@ class _TowerModel(PreTrainedModel):
                                        **config_kwargs)
 
 
-class CLIPTextModel(_TextMixin, _TowerModel):
+class CLIPTextModel(_TextMixin, TowerModel):
     """The text tower: `last_hidden_state` `[batch, seq, hidden]` (after `final_layer_norm`),
     `pooler_output` `[batch, hidden]` (the end-of-text token: see `clip.eos_positions`),
     `hidden_states` (embeddings, then each layer, the last before `final_layer_norm`) with
@@ -140,7 +140,7 @@ class CLIPTextModel(_TextMixin, _TowerModel):
         return out if return_dict else out.to_tuple()
 
 
-class CLIPTextModelWithProjection(_TextMixin, _TowerModel):
+class CLIPTextModelWithProjection(_TextMixin, TowerModel):
     """The text tower and `text_projection`: `text_embeds` `[batch, projection_dim]` (not
     normalized), `last_hidden_state`, `hidden_states` as `CLIPTextModel`."""
 
@@ -160,7 +160,7 @@ class CLIPTextModelWithProjection(_TextMixin, _TowerModel):
         return out if return_dict else out.to_tuple()
 
 
-class CLIPVisionModel(_VisionMixin, _TowerModel):
+class CLIPVisionModel(_VisionMixin, TowerModel):
     """The vision tower: `last_hidden_state` `[batch, 1 + patches, hidden]`, `pooler_output`
     `[batch, hidden]` (`post_layernorm` of the class token), `hidden_states` (the `pre_layrnorm`
     output, then each layer) with `output_hidden_states=True`.
@@ -181,7 +181,7 @@ class CLIPVisionModel(_VisionMixin, _TowerModel):
         return out if return_dict else out.to_tuple()
 
 
-class CLIPVisionModelWithProjection(_VisionMixin, _TowerModel):
+class CLIPVisionModelWithProjection(_VisionMixin, TowerModel):
     """The vision tower and `visual_projection`: `image_embeds` `[batch, projection_dim]` (not
     normalized), `last_hidden_state`, `hidden_states` as `CLIPVisionModel`."""
 

@@ -20,7 +20,7 @@ from transformers.utils import ModelOutput
 
 from msfx.architectures import siglip, vit
 from msfx.modeling import BaseModelOutputWithPooling, PreTrainedModel, as_tensor, token_ids
-from msfx.models.clip import _TowerModel
+from msfx.models.clip import TowerModel
 from msfx.models.vit import classifier_output, hidden_states_flag
 
 
@@ -56,7 +56,7 @@ class _Towers:
                                      output_hidden_states=hidden_states_flag(output_hidden_states, config))
 
 
-class SiglipTextModel(_Towers, _TowerModel):
+class SiglipTextModel(_Towers, TowerModel):
     """The text tower: `last_hidden_state` `[batch, seq, hidden]` (after `final_layer_norm`),
     `pooler_output` `[batch, projection_size]` (`head` of the last position), `hidden_states` with
     `output_hidden_states=True`. Inputs: `input_ids`, `attention_mask` (padding keys masked; no
@@ -76,7 +76,7 @@ class SiglipTextModel(_Towers, _TowerModel):
         return out if return_dict else out.to_tuple()
 
 
-class SiglipVisionModel(_Towers, _TowerModel):
+class SiglipVisionModel(_Towers, TowerModel):
     """The vision tower: `last_hidden_state` `[batch, patches, hidden]` (after `post_layernorm`),
     `pooler_output` `[batch, hidden]` (the attention-pooling head; None without
     `vision_use_head`), `hidden_states` with `output_hidden_states=True`. Input: `pixel_values`
