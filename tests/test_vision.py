@@ -253,6 +253,16 @@ def test_siglip_towers_load_from_the_full_checkpoint_and_their_own(siglip_dirs):
         msfx.SiglipTextModel.from_pretrained(siglip_dirs["SiglipVisionModel"][1])
 
 
+def test_siglip_vision_tower_without_its_head(tmp_path):
+    """`vision_use_head=False`: no head keys, `pooler_output` None, as HF."""
+    config = transformers.SiglipVisionConfig(**VISION, intermediate_size=40, vision_use_head=False)
+    torch_model, path = _tiny(transformers.SiglipVisionModel, config, tmp_path)
+    pixels = _pixels(siglip_processor())
+    out = msfx.SiglipVisionModel.from_pretrained(path)(pixels, output_hidden_states=True)
+    assert out.pooler_output is None
+    _compare("SiglipVisionModel without head", out, _run(torch_model, pixel_values=pixels, output_hidden_states=True))
+
+
 def test_siglip_image_classification_matches_hf(siglip_dirs):
     torch_model, path = siglip_dirs["SiglipForImageClassification"]
     pixels = _pixels(siglip_processor())
