@@ -24,17 +24,19 @@ if "GLOG_v" not in _os.environ:
 # public name -> (module, attribute; None: the module itself)
 _NAMES = {
     **{name: ("msfx.models.auto", name) for name in (
-        "AutoModel", "AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModelForSeq2SeqLM",
-        "AutoModelForSequenceClassification", "AutoModelForTextEncoding", "AutoModelForZeroShotImageClassification",
-        "AutoModelForImageTextToText")},
+        "AutoModel", "AutoModelForCausalLM", "AutoModelForImageClassification", "AutoModelForMaskedLM",
+        "AutoModelForSeq2SeqLM", "AutoModelForSequenceClassification", "AutoModelForTextEncoding",
+        "AutoModelForZeroShotImageClassification", "AutoModelForImageTextToText")},
     **{name: ("msfx.errors", name) for name in ("CheckpointError", "CorruptCheckpointError", "ModelNotFoundError")},
     "KVCache": ("msfx.decode.cache", "KVCache"),
     "Trainer": ("msfx.train.trainer", "Trainer"),
     "TrainingArguments": ("msfx.train.trainer", "TrainingArguments"),
     "pipeline": ("msfx.pipelines", "pipeline"),
-    **{core: (f"msfx.architectures.{core}", None) for core in ("bert", "clip", "gpt2", "llama", "t5")},
+    **{core: (f"msfx.architectures.{core}", None)
+       for core in ("bert", "clip", "dinov2", "gpt2", "llama", "llava", "siglip", "t5", "vit")},
     # classes no Auto class picks (HF's auto mappings have no entry for them)
     **{name: ("msfx.models.clip", name) for name in ("CLIPTextModelWithProjection", "CLIPVisionModelWithProjection")},
+    "SiglipTextModel": ("msfx.models.siglip", "SiglipTextModel"),
 }
 
 

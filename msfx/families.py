@@ -181,6 +181,9 @@ _ALL = (
            core="msfx.architectures.clip", classes="msfx.models.clip", base_prefix="text_model", tied_keys=()),
     Family("clip_vision_model", transformers.CLIPVisionConfig, (("AutoModel", "CLIPVisionModel"),),
            core="msfx.architectures.clip", classes="msfx.models.clip", base_prefix="vision_model", tied_keys=()),
+    Family("dinov2", transformers.Dinov2Config, (("AutoModel", "Dinov2Model"),
+                                                 ("AutoModelForImageClassification", "Dinov2ForImageClassification")),
+           core="msfx.architectures.dinov2", classes="msfx.models.dinov2", base_prefix="dinov2", tied_keys=()),
     Family("gpt2", transformers.GPT2Config, (("AutoModel", "GPT2Model"), ("AutoModelForCausalLM", "GPT2LMHeadModel"),
                                              ("AutoModelForSequenceClassification", "GPT2ForSequenceClassification")),
            core="msfx.architectures.gpt2", classes="msfx.models.gpt2", base_prefix="transformer",
@@ -202,6 +205,16 @@ _ALL = (
     _llama_like("qwen2", transformers.Qwen2Config, qwen2_spec, "Qwen2"),
     _llama_like("qwen3", transformers.Qwen3Config, qwen3_spec, "Qwen3"),
     _llama_like("qwen3_moe", transformers.Qwen3MoeConfig, qwen3_moe_spec, "Qwen3Moe", moe_outputs=True),
+    Family("siglip", transformers.SiglipConfig, (("AutoModel", "SiglipModel"),
+                                                 ("AutoModelForImageClassification", "SiglipForImageClassification"),
+                                                 ("AutoModelForZeroShotImageClassification", "SiglipModel")),
+           core="msfx.architectures.siglip", classes="msfx.models.siglip", base_prefix="siglip",
+           base_keys=("text_model.", "vision_model.", "logit_scale", "logit_bias"), tied_keys=()),
+    # HF's auto mappings have no class for a SigLIP text tower; `msfx.SiglipTextModel` loads it
+    Family("siglip_text_model", transformers.SiglipTextConfig, (),
+           core="msfx.architectures.siglip", classes="msfx.models.siglip", base_prefix="text_model", tied_keys=()),
+    Family("siglip_vision_model", transformers.SiglipVisionConfig, (("AutoModel", "SiglipVisionModel"),),
+           core="msfx.architectures.siglip", classes="msfx.models.siglip", base_prefix="vision_model", tied_keys=()),
     _llama_like("smollm3", transformers.SmolLM3Config, smollm3_spec, "SmolLM3"),
     Family("t5", transformers.T5Config, (("AutoModel", "T5Model"),
                                          ("AutoModelForSeq2SeqLM", "T5ForConditionalGeneration"),
@@ -214,6 +227,11 @@ _ALL = (
                           "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias."),
            # `wo` overflows float16 in large T5s (HF's `_keep_in_fp32_modules`)
            keep_in_fp32=("wo",), tied_keys=()),
+    Family("vit", transformers.ViTConfig, (("AutoModel", "ViTModel"),
+                                           ("AutoModelForImageClassification", "ViTForImageClassification")),
+           core="msfx.architectures.vit", classes="msfx.models.vit", base_prefix="vit",
+           # HF's `add_pooling_layer`: `ViTForImageClassification` has no pooler, `ViTModel` gets a fresh one
+           optional_keys=("vit.pooler.",), tied_keys=()),
 )
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in _ALL}

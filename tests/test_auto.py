@@ -19,6 +19,7 @@ HF_MAPPINGS = {
     "AutoModelForMaskedLM": hf_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES,
     "AutoModelForTextEncoding": hf_auto.MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES,
     "AutoModelForZeroShotImageClassification": hf_auto.MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+    "AutoModelForImageClassification": hf_auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
 }
 
 

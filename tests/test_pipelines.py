@@ -372,9 +372,85 @@ def test_zero_shot_takes_a_model_instance_with_a_processor_and_image_paths(clip_
         classifier(str(image_path))
 
 
+# ---------------------------------------------------------------- image-classification, SigLIP zero-shot
+
+from test_vision import (dinov2_dirs, dinov2_processor, siglip_dirs, siglip_processor, vit_dirs,  # noqa: E402,F401
+                         vit_processor)  # (test_vision's tiny checkpoints and numpy image processors)
+
+
+@pytest.fixture(scope="module")
+def classifiers(vit_dirs, dinov2_dirs, siglip_dirs):
+    """{family: (torch classifier, dir with its image processor saved beside the weights, processor)}."""
+    built = {"vit": (*vit_dirs["gelu"]["ViTForImageClassification"], vit_processor()),
+             "dinov2": (*dinov2_dirs["mlp"]["Dinov2ForImageClassification"], dinov2_processor()),
+             "siglip": (*siglip_dirs["SiglipForImageClassification"], siglip_processor())}
+    for _, path, processor in built.values():
+        processor.save_pretrained(path)
+    return built
+
+
+IMAGE_CLASSIFICATION_CASES = {
+    "one_image": ("vit", 0, {}),
+    "images_batched_top_k": ("vit", [0, 1, 2], dict(batch_size=2, top_k=2)),
+    "sigmoid": ("vit", 1, dict(function_to_apply="sigmoid", top_k=1)),
+    "dinov2": ("dinov2", [2, 0], dict(top_k=3)),
+    "siglip": ("siglip", 1, dict(function_to_apply="none")),
+}
+
+
+@pytest.mark.parametrize("case", list(IMAGE_CLASSIFICATION_CASES))
+def test_image_classification_matches_hf(classifiers, case):
+    family, which, kwargs = IMAGE_CLASSIFICATION_CASES[case]
+    torch_model, path, processor = classifiers[family]
+    images = _images()
+    inputs = [images[i] for i in which] if isinstance(which, list) else images[which]
+    theirs = transformers.pipeline("image-classification", model=torch_model, image_processor=processor)(
+        inputs, **kwargs)
+    assert_same(msfx.pipeline("image-classification", model=str(path))(inputs, **kwargs), theirs)
+
+
+def test_image_classification_takes_a_model_instance_and_image_paths(classifiers, tmp_path):
+    torch_model, path, processor = classifiers["vit"]
+    image_path = tmp_path / "image.png"
+    _images()[2].save(image_path)
+    theirs = transformers.pipeline("image-classification", model=torch_model, image_processor=processor)(
+        str(image_path))
+    classifier = msfx.pipeline("image-classification", model=msfx.ViTForImageClassification.from_pretrained(path),
+                               image_processor=processor)
+    assert_same(classifier(images=str(image_path)), theirs)
+    with pytest.raises(ValueError, match="without an inputs argument"):
+        classifier()
+    with pytest.raises(ValueError, match="Unrecognized `function_to_apply` argument: max"):
+        classifier(str(image_path), function_to_apply="max")
+
+
+@pytest.fixture(scope="module")
+def siglip_checkpoint(siglip_dirs):
+    """(torch SiglipModel, directory with its tokenizer and image processor saved next to the weights)."""
+    torch_model, path = siglip_dirs["SiglipModel"]
+    tiny_tokenizer().save_pretrained(path)
+    siglip_processor().save_pretrained(path)
+    return torch_model, path
+
+
+@pytest.mark.parametrize("case", ["one_image", "images_batched", "one_label"])
+def test_zero_shot_image_classification_with_siglip_matches_hf(siglip_checkpoint, case):
+    """HF's SigLIP rules: texts padded to 64 tokens, each label scored by its own sigmoid."""
+    torch_model, path = siglip_checkpoint
+    which, kwargs = ZERO_SHOT_CASES[case]
+    images = _images()
+    inputs = [images[i] for i in which] if isinstance(which, list) else images[which]
+    theirs = transformers.pipeline("zero-shot-image-classification", model=torch_model, tokenizer=tiny_tokenizer(),
+                                   image_processor=siglip_processor())(inputs, **kwargs)
+    ours = msfx.pipeline("zero-shot-image-classification", model=str(path))(inputs, **kwargs)
+    assert_same(ours, theirs)
+    scores = [r["score"] for r in (ours[0] if isinstance(which, list) else ours)]
+    assert len(scores) == 1 or abs(sum(scores) - 1) > 1e-3  # sigmoids, not a softmax
+
+
 # ---------------------------------------------------------------- without torch
 
-def test_pipelines_run_without_torch(causal_lms, encoders, clip_checkpoint, tmp_path):
+def test_pipelines_run_without_torch(causal_lms, encoders, clip_checkpoint, classifiers, siglip_checkpoint, tmp_path):
     """In a process where `import torch` fails, each task family gives the outputs it gives here."""
     import json
     import subprocess
@@ -387,7 +463,10 @@ def test_pipelines_run_without_torch(causal_lms, encoders, clip_checkpoint, tmp_
              ("fill-mask", str(encoders["BertForMaskedLM"][1]), "w5 [MASK] w9", dict(top_k=2)),
              ("sentiment-analysis", str(encoders["llama"][1]), "w5 w9", {}),
              ("zero-shot-image-classification", str(clip_checkpoint[1]), str(image_path),
-              dict(candidate_labels=["w10", "w11"]))]
+              dict(candidate_labels=["w10", "w11"])),
+             ("zero-shot-image-classification", str(siglip_checkpoint[1]), str(image_path),
+              dict(candidate_labels=["w10", "w11"])),
+             ("image-classification", str(classifiers["dinov2"][1]), str(image_path), dict(top_k=2))]
     expected = [msfx.pipeline(task, model=path)(inputs, **kwargs) for task, path, inputs, kwargs in calls]
     (tmp_path / "calls.json").write_text(json.dumps(calls))
     script = textwrap.dedent(f"""

@@ -17,7 +17,7 @@ import transformers
 from mindspore import Tensor
 
 import msfx
-from msfx.models import bert, clip, gpt2, t5
+from msfx.models import bert, clip, dinov2, gpt2, siglip, t5, vit
 from msfx.families import FAMILIES as MSFX_FAMILIES
 
 from conftest import left_padded, make_hf_llama, random_ids
@@ -152,6 +152,19 @@ CLASSES |= {cls: (_CLIP_VISION, dict(pixel_values=_PIXELS))
 CLASSES[clip.CLIPModel] = (transformers.CLIPConfig(text_config=_CLIP_TEXT.to_dict(),
                                                    vision_config=_CLIP_VISION.to_dict()),
                            dict(input_ids=_IDS, pixel_values=_PIXELS))
+_IMAGE = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
+              image_size=VISION["image_size"], patch_size=VISION["patch_size"])
+_SIGLIP_TEXT = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
+                    max_position_embeddings=16)
+CLASSES |= {cls: (transformers.ViTConfig(**_IMAGE, num_labels=3), dict(pixel_values=_PIXELS))
+            for cls in (vit.ViTModel, vit.ViTForImageClassification)}
+CLASSES |= {cls: (transformers.Dinov2Config(**_IMAGE, num_labels=3), dict(pixel_values=_PIXELS))
+            for cls in (dinov2.Dinov2Model, dinov2.Dinov2ForImageClassification)}
+CLASSES[siglip.SiglipTextModel] = (transformers.SiglipTextConfig(**_SIGLIP_TEXT), dict(input_ids=_IDS))
+CLASSES[siglip.SiglipVisionModel] = (transformers.SiglipVisionConfig(**_IMAGE), dict(pixel_values=_PIXELS))
+CLASSES |= {cls: (transformers.SiglipConfig(text_config=_SIGLIP_TEXT, vision_config=_IMAGE, num_labels=3), inputs)
+            for cls, inputs in ((siglip.SiglipModel, dict(input_ids=_IDS, pixel_values=_PIXELS)),
+                                (siglip.SiglipForImageClassification, dict(pixel_values=_PIXELS)))}
 # HF's defaults, as the HF Trainer and pipelines pass them: accepted by every class
 HF_DEFAULTS = dict(output_attentions=False, output_hidden_states=False, return_dict=True, use_cache=False,
                    past_key_values=None, head_mask=None)

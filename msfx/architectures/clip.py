@@ -12,11 +12,11 @@ Three configs, as HF: `CLIPConfig` ("clip", this module's `MODEL_TYPE`, with `te
 `CLIPVisionConfig` ("clip_vision_model"), whose loading descriptions are `TEXT` and `VISION`.
 
 Layout of one encoder layer (both towers):
-`x = x + out_proj(attention(layer_norm1(x)))`, then `x = x + fc2(act(fc1(layer_norm2(x))))`.
+`x = x + out_proj(attention(layer_norm1(x)))`, then `x = x + fc2(act(fc1(layer_norm2(x))))`
+(`msfx.architectures.vision_encoder`, shared with SigLIP, ViT and DINOv2).
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, NamedTuple
 
 import mindspore as ms
@@ -25,11 +25,12 @@ from mindspore import Tensor, ops
 from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
 from msfx.families import family
-from msfx.layers.attention import arange, attention_bias, scaled_dot_product_attention
-from msfx.layers.basic import activation, embedding, linear
+from msfx.architectures.vision_encoder import (CLIP_LAYOUT, check_pixel_values, embed_patches, encoder, int_size,
+                                               layer_shapes, no_mask, norm, position_embeddings)
+from msfx.layers.attention import arange, attention_bias
+from msfx.layers.basic import embedding, linear
 from msfx.backend import lacks_bf16_kernels
 from msfx.inputs import check_model_inputs
-from msfx.layers.norms import layer_norm
 from msfx.params import load_params
 from msfx.params.tree import Params, unflatten_keys
 
@@ -65,28 +66,6 @@ class CLIPLogits(NamedTuple):
     vision_model_output: TowerOutput
 
 
-def _int_size(config, name: str) -> int:
-    value = getattr(config, name)
-    if not isinstance(value, int):  # HF's modeling compares it with ints too: only square sizes work there
-        raise ValueError(f"config.{name} must be an int (square images and patches), got {value!r}")
-    return value
-
-
-def _encoder_shapes(config, prefix: str) -> dict[str, tuple[int, ...]]:
-    h, inter = config.hidden_size, config.intermediate_size
-    if h % config.num_attention_heads:
-        raise ValueError(f"hidden_size {h} is not a multiple of num_attention_heads {config.num_attention_heads}")
-    shapes = {}
-    for i in range(config.num_hidden_layers):
-        p = f"{prefix}.encoder.layers.{i}."
-        for name, shape in (("self_attn.q_proj", (h, h)), ("self_attn.k_proj", (h, h)), ("self_attn.v_proj", (h, h)),
-                            ("self_attn.out_proj", (h, h)), ("mlp.fc1", (inter, h)), ("mlp.fc2", (h, inter)),
-                            ("layer_norm1", (h,)), ("layer_norm2", (h,))):
-            shapes[p + name + ".weight"] = shape
-            shapes[p + name + ".bias"] = shape[:1]
-    return shapes
-
-
 def text_param_shapes(config: CLIPTextConfig, *, with_projection: bool = False) -> dict[str, tuple[int, ...]]:
     """Keys and shapes of the text tower under `text_model.` (`CLIPTextModel`; HF 5.24 saves it
     with that prefix too), plus `text_projection.weight` `[projection_dim, hidden]` with
@@ -94,7 +73,7 @@ def text_param_shapes(config: CLIPTextConfig, *, with_projection: bool = False) 
     h, t = config.hidden_size, TEXT_PREFIX
     shapes = {f"{t}.embeddings.token_embedding.weight": (config.vocab_size, h),
               f"{t}.embeddings.position_embedding.weight": (config.max_position_embeddings, h)}
-    shapes |= _encoder_shapes(config, t)
+    shapes |= layer_shapes(config, CLIP_LAYOUT, t + ".")
     shapes |= {f"{t}.final_layer_norm.weight": (h,), f"{t}.final_layer_norm.bias": (h,)}
     if with_projection:
         shapes["text_projection.weight"] = (config.projection_dim, h)
@@ -109,12 +88,12 @@ def vision_param_shapes(config: CLIPVisionConfig, *, with_projection: bool = Fal
         ValueError: a non-int `image_size` / `patch_size`.
     """
     h, v = config.hidden_size, VISION_PREFIX
-    patch, image = _int_size(config, "patch_size"), _int_size(config, "image_size")
+    patch, image = int_size(config, "patch_size"), int_size(config, "image_size")
     shapes = {f"{v}.embeddings.class_embedding": (h,),
               f"{v}.embeddings.patch_embedding.weight": (h, config.num_channels, patch, patch),
               f"{v}.embeddings.position_embedding.weight": ((image // patch) ** 2 + 1, h),
               f"{v}.pre_layrnorm.weight": (h,), f"{v}.pre_layrnorm.bias": (h,)}
-    shapes |= _encoder_shapes(config, v)
+    shapes |= layer_shapes(config, CLIP_LAYOUT, v + ".")
     shapes |= {f"{v}.post_layernorm.weight": (h,), f"{v}.post_layernorm.bias": (h,)}
     if with_projection:
         shapes["visual_projection.weight"] = (config.projection_dim, h)
@@ -169,52 +148,6 @@ TEXT = Tower("clip_text_model", CLIPTextConfig, TEXT_PREFIX, text_param_shapes, 
 VISION = Tower("clip_vision_model", CLIPVisionConfig, VISION_PREFIX, vision_param_shapes, init_params)
 
 
-def _ln(x: Tensor, p: dict, config) -> Tensor:
-    """`nn.LayerNorm` over the last axis of `x` `[..., hidden]`, in `x`'s dtype. In bfloat16 / float16
-    the scale and shift are applied in float32 too and the result rounded once, as PyTorch's CPU
-    kernel does (rounding after the normalization and again after each of them doubled the distance
-    to torch's bfloat16 outputs: 2 ulps against 1, measured on a 3-layer tower)."""
-    if x.dtype == ms.float32:
-        return layer_norm(x, p["weight"], p["bias"], config.layer_norm_eps)
-    h = layer_norm(x.astype(ms.float32), p["weight"].astype(ms.float32), p["bias"].astype(ms.float32),
-                   config.layer_norm_eps)
-    return h.astype(x.dtype)
-
-
-def encoder_layer(x: Tensor, p: dict, config, bias: Tensor, batch: int) -> Tensor:
-    """One pre-LN `CLIPEncoderLayer`. `x` is `[batch * seq, hidden]` (2-D: one matmul per linear);
-    `bias` the additive float32 attention mask, broadcastable to `[batch, heads, 1, seq, seq]`."""
-    s, heads = x.shape[0] // batch, config.num_attention_heads
-    d = config.hidden_size // heads
-    a = p["self_attn"]
-    h = _ln(x, p["layer_norm1"], config)
-
-    def project(name):
-        return linear(h, a[name]["weight"], a[name]["bias"]).reshape(batch, s, heads, d).transpose(0, 2, 1, 3)
-
-    ctx = scaled_dot_product_attention(project("q_proj"), project("k_proj"), project("v_proj"), bias, d ** -0.5,
-                                       dropout_rate=config.attention_dropout)
-    ctx = ctx.transpose(0, 2, 1, 3).reshape(batch * s, -1)
-    x = x + linear(ctx, a["out_proj"]["weight"], a["out_proj"]["bias"])
-    m = p["mlp"]
-    h = activation(config.hidden_act)(linear(_ln(x, p["layer_norm2"], config), m["fc1"]["weight"], m["fc1"]["bias"]))
-    return x + linear(h, m["fc2"]["weight"], m["fc2"]["bias"])
-
-
-def encoder(x: Tensor, layers: list, config, bias: Tensor,
-            output_hidden_states: bool) -> tuple[Tensor, tuple[Tensor, ...] | None]:
-    """`CLIPEncoder` over `x` `[batch, seq, hidden]`: the last layer's output and, with
-    `output_hidden_states`, the input followed by every layer's output."""
-    b, s = x.shape[0], x.shape[1]
-    hidden_states = [x] if output_hidden_states else None
-    x = x.reshape(b * s, -1)
-    for layer in layers:
-        x = encoder_layer(x, layer, config, bias, b)
-        if output_hidden_states:
-            hidden_states.append(x.reshape(b, s, -1))
-    return x.reshape(b, s, -1), tuple(hidden_states) if output_hidden_states else None
-
-
 def eos_positions(input_ids: np.ndarray, eos_token_id: int) -> np.ndarray:
     """Each row's pooling position, as HF's `CLIPTextModel`: with the legacy `eos_token_id == 2`
     (configs older than transformers PR #24773) the largest id (the original CLIP vocabulary ends
@@ -222,6 +155,35 @@ def eos_positions(input_ids: np.ndarray, eos_token_id: int) -> np.ndarray:
     if eos_token_id == 2:
         return input_ids.argmax(-1)
     return (input_ids == eos_token_id).argmax(-1)
+
+
+def check_text_inputs(config, input_ids: Tensor | None, attention_mask: Tensor | None,
+                      position_ids: Tensor | None) -> tuple[int, int]:
+    """`(batch, seq)` of a text tower's inputs (CLIP's, SigLIP's).
+
+    Raises:
+        ValueError: missing, non-integer, empty or out-of-range `input_ids`; a sequence longer than
+            `max_position_embeddings`; mis-shaped mask or positions.
+    """
+    if input_ids is None:
+        raise ValueError("You have to specify input_ids")
+    b, s = check_model_inputs(config, input_ids, None, attention_mask, position_ids)
+    if s > config.max_position_embeddings:
+        raise ValueError(f"sequence length {s} exceeds max_position_embeddings {config.max_position_embeddings}")
+    return b, s
+
+
+def text_encode(p: dict, input_ids: Tensor, position_ids: Tensor | None, bias: Tensor, config,
+                output_hidden_states: bool) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+    """A text tower's token and position embeddings, layers and `final_layer_norm` over `p` (the
+    tower's tree, CLIP's or SigLIP's) with attention `bias`: `([batch, seq, hidden], hidden_states)`."""
+    s = input_ids.shape[1]
+    if position_ids is None:
+        position_ids = arange(s).reshape(1, s)
+    x = embedding(input_ids, p["embeddings"]["token_embedding"]["weight"])
+    x = x + embedding(position_ids, p["embeddings"]["position_embedding"]["weight"])
+    x, hidden_states = encoder(x, p["encoder"]["layers"], CLIP_LAYOUT, config, bias, output_hidden_states)
+    return norm(x, p["final_layer_norm"], config.layer_norm_eps), hidden_states
 
 
 def text_forward(params: dict, input_ids: Tensor, attention_mask: Tensor | None = None,
@@ -236,86 +198,20 @@ def text_forward(params: dict, input_ids: Tensor, attention_mask: Tensor | None 
         config: the `CLIPTextConfig` (a `CLIPConfig`'s `text_config`).
 
     Raises:
-        ValueError: missing, non-integer, empty or out-of-range `input_ids`; a sequence longer than
-            `max_position_embeddings`; mis-shaped mask or positions; a non-int `eos_token_id`.
+        ValueError: see `check_text_inputs`; a non-int `eos_token_id`.
     """
-    if input_ids is None:
-        raise ValueError("You have to specify input_ids")
-    b, s = check_model_inputs(config, input_ids, None, attention_mask, position_ids)
-    if s > config.max_position_embeddings:
-        raise ValueError(f"sequence length {s} exceeds max_position_embeddings {config.max_position_embeddings}")
+    b, s = check_text_inputs(config, input_ids, attention_mask, position_ids)
     if not isinstance(config.eos_token_id, int):
         raise ValueError(f"config.eos_token_id must be an int for CLIP's pooling, got {config.eos_token_id!r}")
-    p = params[TEXT_PREFIX]
-    if position_ids is None:
-        position_ids = arange(s).reshape(1, s)
-    x = embedding(input_ids, p["embeddings"]["token_embedding"]["weight"])
-    x = x + embedding(position_ids, p["embeddings"]["position_embedding"]["weight"])
     if attention_mask is None:
         attention_mask = ops.ones((b, s), ms.int32)
     bias = attention_bias(attention_mask, arange(s))  # causal, padding keys masked (HF's `create_causal_mask`)
-    x, hidden_states = encoder(x, p["encoder"]["layers"], config, bias, output_hidden_states)
-    x = _ln(x, p["final_layer_norm"], config)
+    x, hidden_states = text_encode(params[TEXT_PREFIX], input_ids, position_ids, bias, config, output_hidden_states)
     rows = eos_positions(input_ids.asnumpy(), config.eos_token_id).astype(np.int32)
     # the pick in float32 (exact): MindSpore 2.10's CPU GatherNd has no bfloat16 kernel
     picked = x.astype(ms.float32) if lacks_bf16_kernels(x) else x
     pooled = picked[Tensor(np.arange(b, dtype=np.int32)), Tensor(rows)].astype(x.dtype)
     return TowerOutput(x, pooled, hidden_states)
-
-
-def _bicubic_matrix(size_in: int, size_out: int) -> np.ndarray:
-    """`[size_out, size_in]` weights of PyTorch's 1-D bicubic resize (`align_corners=False`,
-    a = -0.75, border indices clamped, source coordinate not clamped), in float64."""
-    a, scale = -0.75, size_in / size_out
-    m = np.zeros((size_out, size_in))
-    for j in range(size_out):
-        src = (j + 0.5) * scale - 0.5
-        i0 = math.floor(src)
-        t = src - i0
-        # the cubic convolution kernel at distances 1 + t, t, 1 - t, 2 - t
-        w = (((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
-             ((a + 2) * t - (a + 3)) * t * t + 1,
-             ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1,
-             ((a * (2 - t) - 5 * a) * (2 - t) + 8 * a) * (2 - t) - 4 * a)
-        for k in range(4):
-            m[j, min(max(i0 - 1 + k, 0), size_in - 1)] += w[k]
-    return m
-
-
-def position_embeddings(weight: Tensor, height: int, width: int, patch: int) -> Tensor:
-    """`CLIPVisionEmbeddings.interpolate_pos_encoding`: the class position then the patch
-    positions, a square grid bicubically resized to `[height // patch, width // patch]` (kept as
-    stored when the grid and the image are both unchanged and square) -> `[1 + patches, hidden]`."""
-    n = int((weight.shape[0] - 1) ** 0.5)
-    gh, gw = height // patch, width // patch
-    if gh * gw == n * n and height == width:
-        return weight
-    dim = weight.shape[1]
-    rows = Tensor(_bicubic_matrix(n, gh).astype(np.float32)).astype(weight.dtype)
-    cols = Tensor(_bicubic_matrix(n, gw).astype(np.float32)).astype(weight.dtype)
-    grid = ops.matmul(rows, weight[1:].reshape(n, n * dim)).reshape(gh, n, dim)  # resize along height
-    grid = ops.matmul(cols, grid)  # [gh, gw, dim]: along width, broadcast over the rows
-    return ops.concat([weight[:1], grid.reshape(gh * gw, dim)], 0)
-
-
-def check_pixel_values(pixel_values: Tensor, config: CLIPVisionConfig, interpolate_pos_encoding: bool) -> None:
-    """Raise ValueError unless `pixel_values` is a float `[batch, num_channels, H, W]` Tensor with
-    `H = W = image_size` (with `interpolate_pos_encoding`: at least one patch each way)."""
-    if not isinstance(pixel_values, Tensor) or pixel_values.ndim != 4:
-        kind = list(pixel_values.shape) if isinstance(pixel_values, Tensor) else type(pixel_values)
-        raise ValueError(f"pixel_values must be a float Tensor [batch, channels, height, width], got {kind}")
-    if not ops.is_floating_point(pixel_values):
-        raise ValueError(f"pixel_values must be floating point, got {pixel_values.dtype}")
-    _, c, h, w = pixel_values.shape
-    if c != config.num_channels:
-        raise ValueError(f"pixel_values has {c} channels, the model expects num_channels={config.num_channels} "
-                         "(images as [batch, channels, height, width], channels first)")
-    size, patch = _int_size(config, "image_size"), _int_size(config, "patch_size")
-    if not interpolate_pos_encoding and (h != size or w != size):
-        raise ValueError(f"Input image size ({h}*{w}) doesn't match model ({size}*{size}); resize it (e.g. "
-                         "with CLIPImageProcessor) or pass interpolate_pos_encoding=True")
-    if h < patch or w < patch:
-        raise ValueError(f"Input image size ({h}*{w}) is smaller than one patch ({patch}*{patch})")
 
 
 def vision_forward(params: dict, pixel_values: Tensor, *, config: CLIPVisionConfig,
@@ -332,27 +228,19 @@ def vision_forward(params: dict, pixel_values: Tensor, *, config: CLIPVisionConf
     Raises:
         ValueError: see `check_pixel_values`.
     """
-    check_pixel_values(pixel_values, config, interpolate_pos_encoding)
-    p = params[VISION_PREFIX]["embeddings"]
-    weight = p["patch_embedding"]["weight"]  # [hidden, channels, patch, patch]
-    hidden, c, patch = weight.shape[0], weight.shape[1], weight.shape[2]
-    b, _, height, width = pixel_values.shape
-    gh, gw = height // patch, width // patch
-    # The stride-`patch` convolution as one matmul over the unfolded patches, each flattened (channel, row, column)
-    x = pixel_values.astype(weight.dtype)[:, :, :gh * patch, :gw * patch]
-    x = x.reshape(b, c, gh, patch, gw, patch).transpose(0, 2, 4, 1, 3, 5).reshape(b * gh * gw, c * patch * patch)
-    x = linear(x, weight.reshape(hidden, -1)).reshape(b, gh * gw, hidden)
+    check_pixel_values(pixel_values, config, interpolate_pos_encoding, "CLIPImageProcessor")
+    v = params[VISION_PREFIX]
+    p = v["embeddings"]
+    x = embed_patches(pixel_values, p["patch_embedding"]["weight"])
+    b, hidden = x.shape[0], x.shape[2]
     cls = ops.broadcast_to(p["class_embedding"].reshape(1, 1, hidden), (b, 1, hidden)).astype(x.dtype)
     x = ops.concat([cls, x], 1)
     positions = p["position_embedding"]["weight"]
     if interpolate_pos_encoding:
-        positions = position_embeddings(positions, height, width, patch)
-    x = x + positions.reshape(1, -1, hidden)
-    v = params[VISION_PREFIX]
-    x = _ln(x, v["pre_layrnorm"], config)
-    no_mask = ops.zeros((1, 1, 1, 1, 1), ms.float32)
-    x, hidden_states = encoder(x, v["encoder"]["layers"], config, no_mask, output_hidden_states)
-    return TowerOutput(x, _ln(x[:, 0], v["post_layernorm"], config), hidden_states)
+        positions = position_embeddings(positions, *pixel_values.shape[2:], int_size(config, "patch_size"))
+    x = norm(x + positions.reshape(1, -1, hidden), v["pre_layrnorm"], config.layer_norm_eps)
+    x, hidden_states = encoder(x, v["encoder"]["layers"], CLIP_LAYOUT, config, no_mask(), output_hidden_states)
+    return TowerOutput(x, norm(x[:, 0], v["post_layernorm"], config.layer_norm_eps), hidden_states)
 
 
 def project(params: dict, name: str, pooled: Tensor) -> Tensor:

@@ -93,16 +93,18 @@ AutoModelForSequenceClassification = _auto("AutoModelForSequenceClassification")
 AutoModelForMaskedLM = _auto("AutoModelForMaskedLM")
 AutoModelForTextEncoding = _auto("AutoModelForTextEncoding")
 AutoModelForZeroShotImageClassification = _auto("AutoModelForZeroShotImageClassification")
+AutoModelForImageClassification = _auto("AutoModelForImageClassification")
 AutoModelForImageTextToText = _auto("AutoModelForImageTextToText")
 
 AUTO_CLASSES = (AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
                 AutoModelForMaskedLM, AutoModelForTextEncoding, AutoModelForZeroShotImageClassification,
-                AutoModelForImageTextToText)
+                AutoModelForImageClassification, AutoModelForImageTextToText)
 
 
 def supported_table() -> str:
     """The README's table of supported architectures: one row per `model_type` in `FAMILIES`, with
-    its classes and the Auto classes that pick them (markdown)."""
+    its classes and the Auto classes that pick them (markdown); a family no Auto class picks
+    (`siglip_text_model`) has no row."""
     rows = ["| model_type | classes (Auto class) |", "|---|---|"]
     table = supported_classes()
     for model_type in sorted(FAMILIES):
@@ -111,5 +113,6 @@ def supported_table() -> str:
             if model_type in classes:
                 picks.setdefault(classes[model_type], []).append(auto)
         cells = [f"`{name}` ({', '.join(autos)})" for name, autos in picks.items()]
-        rows.append(f"| `{model_type}` | {'<br>'.join(cells)} |")
+        if cells:
+            rows.append(f"| `{model_type}` | {'<br>'.join(cells)} |")
     return "\n".join(rows)

@@ -83,14 +83,17 @@ class _VisionMixin:
                                    output_hidden_states=_flag(output_hidden_states, config))
 
 
-class _TowerModel(PreTrainedModel):
-    """A tower loaded on its own: `arch` is `clip.TEXT` or `clip.VISION`."""
+class TowerModel(PreTrainedModel):
+    """A tower loaded on its own: `arch` is `clip.TEXT` or `clip.VISION` (SigLIP's: `siglip.TEXT`,
+    `siglip.VISION`), which also loads from a checkpoint of `full_model_type`."""
+
+    full_model_type = clip.MODEL_TYPE
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, config=None, dtype="auto",
                         revision: str | None = None, cache_dir: str | None = None, local_files_only: bool = False,
                         token=None, gguf_file: str | None = None, **config_kwargs) -> "PreTrainedModel":
-        """Load from the tower's own checkpoint or a full CLIP one (then the tower's sub-config and
+        """Load from the tower's own checkpoint or a full CLIP / SigLIP one (then the tower's sub-config and
         keys, as HF). Arguments as `PreTrainedModel.from_pretrained` (no GGUF).
 
         Raises:
@@ -105,10 +108,10 @@ class _TowerModel(PreTrainedModel):
             directory = resolve_model_dir(pretrained_model_name_or_path, **hub)
             with open(directory / "config.json") as f:
                 model_type = json.load(f).get("model_type")
-            if model_type not in (cls.arch.MODEL_TYPE, clip.MODEL_TYPE):
+            if model_type not in (cls.arch.MODEL_TYPE, cls.full_model_type):
                 # checked here: HF's sub-config `from_pretrained` would only warn and build a default config
                 raise CheckpointError(f"{pretrained_model_name_or_path} is a {model_type!r} checkpoint; {cls.__name__} "
-                                      f"needs {cls.arch.MODEL_TYPE!r} or {clip.MODEL_TYPE!r}")
+                                      f"needs {cls.arch.MODEL_TYPE!r} or {cls.full_model_type!r}")
             passed_on = {k: config_kwargs.pop(k) for k in ("torch_dtype",) if k in config_kwargs}
             config = cls.arch.CONFIG_CLASS.from_pretrained(directory, **config_kwargs)
             pretrained_model_name_or_path, config_kwargs = directory, passed_on
@@ -116,7 +119,7 @@ class _TowerModel(PreTrainedModel):
                                        **config_kwargs)
 
 
-class CLIPTextModel(_TextMixin, _TowerModel):
+class CLIPTextModel(_TextMixin, TowerModel):
     """The text tower: `last_hidden_state` `[batch, seq, hidden]` (after `final_layer_norm`),
     `pooler_output` `[batch, hidden]` (the end-of-text token: see `clip.eos_positions`),
     `hidden_states` (embeddings, then each layer, the last before `final_layer_norm`) with
@@ -137,7 +140,7 @@ class CLIPTextModel(_TextMixin, _TowerModel):
         return out if return_dict else out.to_tuple()
 
 
-class CLIPTextModelWithProjection(_TextMixin, _TowerModel):
+class CLIPTextModelWithProjection(_TextMixin, TowerModel):
     """The text tower and `text_projection`: `text_embeds` `[batch, projection_dim]` (not
     normalized), `last_hidden_state`, `hidden_states` as `CLIPTextModel`."""
 
@@ -157,7 +160,7 @@ class CLIPTextModelWithProjection(_TextMixin, _TowerModel):
         return out if return_dict else out.to_tuple()
 
 
-class CLIPVisionModel(_VisionMixin, _TowerModel):
+class CLIPVisionModel(_VisionMixin, TowerModel):
     """The vision tower: `last_hidden_state` `[batch, 1 + patches, hidden]`, `pooler_output`
     `[batch, hidden]` (`post_layernorm` of the class token), `hidden_states` (the `pre_layrnorm`
     output, then each layer) with `output_hidden_states=True`.
@@ -178,7 +181,7 @@ class CLIPVisionModel(_VisionMixin, _TowerModel):
         return out if return_dict else out.to_tuple()
 
 
-class CLIPVisionModelWithProjection(_VisionMixin, _TowerModel):
+class CLIPVisionModelWithProjection(_VisionMixin, TowerModel):
     """The vision tower and `visual_projection`: `image_embeds` `[batch, projection_dim]` (not
     normalized), `last_hidden_state`, `hidden_states` as `CLIPVisionModel`."""
 

@@ -23,6 +23,7 @@ TASKS: dict[str, tuple[str, str, bool]] = {
     "translation": ("text2text:TranslationPipeline", "AutoModelForSeq2SeqLM", False),
     "zero-shot-image-classification": ("vision:ZeroShotImageClassificationPipeline",
                                        "AutoModelForZeroShotImageClassification", True),
+    "image-classification": ("vision:ImageClassificationPipeline", "AutoModelForImageClassification", True),
 }
 ALIASES = {"sentiment-analysis": "text-classification"}
 logger = logging.getLogger(__name__)
@@ -86,13 +87,15 @@ def pipeline(task: str | None = None, model=None, tokenizer=None, image_processo
     """Build a pipeline for `task` as `transformers.pipeline` does, running an msfx model.
 
     Args:
-        task: one of `supported_tasks()` (e.g. "text-generation", "fill-mask"; "sentiment-analysis"
-            is "text-classification"; "summarization" / "translation_en_to_de" apply the T5 config's
-            `task_specific_params` as transformers 4.x did, which removed these tasks in 5).
+        task: one of `supported_tasks()` (e.g. "text-generation", "fill-mask", "image-classification";
+            "sentiment-analysis" is "text-classification"; "summarization" / "translation_en_to_de" apply the T5
+            config's `task_specific_params` as transformers 4.x did, which removed these tasks in 5).
         model: a hub id or local checkpoint directory (loaded with msfx's Auto class for the task), or
             an msfx model instance (then pass `tokenizer=`, and for images `image_processor=`).
         tokenizer: a transformers tokenizer, or a path / hub id for `AutoTokenizer`; default: the model's.
-        image_processor / processor: for image tasks (`processor=` a `CLIPProcessor`, whose parts are used).
+        image_processor / processor: for image tasks (`processor=` a `CLIPProcessor` / `SiglipProcessor`, whose
+            parts are used); default: the checkpoint's `AutoImageProcessor` (without torchvision, transformers
+            gives its PIL / numpy one, e.g. `ViTImageProcessorPil`).
         dtype: passed to `from_pretrained` (e.g. "bfloat16"), with `model_kwargs`.
         batch_size: default batch size for list inputs.
         **kwargs: the task's call arguments, defaults for every call (HF's pipeline kwargs).
@@ -113,11 +116,12 @@ def pipeline(task: str | None = None, model=None, tokenizer=None, image_processo
         tokenizer = tokenizer if tokenizer is not None else getattr(processor, "tokenizer", None)
         image_processor = image_processor if image_processor is not None else getattr(processor, "image_processor",
                                                                                      None)
-    tokenizer = _load_preprocessor("AutoTokenizer", tokenizer, model, name, "tokenizer")
-    if needs_images:
-        image_processor = _load_preprocessor("AutoImageProcessor", image_processor, model, name, "image_processor")
     module, cls = class_path.split(":")
     pipeline_class = getattr(importlib.import_module(f"msfx.pipelines.{module}"), cls)
+    if pipeline_class.needs_tokenizer:
+        tokenizer = _load_preprocessor("AutoTokenizer", tokenizer, model, name, "tokenizer")
+    if needs_images:
+        image_processor = _load_preprocessor("AutoImageProcessor", image_processor, model, name, "image_processor")
     return pipeline_class(loaded, tokenizer=tokenizer, image_processor=image_processor, batch_size=batch_size,
                           task=name, **kwargs)
 

@@ -59,6 +59,7 @@ class Pipeline:
     """
 
     calls_generate = False
+    needs_tokenizer = True  # `msfx.pipeline` loads the checkpoint's tokenizer for the task
     default_generation_config: GenerationConfig | None = None
 
     def __init__(self, model, tokenizer=None, image_processor=None, batch_size: int | None = None,
