@@ -28,7 +28,7 @@ class LlavaForConditionalGeneration(GenerationMixin, PreTrainedModel):
 
     def __init__(self, config, params: dict | None = None):
         super().__init__(config, params)
-        self._pixel_values = None  # the images of the `generate` call in progress
+        self._pixel_values, self._prompts = None, 1  # the images and prompts of the `generate` call in progress
         self._language_steps: dict = {}
 
     def construct(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, labels=None,
@@ -50,6 +50,7 @@ class LlavaForConditionalGeneration(GenerationMixin, PreTrainedModel):
             ValueError: as `GenerationMixin.generate`, and image tokens that do not match the features.
         """
         self._pixel_values = _pixels(pixel_values)
+        self._prompts = len(input_ids)
         try:
             return super().generate(input_ids, attention_mask, **kwargs)
         finally:
@@ -71,7 +72,8 @@ class LlavaForConditionalGeneration(GenerationMixin, PreTrainedModel):
         if self._pixel_values is not None:
             features = llava.image_features(self.params, self._pixel_values, self.config)
             embeds = llava.input_embeddings(self.params, input_ids, None, self.config)
-            features = _features_per_row(features, input_ids, self.config.image_token_id)
+            copies = len(input_ids) // self._prompts  # rows per prompt (beams, returned sequences)
+            features = _features_per_row(features, input_ids, copies, self.config.image_token_id)
             embeds = llava.merge_image_features(embeds, input_ids, features, self.config.image_token_id)
         step = self._language_step(bool(jit), False)
         prefill = self._language_step(jit is True, embeds is not None)
@@ -88,12 +90,19 @@ def _pixels(pixel_values) -> Tensor | None:
     return Tensor(values.astype(np.float32) if not np.issubdtype(values.dtype, np.floating) else values)
 
 
-def _features_per_row(features, input_ids: np.ndarray, image_token_id: int):
+def _features_per_row(features, input_ids: np.ndarray, copies: int, image_token_id: int):
     """`features` `[images, patches, hidden]` of the unrepeated prompts, in the order the rows of
-    `input_ids` (each prompt repeated `copies` times) need them."""
-    patches = features.shape[1]
-    per_row = (np.asarray(input_ids) == image_token_id).sum(1) // patches  # images in each row
-    copies = max(1, int(per_row.sum()) // features.shape[0]) if features.shape[0] else 1
+    `input_ids` (each prompt repeated `copies` times) need them.
+
+    Raises:
+        ValueError: the prompts' image tokens do not number `images * patches` (HF's message).
+    """
+    images, patches = features.shape[0], features.shape[1]
+    tokens = (np.asarray(input_ids) == image_token_id).sum(1)
+    if tokens[::copies].sum() != images * patches or np.any(tokens % patches):
+        raise ValueError(f"Image features and image tokens do not match, tokens: {int(tokens[::copies].sum())}, "
+                         f"features: {images * patches}")
+    per_row = tokens // patches
     first = np.concatenate([[0], np.cumsum(per_row[::copies])])  # each prompt's first image
     order = [i for row in range(len(per_row)) for i in range(first[row // copies], first[row // copies] + per_row[row])]
     return ops.gather(features, Tensor(np.asarray(order, np.int32)), 0) if order else features[:0]
