@@ -43,7 +43,8 @@ def generate(args) -> int:
                                       seed=args.seed).items() if v is not None}
     if sampling and not args.do_sample:
         flags = ", ".join(f"--{name.replace('_', '-')}" for name in sampling)
-        print(f"msfx generate: warning: {flags} only apply with --do-sample; decoding greedily", file=sys.stderr)
+        verb = "applies" if len(sampling) == 1 else "apply"
+        print(f"msfx generate: warning: {flags} only {verb} with --do-sample; decoding greedily", file=sys.stderr)
         sampling = {}
     # streaming needs one sequence: a checkpoint's num_beams is overridden
     model.generate(input_ids=np.asarray([ids], np.int64), max_new_tokens=args.max_new_tokens, num_beams=1,

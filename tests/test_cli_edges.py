@@ -78,6 +78,12 @@ def test_missing_gguf_file_is_one_line(gguf_dir, monkeypatch, capsys):
     assert rc == 2 and err.strip() == "msfx generate: error: GGUF file 'nope.gguf' not found in 'gdir'"
 
 
+def test_gguf_only_directory_names_its_files(gguf_dir, monkeypatch, capsys):
+    monkeypatch.chdir(gguf_dir)
+    rc, err = _generate(capsys, "--model", "gdir")
+    assert rc == 2 and "no config.json in gdir; it holds " in err and "--gguf-file" in err, err
+
+
 # ---------------------------------------------------------------- 14. broken configs, sampling values
 
 BROKEN_CONFIGS = {

@@ -43,7 +43,7 @@ def _names(keys: list[str], limit: int = 30) -> str:
 
 
 def _check_keys(found: dict[str, tuple], expected: dict[str, tuple], source: str, base: tuple[str, ...],
-                optional: tuple[str, ...] = (), stored: list[str] | tuple = ()) -> list[str]:
+                optional: tuple[str, ...] = (), stored: dict[str, str] | None = None) -> list[str]:
     """Raise on missing, unexpected or mis-shaped tensors of the base model; return the head tensors
     the checkpoint lacks (a new task head: HF initializes those freshly).
 
@@ -51,8 +51,9 @@ def _check_keys(found: dict[str, tuple], expected: dict[str, tuple], source: str
     checked strictly, so a base weight is never silently random. Keys of another class (`lm_head`
     in a base-model load, a decoder in `T5EncoderModel`) are dropped by the caller, as in HF. Keys
     starting with one of `optional` (a family's `optional_keys`: base-model parts some
-    classes or older checkpoints lack, as BERT's pooler) are treated as head tensors. `stored`: the
-    checkpoint's own keys (before renaming), named when none fits."""
+    classes or older checkpoints lack, as BERT's pooler) are treated as head tensors. `stored`: each
+    found key's name in the checkpoint (before renaming), as the messages name unexpected keys."""
+    stored = stored or {}
     strict = tuple(p for p in base if any(k.startswith(p) for k in expected))
 
     def body(key: str) -> bool:
@@ -66,10 +67,10 @@ def _check_keys(found: dict[str, tuple], expected: dict[str, tuple], source: str
     if [k for k in missing if body(k)]:
         problems.append(f"missing tensors: {_names([k for k in missing if body(k)])}")
         if found and not set(found) & set(expected):
-            tops = sorted({k.split(".")[0] for k in stored})
+            tops = sorted({stored.get(k, k).split(".")[0] for k in found})
             problems.append(f"no checkpoint key fits the model (they start with {_names(tops, 5)})")
     if unexpected:
-        problems.append(f"unexpected tensors: {_names(unexpected)}")
+        problems.append(f"unexpected tensors: {_names(sorted(stored.get(k, k) for k in unexpected))}")
     if mismatched:
         problems.append(f"mis-shaped tensors: {'; '.join(mismatched)}")
     if problems:
@@ -213,7 +214,8 @@ def load_params(family: Family | str | ModuleType, ref: str | os.PathLike, *, dt
     names, config, expected = _tie(_key_names(found, expected, prefix), lambda k: read_tensor(files, k), expected,
                                    config, family, shapes)
     missing_heads = _check_keys({names[k]: found[k] for k in names}, expected, str(ref),
-                                family.base_keys or (prefix + ".",), family.optional_keys, list(names))
+                                family.base_keys or (prefix + ".",), family.optional_keys,
+                                {model: key for key, model in names.items()})
     kept = _kept_in_float32(family, target)
     flat = {}
     for name, array, stored in iter_tensors(files):

@@ -19,14 +19,16 @@ def read_config(model_dir: str | os.PathLike, **overrides) -> PretrainedConfig:
     transformers' dataclass validation or its advice to upgrade for an unknown `model_type`.
 
     Raises:
-        FileNotFoundError: no `config.json` in `model_dir`.
+        FileNotFoundError: no `config.json` in `model_dir` (its GGUF files named, if any).
         CheckpointError: `config.json` is not a JSON object (the line and column named), has no
             `model_type` or one transformers does not define, or a field transformers refuses
             (the field named).
     """
     path = Path(model_dir) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no config.json in {model_dir}")
+        ggufs = sorted(p.name for p in Path(model_dir).glob("*.gguf"))
+        hint = f"; it holds {', '.join(ggufs)}: pass gguf_file= (msfx generate: --gguf-file)" if ggufs else ""
+        raise FileNotFoundError(f"no config.json in {model_dir}{hint}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
