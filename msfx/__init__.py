@@ -46,8 +46,8 @@ from msfx.decode.cache import KVCache  # noqa: E402
 from msfx.errors import CheckpointError, CorruptCheckpointError, ModelNotFoundError  # noqa: E402
 from msfx.families import FAMILIES as _FAMILIES  # noqa: E402
 from msfx.models.auto import (AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM,  # noqa: E402
-                              AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoModelForTextEncoding,
-                              AutoModelForZeroShotImageClassification)
+                              AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoModelForSpeechSeq2Seq,
+                              AutoModelForTextEncoding, AutoModelForZeroShotImageClassification)
 from msfx.models import clip as _clip_models  # noqa: E402
 from msfx.pipelines import pipeline  # noqa: E402
 from msfx.train.trainer import Trainer, TrainingArguments  # noqa: E402
@@ -62,7 +62,7 @@ _CLASSES |= {"CLIPTextModelWithProjection": _clip_models.CLIPTextModelWithProjec
 globals().update(_CLASSES)
 
 __all__ = ["AutoModel", "AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModelForSeq2SeqLM",
-           "AutoModelForSequenceClassification", "AutoModelForTextEncoding", "AutoModelForZeroShotImageClassification",
+           "AutoModelForSequenceClassification", "AutoModelForSpeechSeq2Seq", "AutoModelForTextEncoding", "AutoModelForZeroShotImageClassification",
            "CheckpointError", "CorruptCheckpointError", "KVCache", "ModelNotFoundError", "Trainer", "TrainingArguments",
            "bert", "gemma2", "gemma3_text", "gpt2", "llama", "mistral", "mixtral", "phi3", "pipeline", "qwen2", "qwen3",
            "qwen3_moe"]

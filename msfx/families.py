@@ -207,6 +207,10 @@ _ALL = (
                           "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias."),
            # `wo` overflows float16 in large T5s (HF's `_keep_in_fp32_modules`)
            keep_in_fp32=("wo",), tied_keys=()),
+    Family("whisper", transformers.WhisperConfig, (("AutoModel", "WhisperModel"),
+                                                   ("AutoModelForSpeechSeq2Seq", "WhisperForConditionalGeneration")),
+           core="msfx.architectures.whisper", classes="msfx.models.whisper",
+           tied_keys=(("proj_out.weight", "model.decoder.embed_tokens.weight"),)),
 )
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in _ALL}

@@ -90,12 +90,14 @@ AutoModel = _auto("AutoModel")
 AutoModelForCausalLM = _auto("AutoModelForCausalLM")
 AutoModelForSeq2SeqLM = _auto("AutoModelForSeq2SeqLM")
 AutoModelForSequenceClassification = _auto("AutoModelForSequenceClassification")
+AutoModelForSpeechSeq2Seq = _auto("AutoModelForSpeechSeq2Seq")
 AutoModelForMaskedLM = _auto("AutoModelForMaskedLM")
 AutoModelForTextEncoding = _auto("AutoModelForTextEncoding")
 AutoModelForZeroShotImageClassification = _auto("AutoModelForZeroShotImageClassification")
 
 AUTO_CLASSES = (AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
-                AutoModelForMaskedLM, AutoModelForTextEncoding, AutoModelForZeroShotImageClassification)
+                AutoModelForMaskedLM, AutoModelForTextEncoding, AutoModelForZeroShotImageClassification,
+                AutoModelForSpeechSeq2Seq)
 
 
 def supported_table() -> str:
