@@ -82,7 +82,7 @@ class WhisperForConditionalGeneration(GenerationMixin, _WhisperBase):
     `logits` `[batch, target_seq, vocab]`; `labels` `[batch, target_seq]` give the mean cross-entropy
     (-100 ignored) and, without decoder inputs, the decoder inputs (`shift_tokens_right`).
 
-    `generate(input_features, ...)` follows HF's Whisper generation for one 30-second window: start tokens
+    `generate(input_features, ...)` follows HF's Whisper generation, 30-second window after window: start tokens
     from `language=` / `task=` (language detected when a multilingual model is given none) or
     `forced_decoder_ids`, `<|notimestamps|>` unless `return_timestamps=True` (then the timestamp rules),
     `suppress_tokens`, `begin_suppress_tokens`; greedy, sampling or beam search as `msfx.generation`.
@@ -112,67 +112,120 @@ class WhisperForConditionalGeneration(GenerationMixin, _WhisperBase):
 
     def generate(self, input_features=None, generation_config=None, logits_processor=None, stopping_criteria=None,
                  return_timestamps: bool | None = None, task: str | None = None, language=None,
-                 is_multilingual: bool | None = None, return_segments: bool = False, jit: bool | str = True,
-                 seed: int | None = None, **kwargs):
-        """HF's `WhisperForConditionalGeneration.generate` for audio up to 30 s (3000 mel frames; shorter
-        input is zero-padded to that, as HF).
+                 is_multilingual: bool | None = None, attention_mask=None, return_segments: bool = False,
+                 force_unique_generate_call: bool | None = None, jit: bool | str = True, seed: int | None = None,
+                 **kwargs):
+        """HF's `WhisperForConditionalGeneration.generate`: sequential decoding over 30-second windows
+        (`2 * max_source_positions` mel frames, the last zero-padded). Each window is decoded from the start
+        tokens; with timestamps, the next window starts at the last complete segment's end timestamp (so
+        even audio under 30 s may take several windows, as in HF), else at the window's end.
 
         Args:
-            input_features: float `[batch, num_mel_bins, frames]`, `frames <= 2 * max_source_positions`.
+            input_features: float `[batch, num_mel_bins, frames]`; over one window is long-form, which HF
+                decodes with timestamps (`return_timestamps=False` is refused then).
+            attention_mask: `[batch, frames]`, each row's real frames (needed for batched long-form).
             return_timestamps: predict `<|t|>` timestamp tokens (needs `no_timestamps_token_id` in the
                 generation config).
-            task: "transcribe" or "translate"; language: a name, code or token ("french", "fr",
-                "<|fr|>"), or one per row.
+            task: "transcribe" or "translate"; language: a name, code or token ("french", "fr", "<|fr|>"),
+                or one per row.
             return_segments: also return the timestamped segments.
+            force_unique_generate_call: decode the first window only and return its sequences whole
+                (start tokens included), as HF.
             Other arguments as `msfx.generation.GenerationMixin.generate` (`max_new_tokens`, `num_beams`, ...).
 
         Returns:
-            int64 numpy `[batch, n]`: the generated tokens without the start tokens or the final eos,
+            int64 numpy `[batch, n]`: each row's segments' tokens (no start tokens, no final eos),
             right-padded with `pad_token_id`, as HF; with `return_segments` (or `return_dict_in_generate`
-            and `return_timestamps`), a dict with `sequences` and `segments` (per row, a list of
+            with timestamps), a dict with `sequences` and `segments` (per row, a list of
             `{"start", "end", "tokens"}`, seconds).
 
         Raises:
-            ValueError: mis-shaped features, more than 30 s of features (long-form decoding is not
-                implemented), timestamps without `no_timestamps_token_id`, a bad language or task, or more
-                tokens than `max_target_positions` allows; and as `GenerationMixin.generate`.
+            ValueError: mis-shaped features, long-form input without timestamps or (batched) without
+                `attention_mask`, timestamps without `no_timestamps_token_id`, a bad language or task,
+                more tokens than `max_target_positions` allows; and as `GenerationMixin.generate`.
         """
         features = whisper.check_features(input_features, self.config)
+        batch, total = features.shape[0], features.shape[-1]
         window = whisper.input_frames(self.config)
-        if features.shape[-1] > window:
-            raise ValueError(f"input_features has {features.shape[-1]} frames: msfx decodes one {window}-frame "
-                             "(30 s) window; long-form sequential decoding is not implemented yet")
-        total_frames = features.shape[-1]
-        features = np.pad(features, ((0, 0), (0, 0), (0, window - features.shape[-1])))
         config, _ = self._merge_generation_config(generation_config, kwargs)
         if return_timestamps is None:
             return_timestamps = getattr(config, "return_timestamps", None)
+        if total > window:
+            if return_timestamps is False:
+                raise ValueError(f"You have passed more than {window} mel input features (> 30 seconds) which "
+                                 "automatically enables long-form generation which requires the model to predict "
+                                 "timestamp tokens. Please either pass `return_timestamps=True` or make sure to pass "
+                                 f"no more than {window} mel input features.")
+            return_timestamps = True
         if return_timestamps and not hasattr(config, "no_timestamps_token_id"):
             raise ValueError("You are trying to return timestamps, but the generation config is not properly set. "
                              "Make sure to initialize the generation config with the correct attributes that are "
                              "needed such as `no_timestamps_token_id`.")
         config.return_timestamps = return_timestamps
         rules.set_language_and_task(config, language, task, is_multilingual)
-        start = rules.start_tokens(config, self.config, features.shape[0], lambda: self.detect_language(features, config))
+        max_frames = self._frames_per_row(features, attention_mask, window)
+        start = rules.start_tokens(config, self.config, batch,
+                                   lambda: self.detect_language(self._window(features, 0, window, window), config))
         processors = rules.whisper_processors(config, start.shape[1], logits_processor)
-        kwargs = {"suppress_tokens": None, "begin_suppress_tokens": None}  # now in `processors`
         self._set_max_new_tokens(config, start.shape[1])
-        mask = np.ones((features.shape[0], 1), np.int32)
-        prepared = self._prepare_generation(None, None, config, None, jit, processors, stopping_criteria, None, seed,
-                                            kwargs, source=(features, mask, start))
-        result = self._run_generation(prepared)
-        sequences = result.sequences if isinstance(result, BeamSearchResult) else result
         timestamp_begin = getattr(config, "no_timestamps_token_id", self.config.vocab_size) + 1
-        pad, eos = config.pad_token_id, config.eos_token_id
-        rows, all_segments = [], []
-        for sequence in sequences[:, start.shape[1]:]:
-            found, _ = rules.segments(rules.trim(sequence, pad, eos), timestamp_begin, 0.0, total_frames)
-            rows.append(np.concatenate([s["tokens"] for s in found]).astype(np.int64))
-            all_segments.append(found)
-        out = rules.pad_right(rows, pad)
+        if force_unique_generate_call is None:
+            force_unique_generate_call = getattr(config, "force_unique_generate_call", False)
+        seek, found = np.zeros(batch, np.int64), [[] for _ in range(batch)]
+        while (seek < max_frames).any():
+            rows = np.flatnonzero(seek < max_frames)  # HF's `_maybe_reduce_batch`
+            frames = np.minimum(max_frames[rows] - seek[rows], window)
+            segment_input = np.concatenate([self._window(features[i:i + 1], seek[i], n, window)
+                                            for i, n in zip(rows, frames)])
+            sequences = self._generate_window(segment_input, start[rows], config, processors, stopping_criteria,
+                                              jit, seed)
+            for i, n, sequence in zip(rows, frames, sequences[:, start.shape[1]:]):
+                tokens = rules.trim(sequence, config.pad_token_id, config.eos_token_id)
+                segments, offset = rules.segments(tokens, timestamp_begin, seek[i] * rules.FRAME_SECONDS, int(n))
+                found[i] += segments
+                seek[i] += offset
+            if force_unique_generate_call:  # HF returns that window's sequences as generated (start tokens first)
+                break
+        out = sequences if force_unique_generate_call else rules.pad_right(
+            [np.concatenate([s["tokens"] for s in row] or [np.zeros(0, np.int64)]) for row in found],
+            config.pad_token_id)
         if return_segments or (config.return_dict_in_generate and return_timestamps):
-            return {"sequences": out, "segments": all_segments}
+            return {"sequences": out, "segments": found}
         return out
+
+    @staticmethod
+    def _window(features: np.ndarray, seek: int, frames: int, window: int) -> np.ndarray:
+        """`frames` mel frames from `seek`, zero-padded to `window` (HF's `_get_input_segment`)."""
+        part = features[:, :, seek:seek + frames]
+        return np.pad(part, ((0, 0), (0, 0), (0, window - part.shape[-1])))
+
+    @staticmethod
+    def _frames_per_row(features: np.ndarray, attention_mask, window: int) -> np.ndarray:
+        """Each row's frame count: all of them, or for batched long-form `attention_mask`'s sums (HF's
+        `_retrieve_max_frames_and_seek`).
+
+        Raises:
+            ValueError: batched long-form input without `attention_mask`.
+        """
+        batch, total = features.shape[0], features.shape[-1]
+        if batch == 1 or total <= window:
+            return np.full(batch, total, np.int64)
+        if attention_mask is None:
+            raise ValueError("When doing batched long-form audio transcription, make sure to pass an `attention_mask`. "
+                             "You can retrieve the `attention_mask` by doing `processor(audio, ..., "
+                             "return_attention_mask=True)` ")
+        mask = attention_mask.asnumpy() if isinstance(attention_mask, Tensor) else np.asarray(attention_mask)
+        return mask.sum(-1).astype(np.int64)
+
+    def _generate_window(self, segment_input: np.ndarray, start: np.ndarray, config, processors, stopping_criteria,
+                         jit, seed) -> np.ndarray:
+        """One window's decoding (the generic loop over `Seq2SeqDecodeState`): int64 `[rows, start + new]`."""
+        suppressed = {"suppress_tokens": None, "begin_suppress_tokens": None}  # applied by `processors`
+        mask = np.ones((segment_input.shape[0], 1), np.int32)
+        prepared = self._prepare_generation(None, None, config, None, jit, processors, stopping_criteria, None, seed,
+                                            suppressed, source=(segment_input, mask, start))
+        result = self._run_generation(prepared)
+        return result.sequences if isinstance(result, BeamSearchResult) else result
 
     def _set_max_new_tokens(self, config, start_len: int) -> None:
         """HF's `_set_max_new_tokens_and_length`: `max_new_tokens` from `max_length` counted after the start
