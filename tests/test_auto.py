@@ -16,6 +16,7 @@ HF_MAPPINGS = {
     "AutoModelForCausalLM": hf_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     "AutoModelForSeq2SeqLM": hf_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
     "AutoModelForSequenceClassification": hf_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    "AutoModelForSpeechSeq2Seq": hf_auto.MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES,
     "AutoModelForMaskedLM": hf_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES,
     "AutoModelForTextEncoding": hf_auto.MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES,
     "AutoModelForZeroShotImageClassification": hf_auto.MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES,

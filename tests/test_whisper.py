@@ -169,3 +169,15 @@ def test_bad_inputs_raise(tiny):
     extractor = transformers.WhisperFeatureExtractor(feature_size=8)
     with pytest.raises(ValueError, match="sampling rate"):
         extractor(np.zeros(8000, np.float32), sampling_rate=8000, return_tensors="np")
+
+
+def test_forced_decoder_ids_match_hf(tiny):
+    """The older way to give language and task: `forced_decoder_ids` in the generation config."""
+    hf, ours, _ = tiny
+    config = generation_config()
+    config.forced_decoder_ids = [[1, 102], [2, 105]]
+    x = features()
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor(x), generation_config=config, no_repeat_ngram_size=2)
+    got = ours.generate(x, generation_config=config, no_repeat_ngram_size=2)
+    np.testing.assert_array_equal(got, ref.numpy())
