@@ -93,12 +93,13 @@ def test_save_pretrained_round_trip(tiny, tmp_path):
 
 
 GENERATE_CASES = {
-    "language": dict(language="en", no_repeat_ngram_size=2),
+    "language": dict(language="en", no_repeat_ngram_size=2, max_new_tokens=16),
     "translate": dict(language="fr", task="translate", no_repeat_ngram_size=2),
     "per-row languages": dict(language=["en", "german", "<|fr|>"], max_new_tokens=8),
     "detected language": dict(no_repeat_ngram_size=2),
-    "timestamps": dict(return_timestamps=True, repetition_penalty=5.0),
-    "timestamps, one window": dict(return_timestamps=True, repetition_penalty=5.0, force_unique_generate_call=True),
+    "timestamps": dict(return_timestamps=True, repetition_penalty=5.0, max_new_tokens=12),
+    "timestamps, one window": dict(return_timestamps=True, repetition_penalty=5.0, force_unique_generate_call=True,
+                                   max_new_tokens=12),
     "beam search": dict(language="en", num_beams=3, no_repeat_ngram_size=2, max_new_tokens=10),
 }
 
@@ -136,7 +137,7 @@ def test_long_form_matches_hf(tiny):
     x = features(batch=2, frames=75)
     mask = np.ones((2, 75), np.int64)
     mask[1, 50:] = 0
-    kwargs = dict(repetition_penalty=5.0, language="en")
+    kwargs = dict(repetition_penalty=5.0, language="en", max_new_tokens=10)
     with torch.no_grad():
         ref = hf.generate(torch.tensor(x), attention_mask=torch.tensor(mask), return_timestamps=True, **kwargs)
     np.testing.assert_array_equal(ours.generate(x, attention_mask=mask, return_timestamps=True, **kwargs), ref.numpy())
