@@ -21,33 +21,35 @@ if "GLOG_v" not in _os.environ:
 
         _raise()
 
-# public name -> (module, attribute; None: the module itself)
+# public names outside the family table -> (module, attribute; None: the module itself)
 _NAMES = {
-    **{name: ("msfx.models.auto", name) for name in (
-        "AutoModel", "AutoModelForCausalLM", "AutoModelForImageClassification", "AutoModelForMaskedLM",
-        "AutoModelForSeq2SeqLM", "AutoModelForSequenceClassification", "AutoModelForTextEncoding",
-        "AutoModelForZeroShotImageClassification", "AutoModelForImageTextToText")},
     **{name: ("msfx.errors", name) for name in ("CheckpointError", "CorruptCheckpointError", "ModelNotFoundError")},
     "KVCache": ("msfx.decode.cache", "KVCache"),
     "Trainer": ("msfx.train.trainer", "Trainer"),
     "TrainingArguments": ("msfx.train.trainer", "TrainingArguments"),
     "pipeline": ("msfx.pipelines", "pipeline"),
-    **{core: (f"msfx.architectures.{core}", None)
-       for core in ("bert", "clip", "dinov2", "gpt2", "llama", "llava", "siglip", "t5", "vit")},
     # classes no Auto class picks (HF's auto mappings have no entry for them)
     **{name: ("msfx.models.clip", name) for name in ("CLIPTextModelWithProjection", "CLIPVisionModelWithProjection")},
     "SiglipTextModel": ("msfx.models.siglip", "SiglipTextModel"),
 }
 
 
-def _family_names() -> dict:
-    """Every family's classes by HF's names, and the other Llama-like families' functional modules
-    (`msfx.qwen2`), from the table in `msfx.families`."""
+def _family_table() -> dict:
+    """name -> how to get it, for every name `msfx.families`' table gives: each family's classes
+    (HF's names), the Auto classes picking them, the functional cores (`msfx.llama`) and the other
+    Llama-like families' functional modules (`msfx.qwen2`)."""
     from msfx.families import FAMILIES
 
-    names = {name: record for record in FAMILIES.values() for _, name in record.auto}
-    names |= {t: record for t, record in FAMILIES.items() if record.spec is not None and t != "llama"}
-    return names
+    table = {}
+    for record in FAMILIES.values():
+        table[record.core.rsplit(".", 1)[1]] = lambda core=record.core: _importlib.import_module(core)
+        for auto, name in record.auto:
+            table[name] = lambda record=record, name=name: record.class_named(name)
+            table[auto] = lambda auto=auto: getattr(_importlib.import_module("msfx.models.auto"), auto)
+        if record.spec is not None and record.model_type != "llama":
+            table[record.model_type] = lambda model_type=record.model_type: _importlib.import_module(
+                "msfx.architectures.llama").family_module(model_type)
+    return table
 
 
 def __getattr__(name: str):
@@ -56,15 +58,9 @@ def __getattr__(name: str):
         value = _importlib.import_module(module)
         value = value if attribute is None else getattr(value, attribute)
     elif name == "__all__":
-        value = sorted(_NAMES) + sorted(_family_names())
-    elif not name.startswith("_") and name in (family := _family_names()):
-        record = family[name]
-        if name == record.model_type:
-            from msfx.architectures.llama import family_module
-
-            value = family_module(name)
-        else:
-            value = record.class_named(name)
+        value = sorted(_NAMES) + sorted(_family_table())
+    elif not name.startswith("_") and name in (table := _family_table()):
+        value = table[name]()
     else:
         raise AttributeError(f"module 'msfx' has no attribute {name!r}")
     globals()[name] = value

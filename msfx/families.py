@@ -232,6 +232,10 @@ _ALL = (
            core="msfx.architectures.vit", classes="msfx.models.vit", base_prefix="vit",
            # HF's `add_pooling_layer`: `ViTForImageClassification` has no pooler, `ViTModel` gets a fresh one
            optional_keys=("vit.pooler.",), tied_keys=()),
+    Family("whisper", transformers.WhisperConfig, (("AutoModel", "WhisperModel"),
+                                                   ("AutoModelForSpeechSeq2Seq", "WhisperForConditionalGeneration")),
+           core="msfx.architectures.whisper", classes="msfx.models.whisper",
+           tied_keys=(("proj_out.weight", "model.decoder.embed_tokens.weight"),)),
 )
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in _ALL}

@@ -299,20 +299,29 @@ class GenerationMixin:
             return self._output_class(False)(sequences=ids) if prepared.as_dict else ids
         return self._package(prepared, self._run_generation(prepared))
 
-    def _prepare_generation(self, input_ids, attention_mask, generation_config, jit, hooks: _Hooks,
-                            kwargs) -> _Prepared:
+    def _prepare_generation(self, input_ids, attention_mask, generation_config, jit, hooks: _Hooks, kwargs,
+                            source: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> _Prepared:
         """HF's preparation in `generate` (arguments as there): config, special tokens, mask, lengths,
-        the inputs expanded per beam / returned sequence, processors and criteria. Raises as `generate`."""
+        the inputs expanded per beam / returned sequence, processors and criteria. `source`: an
+        encoder-decoder's encoder inputs and decoder prompt `(encoder_inputs, encoder_mask, decoder_ids)`
+        as numpy, prepared and checked by the wrapper (Whisper's features and start tokens) instead of
+        `input_ids`. Raises as `generate`."""
         _check_callables(jit, hooks.logits_processor, hooks.stopping_criteria)
         config, default_max_length = self._merge_generation_config(generation_config, kwargs)
         check_sampling_args(config)
         num_beams, as_dict = _check_modes(config, hooks.streamer)
-        ids = check_token_ids(input_ids, self.config.get_text_config().vocab_size)
-        eos, pad = _special_tokens(config, ids, attention_mask)
-        mask = self._attention_mask(ids, attention_mask, pad, eos)
-        encoder_inputs = None
-        if self.config.is_encoder_decoder:  # the prompt feeds the encoder; the decoder starts from one token
-            encoder_inputs, (ids, mask) = (ids, mask), _decoder_start(config, ids.shape[0])
+        vocab_size = self.config.get_text_config().vocab_size
+        if source is None:
+            ids = check_token_ids(input_ids, vocab_size)
+            eos, pad = _special_tokens(config, ids, attention_mask)
+            mask = self._attention_mask(ids, attention_mask, pad, eos)
+            encoder_inputs = None
+            if self.config.is_encoder_decoder:  # the prompt feeds the encoder; the decoder starts from one token
+                encoder_inputs, (ids, mask) = (ids, mask), _decoder_start(config, ids.shape[0])
+        else:
+            ids = check_token_ids(source[2], vocab_size)
+            eos, pad = _special_tokens(config, ids, None)
+            encoder_inputs, mask = source[:2], np.ones_like(ids, np.int32)
         max_new = self._max_new_tokens(config, ids.shape[1], default_max_length)
         # HF's prepared lengths (`_prepare_generated_length`): absolute, prompt included
         config.max_length = ids.shape[1] + max_new

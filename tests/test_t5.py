@@ -167,8 +167,8 @@ def test_compiled_step_moves_cross_attention_rows_between_prompts(hf_t5, ours):
     cross-attention state in place then; a reordering across prompts must still move it, as eagerly."""
     ids, mask = np.repeat(IDS[:2], 2, 0), np.repeat(MASK[:2], 2, 0)
     start = np.zeros((4, 1), np.int64)
-    eager = Seq2SeqDecodeState(ours.params, ours.config, ids, mask, start, 4)
-    compiled = Seq2SeqDecodeState(ours.params, ours.config, ids, mask, start, 4, step=ours.decoder_step)
+    eager = Seq2SeqDecodeState(t5_arch, ours.params, ours.config, ids, mask, start, 4)
+    compiled = Seq2SeqDecodeState(t5_arch, ours.params, ours.config, ids, mask, start, 4, step=ours.decoder_step)
     np.testing.assert_allclose(compiled.prefill().asnumpy(), eager.prefill().asnumpy(), atol=1e-6)
     for tokens, beam_idx in (([5, 6, 7, 8], [1, 0, 0, 1]), ([9, 9, 4, 4], [2, 3, 0, 0]), ([3, 4, 5, 6], None)):
         tokens, beam_idx = np.array(tokens), None if beam_idx is None else np.array(beam_idx)

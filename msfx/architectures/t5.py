@@ -288,6 +288,23 @@ def encoder_forward(params: dict, input_ids: Tensor | None = None, attention_mas
     return T5StackOutput(x.reshape(b, s, -1))
 
 
+def encode_source(params: dict, input_ids: np.ndarray, attention_mask: np.ndarray, config) -> Tensor:
+    """The encoder output for generation (`msfx.decode.seq2seq`): ids and mask numpy `[batch, source_seq]`,
+    already checked."""
+    return encoder_forward(params, Tensor(input_ids.astype(np.int32)), Tensor(attention_mask.astype(np.int32)),
+                           config=config, check_ids=False).last_hidden_state
+
+
+def decoder_cache_shape(config) -> tuple[int, int, int]:
+    """`(layers, heads, head_dim)` of the decoder's self-attention cache."""
+    return config.num_decoder_layers, config.num_heads, config.d_kv
+
+
+def decoder_params(params: dict) -> dict:
+    """The subtree a decoder step reads (not the encoder's leaves)."""
+    return {k: params[k] for k in ("shared", "decoder", "lm_head") if k in params}
+
+
 def cross_attention_cache(params: dict, encoder_hidden_states: Tensor, config) -> KVCache:
     """Every decoder block's cross-attention keys and values `[batch, heads, source_seq, d_kv]` over
     `encoder_hidden_states` `[batch, source_seq, d_model]`: computed once per generation (HF's

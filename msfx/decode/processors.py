@@ -497,6 +497,57 @@ class EtaLogitsWarper(EpsilonLogitsWarper):
         return np.minimum(eps, np.sqrt(eps) * np.exp(-entropy)).astype(np.float32)[..., None]
 
 
+class WhisperTimeStampLogitsProcessor(LogitsProcessor):
+    """Whisper's timestamp rules (HF's `WhisperTimeStampLogitsProcessor`, after openai/whisper): never
+    `<|notimestamps|>`; timestamps come in pairs and never decrease; the first generated token (at
+    `begin_index`) is a timestamp, at most `max_initial_timestamp_index` steps in; and when the
+    timestamps' total probability beats every text token, a timestamp is forced."""
+
+    def __init__(self, generate_config, begin_index: int, _detect_timestamp_from_logprob: bool | None = None):
+        self.no_timestamps_token_id = generate_config.no_timestamps_token_id
+        self.timestamp_begin = generate_config.no_timestamps_token_id + 1
+        self.eos_token_id = generate_config.eos_token_id or generate_config.bos_token_id
+        self._detect_timestamp_from_logprob = _detect_timestamp_from_logprob if _detect_timestamp_from_logprob \
+            is not None else getattr(generate_config, "_detect_timestamp_from_logprob", True)
+        self.begin_index = begin_index
+        self.max_initial_timestamp_index = getattr(generate_config, "max_initial_timestamp_index", None)
+
+    def set_begin_index(self, begin_index: int) -> None:
+        self.begin_index = begin_index
+
+    def __call__(self, input_ids, scores):
+        scores = _f32(scores).copy()
+        begin = self.timestamp_begin
+        scores[:, self.no_timestamps_token_id] = NEG_INF
+        vocab = np.arange(scores.shape[-1])
+        for k, seq in enumerate(np.asarray(input_ids)[:, self.begin_index:].tolist()):
+            last_was_timestamp = len(seq) >= 1 and seq[-1] >= begin
+            penultimate_was_timestamp = len(seq) < 2 or seq[-2] >= begin
+            if last_was_timestamp:
+                if penultimate_was_timestamp:  # a pair closed: a text token next
+                    scores[k, begin:] = NEG_INF
+                else:  # an open timestamp: its closing timestamp or the end next
+                    scores[k, :self.eos_token_id] = NEG_INF
+            timestamps = [t for t in seq if t >= begin]
+            last = begin  # timestamps never decrease (and `<|0.00|>` comes once)
+            if timestamps:
+                last = timestamps[-1] if last_was_timestamp and not penultimate_was_timestamp else timestamps[-1] + 1
+            scores[k, (vocab >= begin) & (vocab < last)] = NEG_INF
+        if np.asarray(input_ids).shape[1] == self.begin_index:
+            scores[:, :begin] = NEG_INF
+            if self.max_initial_timestamp_index is not None:
+                scores[:, begin + self.max_initial_timestamp_index + 1:] = NEG_INF
+        if self._detect_timestamp_from_logprob:
+            logprobs = _log_softmax(scores)
+            peak = logprobs[:, begin:].max(-1, keepdims=True)
+            peak = np.where(np.isfinite(peak), peak, 0.0)
+            with np.errstate(divide="ignore"):  # a row whose timestamps are all -inf
+                timestamp_logprob = np.log(np.exp(logprobs[:, begin:] - peak).sum(-1)) + peak[:, 0]
+            sample_timestamp = timestamp_logprob > logprobs[:, :begin].max(-1)
+            scores[sample_timestamp, :begin] = NEG_INF
+        return scores
+
+
 # ---------------------------------------------------------------- the list generate builds
 
 UNSUPPORTED = {  # generation options whose processors msfx does not implement: refused, not ignored

@@ -1,15 +1,17 @@
-"""Encoder-decoder (T5) generation state over an explicit KV cache: the compiled decoder step and the
-per-generation state `msfx.generation.GenerationMixin` decodes with (as `msfx.decode.generate.DecodeState`
-for decoder-only models). The architecture (`msfx.architectures.t5`) supplies pure functions:
-`encoder_forward`, `cross_attention_cache`, `decoder_forward`, `decode_step`, `lm_head`.
+"""Encoder-decoder (T5, Whisper) generation state over an explicit KV cache: the compiled decoder step and
+the per-generation state `msfx.generation.GenerationMixin` decodes with (as `msfx.decode.generate.DecodeState`
+for decoder-only models). The architecture module (`msfx.architectures.t5`, `.whisper`) supplies pure
+functions: `encode_source`, `cross_attention_cache`, `decoder_forward`, `decode_step`, `lm_head`,
+`decoder_cache_shape`, `decoder_params`.
 """
 from __future__ import annotations
+
+from types import ModuleType
 
 import mindspore as ms
 import numpy as np
 from mindspore import Tensor, ops
 
-from msfx.architectures import t5
 from msfx.decode.cache import KVCache, reorder_cache
 from msfx.decode.generate import CACHE_BUCKET
 from msfx.jit import Graph
@@ -19,7 +21,7 @@ from msfx.params.tree import flatten, unflatten
 
 
 class DecoderStep:
-    """`t5.decode_step` compiled with `mindspore.jit` (trace mode) over flat positional tensors, as
+    """`arch.decode_step` compiled with `mindspore.jit` (trace mode) over flat positional tensors, as
     `msfx.decode.step.CompiledStep` does for decoder-only models: `(tokens, position, cross_bias,
     *param_leaves, *cross_leaves, *cache_leaves) -> (logits, *cache_leaves)`. The cross-attention
     keys/values are inputs only (computed once per generation); the self-attention cache goes in and
@@ -30,14 +32,13 @@ class DecoderStep:
     model keeps one `DecoderStep`, so its graphs serve every later generation with the same shapes.
     """
 
-    def __init__(self, params: dict, config):
-        tree = {k: params[k] for k in ("shared", "decoder", "lm_head") if k in params}  # not the encoder's leaves
-        self.leaves, keys = flatten(tree)
-        n, layers = len(self.leaves), config.num_decoder_layers
+    def __init__(self, arch: ModuleType, params: dict, config):
+        self.leaves, keys = flatten(arch.decoder_params(params))  # not the encoder's leaves
+        n, layers = len(self.leaves), arch.decoder_cache_shape(config)[0]
         cache_start = n + 2 * layers
 
         def step(tokens, position, cross_bias, *leaves):
-            logits, cache = t5.decode_step(unflatten(leaves[:n], keys), tokens, position, cross_bias,
+            logits, cache = arch.decode_step(unflatten(leaves[:n], keys), tokens, position, cross_bias,
                                            KVCache.from_leaves(leaves[n:cache_start]),
                                            KVCache.from_leaves(leaves[cache_start:]), config)
             return (logits, *cache.leaves())
@@ -46,7 +47,8 @@ class DecoderStep:
             cache = reorder_cache(KVCache.from_leaves(leaves[cache_start:]), beam_idx)
             return step(tokens, position, cross_bias, *leaves[:cache_start], *cache.leaves())
 
-        self._graph, self._reordered = Graph(step, "t5_step"), Graph(reordered_step, "t5_reordered_step")
+        name = arch.MODEL_TYPE
+        self._graph, self._reordered = Graph(step, f"{name}_step"), Graph(reordered_step, f"{name}_reordered_step")
 
     @property
     def compiles(self) -> int:
@@ -55,7 +57,7 @@ class DecoderStep:
 
     def __call__(self, tokens: Tensor, position: Tensor, cross_bias: Tensor, cross_cache: KVCache, cache: KVCache,
                  beam_idx: Tensor | None = None) -> tuple[Tensor, KVCache]:
-        """`t5.decode_step`'s logits (float32 `[batch, vocab]`) and updated cache; arguments as there, all
+        """`arch.decode_step`'s logits (float32 `[batch, vocab]`) and updated cache; arguments as there, all
         validated by the caller (an error while tracing would hang the process at exit)."""
         signature = (tuple(tokens.shape), tuple(cross_bias.shape), tuple(cache.keys[0].shape))
         args = (tokens, position, cross_bias, *self.leaves, *cross_cache.leaves(), *cache.leaves())
@@ -72,8 +74,10 @@ class Seq2SeqDecodeState:
     logits (float32 `[batch, vocab]`) after the decoder's prompt (`prefill`) and after each new token
     (`step`), as `msfx.generation.GenerationMixin` expects of an encoder-decoder.
 
-    `encoder_ids` / `encoder_mask`: `[batch, source_seq]` numpy; `decoder_ids`: `[batch, n]` numpy
-    (the `decoder_start_token_id` column), rows already repeated per beam / returned sequence. With
+    `encoder_ids` / `encoder_mask`: the source as numpy, `[batch, source_seq]` token ids and mask (T5) or
+    `[batch, mels, frames]` features and a `[batch, 1]` mask (Whisper); `decoder_ids`: `[batch, n]` numpy
+    (the `decoder_start_token_id` column, or Whisper's start tokens), rows already repeated per beam /
+    returned sequence. With
     `step` (a `DecoderStep`), every decoder token runs the compiled step, over a cache rounded up to
     `CACHE_BUCKET` slots so that one graph serves generations of similar lengths; without, the decoder
     runs eagerly (`decoder_forward`); without `use_cache` too, running all its tokens at each step (HF's
@@ -85,17 +89,19 @@ class Seq2SeqDecodeState:
             the process at exit).
     """
 
-    def __init__(self, params: dict, config, encoder_ids: np.ndarray, encoder_mask: np.ndarray,
+    def __init__(self, arch: ModuleType, params: dict, config, encoder_ids: np.ndarray, encoder_mask: np.ndarray,
                  decoder_ids: np.ndarray, max_new_tokens: int, step: DecoderStep | None = None,
                  use_cache: bool = True):
         if step is not None and not use_cache:
             raise ValueError("use_cache=False runs the decoder eagerly: pass no compiled step")
-        self.params, self.config, self._step, self._use_cache = params, config, step, use_cache
+        self.arch, self.params, self.config, self._step, self._use_cache = arch, params, config, step, use_cache
         self.decoder_ids = check_token_ids(decoder_ids, config.vocab_size)  # then each new token
+        encoded = arch.encode_source(params, encoder_ids, encoder_mask, config)
+        # the cross-attention mask is over the encoder's output positions (Whisper: all of them)
+        if encoder_mask.shape[1] != encoded.shape[1]:
+            encoder_mask = np.ones(encoded.shape[:2], np.int32)
         self.encoder_mask = Tensor(encoder_mask.astype(np.int32))
-        encoded = t5.encoder_forward(params, Tensor(encoder_ids.astype(np.int32)), self.encoder_mask, config=config,
-                                  check_ids=False).last_hidden_state
-        self.cross_cache = t5.cross_attention_cache(params, encoded, config)
+        self.cross_cache = arch.cross_attention_cache(params, encoded, config)
         batch, max_len = decoder_ids.shape[0], decoder_ids.shape[1] + max_new_tokens
         if step is None:
             self.key_mask = ops.ones((batch, max_len), ms.int32)  # HF decodes without a decoder mask: causal only
@@ -104,10 +110,10 @@ class Seq2SeqDecodeState:
             self.cross_bias = padding_bias(self.encoder_mask)
             # Beam search gathers rows among one prompt's copies, whose encoder rows are equal: the
             # cross-attention state needs moving only when a row comes from a different encoder row.
-            rows = np.concatenate([encoder_ids, encoder_mask], 1)
+            rows = np.concatenate([encoder_ids.reshape(batch, -1), encoder_mask.reshape(batch, -1)], 1)
             self._encoder_row = np.unique(rows, axis=0, return_inverse=True)[1].reshape(-1)
-        self.cache = KVCache.init(config.num_decoder_layers, batch, config.num_heads, max_len, config.d_kv,
-                                  encoded.dtype)
+        layers, heads, head_dim = arch.decoder_cache_shape(config)
+        self.cache = KVCache.init(layers, batch, heads, max_len, head_dim, encoded.dtype)
         self.slot = 0
 
     @property
@@ -117,11 +123,11 @@ class Seq2SeqDecodeState:
 
     def _run(self, ids: np.ndarray, beam_idx: Tensor | None = None) -> Tensor:
         if self._step is None:
-            out = t5.decoder_forward(self.params, Tensor(ids.astype(np.int32)), None, self.key_mask, self.encoder_mask,
+            out = self.arch.decoder_forward(self.params, Tensor(ids.astype(np.int32)), None, self.key_mask, self.encoder_mask,
                                   cache=self.cache, past_length=self.slot, cross_cache=self.cross_cache,
                                   config=self.config, check_ids=False)
             self.cache, self.slot = out.cache, self.slot + ids.shape[1]
-            return t5.lm_head(self.params, out.last_hidden_state[:, -1], self.config).astype(ms.float32)
+            return self.arch.lm_head(self.params, out.last_hidden_state[:, -1], self.config).astype(ms.float32)
         if self.slot + ids.shape[1] > self.cache.max_len:
             raise ValueError(f"the decoder cache has {self.cache.max_len} slots: {ids.shape[1]} more tokens after "
                              f"{self.slot} do not fit (max_new_tokens sizes it)")

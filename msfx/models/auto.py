@@ -86,19 +86,9 @@ def _auto(name: str) -> type:
     return type(name, (_AutoModel,), {"__doc__": doc, "__module__": __name__})
 
 
-AutoModel = _auto("AutoModel")
-AutoModelForCausalLM = _auto("AutoModelForCausalLM")
-AutoModelForSeq2SeqLM = _auto("AutoModelForSeq2SeqLM")
-AutoModelForSequenceClassification = _auto("AutoModelForSequenceClassification")
-AutoModelForMaskedLM = _auto("AutoModelForMaskedLM")
-AutoModelForTextEncoding = _auto("AutoModelForTextEncoding")
-AutoModelForZeroShotImageClassification = _auto("AutoModelForZeroShotImageClassification")
-AutoModelForImageClassification = _auto("AutoModelForImageClassification")
-AutoModelForImageTextToText = _auto("AutoModelForImageTextToText")
-
-AUTO_CLASSES = (AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
-                AutoModelForMaskedLM, AutoModelForTextEncoding, AutoModelForZeroShotImageClassification,
-                AutoModelForImageClassification, AutoModelForImageTextToText)
+# one Auto class per name the family records use: a family adds its Auto class by naming it
+AUTO_CLASSES = tuple(_auto(name) for name in sorted({auto for record in FAMILIES.values() for auto, _ in record.auto}))
+globals().update({auto.__name__: auto for auto in AUTO_CLASSES})
 
 
 def supported_table() -> str:

@@ -194,13 +194,13 @@ class T5ForConditionalGeneration(GenerationMixin, _T5Base):
         `decoder_step`), with False, or bfloat16 on CPU (no graph kernels), eagerly; without `use_cache`
         eagerly over the whole decoder sequence at each step."""
         compiled = bool(jit) and use_cache and not lacks_bf16_kernels(self.weights[0])
-        return Seq2SeqDecodeState(self.params, self.config, *encoder_inputs, input_ids, max_new_tokens,
+        return Seq2SeqDecodeState(t5, self.params, self.config, *encoder_inputs, input_ids, max_new_tokens,
                                   step=self.decoder_step if compiled else None, use_cache=use_cache)
 
     @property
     def decoder_step(self) -> DecoderStep:
         """The model's compiled decoder step (built on first use; its `compiles` counts the graphs traced)."""
         if self._decoder_step is None:
-            self._decoder_step = DecoderStep(self.params, self.config)
+            self._decoder_step = DecoderStep(t5, self.params, self.config)
         return self._decoder_step
 
