@@ -24,7 +24,8 @@ from transformers import WhisperConfig
 from msfx.decode.cache import KVCache, write_cache
 from msfx.families import family
 from msfx.layers.attention import attention_bias, padding_bias, scaled_dot_product_attention
-from msfx.layers.basic import activation, check_model_inputs, embedding, linear
+from msfx.layers.basic import activation, embedding, linear
+from msfx.inputs import check_model_inputs
 from msfx.layers.dropout import dropout
 from msfx.layers.norms import layer_norm
 from msfx.params import load_params
@@ -44,7 +45,7 @@ class WhisperStackOutput(NamedTuple):
     cache: KVCache | None = None
 
 
-class Seq2SeqLMOutput(NamedTuple):
+class Seq2SeqLogits(NamedTuple):
     """`logits` `[batch, target_seq, vocab]`; `encoder_last_hidden_state` `[batch, frames // 2, d_model]`."""
 
     logits: Tensor
@@ -314,14 +315,14 @@ def lm_head(params: dict, hidden: Tensor, config=None) -> Tensor:
 
 
 def forward(params: dict, input_features: Tensor, decoder_input_ids: Tensor, *, config=None,
-            check_ids: bool = True) -> Seq2SeqLMOutput:
+            check_ids: bool = True) -> Seq2SeqLogits:
     """`WhisperForConditionalGeneration`: logits `[batch, target_seq, vocab]` for `input_features`
     `[batch, num_mel_bins, input_frames]` and `decoder_input_ids` `[batch, target_seq]`. Raises as
     `encoder_forward` / `decoder_forward`."""
     config = config or config_of(params)
     encoded = encoder_forward(params, input_features, config=config).last_hidden_state
     hidden = decoder_forward(params, decoder_input_ids, encoded, config=config, check_ids=check_ids).last_hidden_state
-    return Seq2SeqLMOutput(lm_head(params, hidden), encoded)
+    return Seq2SeqLogits(lm_head(params, hidden), encoded)
 
 
 def decode_step(params: dict, tokens: Tensor, position: Tensor, cross_bias: Tensor, cross_cache: KVCache,

@@ -13,7 +13,7 @@ from msfx.decode import whisper as rules
 from msfx.decode.seq2seq import DecoderStep, Seq2SeqDecodeState
 from msfx.decode.search import BeamSearchResult
 from msfx.generation import GenerationMixin, _Hooks
-from msfx.layers.basic import lacks_bf16_kernels
+from msfx.backend import lacks_bf16_kernels
 from msfx.layers.losses import masked_cross_entropy
 from msfx.modeling import PreTrainedModel, token_ids
 from msfx.models.t5 import Seq2SeqLMOutput, Seq2SeqModelOutput
