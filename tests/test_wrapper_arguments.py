@@ -17,7 +17,7 @@ import transformers
 from mindspore import Tensor
 
 import msfx
-from msfx.models import bert, clip, dinov2, gpt2, siglip, t5, vit
+from msfx.models import bert, clip, dinov2, gpt2, llava, siglip, t5, vit
 from msfx.families import FAMILIES as MSFX_FAMILIES
 
 from conftest import left_padded, make_hf_llama, random_ids
@@ -165,6 +165,9 @@ CLASSES[siglip.SiglipVisionModel] = (transformers.SiglipVisionConfig(**_IMAGE), 
 CLASSES |= {cls: (transformers.SiglipConfig(text_config=_SIGLIP_TEXT, vision_config=_IMAGE, num_labels=3), inputs)
             for cls, inputs in ((siglip.SiglipModel, dict(input_ids=_IDS, pixel_values=_PIXELS)),
                                 (siglip.SiglipForImageClassification, dict(pixel_values=_PIXELS)))}
+CLASSES[llava.LlavaForConditionalGeneration] = (
+    transformers.LlavaConfig(vision_config=_CLIP_VISION, text_config=transformers.LlamaConfig(**BASE),
+                             image_token_id=BASE["vocab_size"] - 1), dict(input_ids=_IDS))
 # HF's defaults, as the HF Trainer and pipelines pass them: accepted by every class
 HF_DEFAULTS = dict(output_attentions=False, output_hidden_states=False, return_dict=True, use_cache=False,
                    past_key_values=None, head_mask=None)
