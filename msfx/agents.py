@@ -3,15 +3,18 @@ that imports it): `CodeAgent(tools=[...], model=MsfxModel("path/or/hub-id"))`.
 
 `MsfxModel` follows smolagents 1.26's `TransformersModel` (`smolagents/models.py`): messages go
 through the tokenizer's chat template (tools as JSON schemas), generation stops at the stop
-sequences, the text after one is cut off, and the reply is a `ChatMessage` with token counts.
+sequences, the text after one is cut off, and the reply is a `ChatMessage` with token counts (or, from `generate_stream`, text deltas while it is decoded).
 Tool calls are parsed from the text by `Model.parse_tool_calls`, as for `TransformersModel`.
 """
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-from smolagents.models import ChatMessage, MessageRole, Model, remove_content_after_stop_sequences
+from smolagents.models import (ChatMessage, ChatMessageStreamDelta, MessageRole, Model,
+                               remove_content_after_stop_sequences)
 from smolagents.monitoring import TokenUsage
 
 
@@ -108,3 +111,39 @@ class MsfxModel(Model):
         return ChatMessage(role=MessageRole.ASSISTANT, content=text,
                            raw={"out": text, "completion_kwargs": completion},
                            token_usage=TokenUsage(input_tokens=len(ids), output_tokens=len(new_tokens)))
+
+    def generate_stream(self, messages: list[ChatMessage | dict], stop_sequences: list[str] | None = None,
+                        response_format: dict[str, str] | None = None, tools_to_call_from: list | None = None,
+                        **kwargs) -> Iterator[ChatMessageStreamDelta]:
+        """The reply as text deltas while it is decoded (on a thread, as `TransformersModel` does), up to
+        and including the stop sequence that ended it; the last delta carries the token counts.
+
+        Raises:
+            ValueError: as `generate` (raised here once the decoding thread has ended).
+        """
+        from transformers import TextIteratorStreamer
+
+        if response_format is not None:
+            raise ValueError("MsfxModel does not support structured outputs (`response_format`)")
+        ids, completion = self._prompt_and_kwargs(messages, stop_sequences, tools_to_call_from, kwargs)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        result = {}
+
+        def decode():
+            try:
+                result["out"] = self.model.generate(input_ids=np.asarray([ids], np.int64), jit=self.jit,
+                                                    streamer=streamer, **completion)
+            except BaseException as e:  # re-raised by the caller; ending the stream unblocks its loop
+                result["error"] = e
+                streamer.end()
+
+        thread = threading.Thread(target=decode)
+        thread.start()
+        for text in streamer:
+            if text:
+                yield ChatMessageStreamDelta(content=text)
+        thread.join()
+        if "error" in result:
+            raise result["error"]
+        usage = TokenUsage(input_tokens=len(ids), output_tokens=result["out"].shape[1] - len(ids))
+        yield ChatMessageStreamDelta(content="", token_usage=usage)

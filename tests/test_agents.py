@@ -99,6 +99,11 @@ def test_stop_sequences_end_generation_and_text(agent_dir):
     scripted = MsfxModel(model=model, tokenizer=tokenizer, max_new_tokens=60, logits_processor=[Scripted(tokenizer, [said])])
     reply = scripted.generate([user("go")])
     assert reply.content == said and reply.token_usage.output_tokens == len(said) + 1
+    # generate_stream: text deltas up to and including the stop sequence, the counts on the last one
+    scripted = MsfxModel(model=model, tokenizer=tokenizer, max_new_tokens=60, logits_processor=[Scripted(tokenizer, [said])])
+    deltas = list(scripted.generate_stream([user("go")], stop_sequences=["Observation:", "</code>"]))
+    assert "".join(d.content for d in deltas) == "x = 1\nprint(x)\n</code>" and len(deltas) > 2
+    assert deltas[-1].token_usage.output_tokens == len("x = 1\nprint(x)\n</code>")
 
 
 def test_tools_reach_the_chat_template_and_kwargs_reach_generate(agent_dir):
@@ -121,13 +126,16 @@ def test_tools_reach_the_chat_template_and_kwargs_reach_generate(agent_dir):
     assert msfx_model.generate([user("hi")], max_new_tokens=5).token_usage.output_tokens == 5
     with pytest.raises(ValueError, match="no_such_flag"):
         msfx_model.generate([user("hi")], no_such_flag=1)
+    with pytest.raises(ValueError, match="no_such_flag"):  # raised from the decoding thread
+        list(msfx_model.generate_stream([user("hi")], no_such_flag=1))
     with pytest.raises(ValueError, match="response_format"):
         msfx_model.generate([user("hi")], response_format={"type": "json_object"})
     with pytest.raises(ValueError, match="together"):
         MsfxModel(model=model)
 
 
-def test_code_agent_runs_a_tool_and_returns_final_answer(agent_dir):
+@pytest.mark.parametrize("stream", [False, True], ids=["generate", "generate_stream"])
+def test_code_agent_runs_a_tool_and_returns_final_answer(agent_dir, stream):
     _, tokenizer, model, _ = agent_dir
     calls = []
 
@@ -145,7 +153,7 @@ def test_code_agent_runs_a_tool_and_returns_final_answer(agent_dir):
     replies = ["<code>\np = multiply(a=6, b=7)\nprint(p)\n</code>", "<code>\nfinal_answer(p)\n</code>"]
     msfx_model = MsfxModel(model=model, tokenizer=tokenizer, max_new_tokens=200, jit=False,
                            logits_processor=[Scripted(tokenizer, replies)])
-    agent = CodeAgent(tools=[multiply], model=msfx_model, max_steps=3, verbosity_level=0)
+    agent = CodeAgent(tools=[multiply], model=msfx_model, max_steps=3, verbosity_level=0, stream_outputs=stream)
     # smolagents' own system prompt is ~10k bytes: each step would prefill 10k byte tokens
     agent.prompt_templates["system_prompt"] = ("Solve the task in <code> blocks with the tools "
                                                "{%- for t in tools.values() %} {{ t.name }}{% endfor %}.")
