@@ -68,6 +68,7 @@ class Chat:
         reply (or, after Ctrl-C, the part shown) joins the history with the user's message."""
         from transformers import TextStreamer
 
+        self.interrupted = False
         messages = [*self.messages, {"role": "user", "content": text}]
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                  return_dict=True)["input_ids"]

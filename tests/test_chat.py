@@ -149,3 +149,14 @@ def test_ctrl_c_stops_the_answer_not_the_repl(chat_dir, eager):
     term.expect(">>> ")
     term.send("\x04")
     assert term.wait() == 0
+
+
+def test_a_tokenizer_without_chat_template_is_one_line(tmp_path, capsys):
+    from msfx.cli import main
+    from test_params import save_tiny_tokenizer
+
+    _, path = make_hf_llama(tmp_path)
+    save_tiny_tokenizer(Path(path))
+    assert main(["chat", "--model", str(path), "--eager"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("msfx chat: error: the tokenizer of") and "has no chat_template" in err
