@@ -49,7 +49,7 @@ def generate(args) -> int:
 
 
 def generation_kwargs(args) -> dict:
-    """`generate` keywords from the flags `add_generation_args` defines (a warning on stderr where
+    """`generate` keywords from the flags `_add_generation_args` defines (a warning on stderr where
     sampling flags come without `--do-sample`)."""
     # sampling flags override the checkpoint's generation_config.json only where given
     sampling = {k: v for k, v in dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -64,6 +64,7 @@ def generation_kwargs(args) -> dict:
 
 
 def chat(args) -> int:
+    """The REPL of `msfx.chat` over the model, with generate's decoding flags for every answer."""
     from msfx.chat import repl
 
     return repl(*_load(args), generation_kwargs(args))
