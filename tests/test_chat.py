@@ -128,7 +128,7 @@ def test_chat_answers_reset_and_exit(chat_dir):
     assert term.wait() == 0
 
 
-@pytest.mark.parametrize("eager", [False, True], ids=["compiled", "eager"])
+@pytest.mark.parametrize("eager", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["compiled", "eager"])
 def test_ctrl_c_stops_the_answer_not_the_repl(chat_dir, eager):
     _, _, path = chat_dir
     term = Terminal("chat", "--model", str(path), "--max-new-tokens", "3000", *(["--eager"] if eager else []))
