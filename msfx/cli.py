@@ -38,17 +38,7 @@ def generate(args) -> int:
     else:
         ids = tokenizer(args.prompt)["input_ids"]
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    # sampling flags override the checkpoint's generation_config.json only where given
-    sampling = {k: v for k, v in dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                      seed=args.seed).items() if v is not None}
-    if sampling and not args.do_sample:
-        flags = ", ".join(f"--{name.replace('_', '-')}" for name in sampling)
-        verb = "applies" if len(sampling) == 1 else "apply"
-        print(f"msfx generate: warning: {flags} only {verb} with --do-sample; decoding greedily", file=sys.stderr)
-        sampling = {}
-    # streaming needs one sequence: a checkpoint's num_beams is overridden
-    model.generate(input_ids=np.asarray([ids], np.int64), max_new_tokens=args.max_new_tokens, num_beams=1,
-                   do_sample=args.do_sample, streamer=streamer, jit=False if args.eager else "decode", **sampling)
+    model.generate(input_ids=np.asarray([ids], np.int64), streamer=streamer, **generation_kwargs(args))
     s = model.last_generation_stats
     prefill = s.prompt_tokens / s.prefill_seconds if s.prefill_seconds else 0.0
     decode = len(s.step_times) / s.decode_seconds if s.decode_seconds else 0.0
@@ -56,6 +46,30 @@ def generate(args) -> int:
     print(f"[msfx] prompt tokens: {s.prompt_tokens}, new tokens: {s.new_tokens}, "
           f"prefill: {prefill:.1f} tokens/s, decode: {decode:.1f} tokens/s{compile_note}", file=sys.stderr)
     return 0
+
+
+def generation_kwargs(args) -> dict:
+    """`generate` keywords from the flags `_add_generation_args` defines (a warning on stderr where
+    sampling flags come without `--do-sample`)."""
+    # sampling flags override the checkpoint's generation_config.json only where given
+    sampling = {k: v for k, v in dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                      seed=args.seed).items() if v is not None}
+    if sampling and not args.do_sample:
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in sampling)
+        verb = "applies" if len(sampling) == 1 else "apply"
+        print(f"msfx {args.command}: warning: {flags} only {verb} with --do-sample; decoding greedily",
+              file=sys.stderr)
+        sampling = {}
+    # streaming needs one sequence: a checkpoint's num_beams is overridden
+    return dict(max_new_tokens=args.max_new_tokens, num_beams=1, do_sample=args.do_sample,
+                jit=False if args.eager else "decode", **sampling)
+
+
+def chat(args) -> int:
+    """The REPL of `msfx.chat` over the model, with generate's decoding flags for every answer."""
+    from msfx.chat import repl
+
+    return repl(*_load(args), generation_kwargs(args))
 
 
 def export(args) -> int:
@@ -101,21 +115,29 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
 
 
+def _add_generation_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=max_new_tokens)
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=None, help="default: the checkpoint's, else 1.0")
+    parser.add_argument("--top-k", type=int, default=None, help="default: the checkpoint's, else 50")
+    parser.add_argument("--top-p", type=float, default=None, help="default: the checkpoint's, else 1.0")
+    parser.add_argument("--seed", type=_non_negative_int, default=None, help="sampling seed (reproducible output)")
+    parser.add_argument("--eager", action="store_true", help="run without mindspore.jit")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="msfx", description="Hugging Face Transformers models on MindSpore.")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate text from a prompt (greedy)")
     _add_model_args(gen)
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=_positive_int, default=128)
-    gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--temperature", type=float, default=None, help="default: the checkpoint's, else 1.0")
-    gen.add_argument("--top-k", type=int, default=None, help="default: the checkpoint's, else 50")
-    gen.add_argument("--top-p", type=float, default=None, help="default: the checkpoint's, else 1.0")
-    gen.add_argument("--seed", type=_non_negative_int, default=None, help="sampling seed (reproducible output)")
+    _add_generation_args(gen, max_new_tokens=128)
     gen.add_argument("--no-chat", action="store_true", help="do not apply the tokenizer's chat template")
-    gen.add_argument("--eager", action="store_true", help="run without mindspore.jit")
     gen.set_defaults(run=generate)
+    talk = sub.add_parser("chat", help="chat interactively (/reset clears the history, /exit or Ctrl-D ends)")
+    _add_model_args(talk)
+    _add_generation_args(talk, max_new_tokens=512)
+    talk.set_defaults(run=chat)
     exp = sub.add_parser("export", help="save a model (e.g. a GGUF file) as an HF safetensors directory")
     _add_model_args(exp)
     exp.add_argument("--output", required=True, help="directory to write")
