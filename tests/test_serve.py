@@ -47,13 +47,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir, name: str, log_path: Path):
-    """`python -m msfx serve` on a free port: `(process, base url)`; see `wait_for`."""
+def start_server(log_path: Path, *args: str):
+    """`python -m msfx serve ARGS` on a free port: `(process, base url)`; see `wait_for`."""
     port = free_port()
     log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "msfx", "serve", "--model", str(model_dir), "--port", str(port),
-                             "--served-model-name", name, "--log-level", "warning"], stdout=log, stderr=log,
-                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    proc = subprocess.Popen([sys.executable, "-m", "msfx", "serve", "--port", str(port), "--log-level", "warning",
+                             *args], stdout=log, stderr=log, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -100,7 +99,7 @@ def chat_server(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_chat")
     make_hf_llama(path, max_position_embeddings=CONTEXT)
     chat_tokenizer().save_pretrained(path)
-    proc, url = start_server(path, CHAT_MODEL, path / "server.log")
+    proc, url = start_server(path / "server.log", "--model", str(path), "--served-model-name", CHAT_MODEL)
     model = msfx.AutoModelForCausalLM.from_pretrained(path)  # while the server starts
     wait_for(proc, url, path / "server.log")
     yield url, model, transformers.AutoTokenizer.from_pretrained(path)
@@ -263,6 +262,34 @@ def test_concurrent_streams_all_answer_right(chat_server, client):
     assert answers == expected
     print(f"\n{len(prompts)} concurrent streams: {len(prompts) / seconds:.1f} requests/s, "
           f"{sum(tokens) / seconds:.1f} tokens/s ({seconds:.2f} s)")
+
+
+@pytest.mark.slow
+def test_the_default_model_is_smollm2(tmp_path):
+    """`msfx serve` with no `--model` serves SmolLM2-135M-Instruct's GGUF, as `msfx generate` picks it."""
+    from msfx.params.gguf import gguf_checkpoint, smollm2_gguf_path
+
+    try:
+        gguf = smollm2_gguf_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    model_dir = gguf_checkpoint(gguf)  # converted once, into the cache the server reads too
+    proc, url = start_server(tmp_path / "server.log")
+    try:
+        model = msfx.AutoModelForCausalLM.from_pretrained(model_dir)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+        wait_for(proc, url, tmp_path / "server.log")
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+        assert [m.id for m in client.models.list().data] == ["SmolLM2-135M-Instruct.Q4_1"]
+        messages = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+        answer = client.chat.completions.create(model="SmolLM2-135M-Instruct.Q4_1", messages=messages,
+                                                max_tokens=24, temperature=0).choices[0].message.content
+    finally:
+        stop_server(proc)
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                        return_dict=True)["input_ids"]
+    out = model.generate(input_ids=np.asarray([ids]), max_new_tokens=24, do_sample=False, jit="decode")
+    assert answer == tokenizer.decode(out[0, len(ids):], skip_special_tokens=True) and "Paris" in answer
 
 
 # ---------------------------------------------------------------- embeddings (all-MiniLM-L6-v2)

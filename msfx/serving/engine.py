@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures
 import queue
 import threading
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -70,13 +71,13 @@ class Engine:
     """Runs `model` on one thread; work queues first come, first served.
 
     `stats` counts `completed` and `cancelled` (stopped early by a client leaving) generations,
-    `generated_tokens`, and `embedded_inputs`.
+    `generated_tokens`, `generation_seconds` (wall time inside `model.generate`) and `embedded_inputs`.
     """
 
     def __init__(self, model):
         self.model = model
         self._work: queue.Queue[Callable[[], None]] = queue.Queue()
-        self.stats: Counter[str] = Counter()
+        self.stats: Counter[str] = Counter()  # float seconds among the int counts
         self.busy = False
         threading.Thread(target=self._run_forever, name="msfx-model", daemon=True).start()
 
@@ -113,6 +114,7 @@ class Engine:
 
         def work():
             new_tokens, runs = 0, not generation.cancelled  # a client that left while queued costs nothing
+            began = time.perf_counter()
             try:
                 if runs:
                     out = self.model.generate(input_ids=np.asarray([input_ids], np.int64), streamer=generation,
@@ -121,6 +123,7 @@ class Engine:
             finally:
                 generation._send(None)
                 self.stats["generated_tokens"] += new_tokens
+                self.stats["generation_seconds"] += time.perf_counter() - began
                 cut = generation.disconnected and (generation.stopped_early or not runs)
                 self.stats["cancelled" if cut else "completed"] += 1
 
