@@ -341,3 +341,49 @@ def test_embeddings_equal_sentence_transformers_pooling(serve_in_thread):
     assert answer.usage.prompt_tokens == int(batch["attention_mask"].sum())
     decoded = np.frombuffer(base64.b64decode(as_base64["data"][0]["embedding"]), "<f4")
     np.testing.assert_allclose(decoded, got[0], atol=1e-6)
+
+
+# ---------------------------------------------------------------- streamed text (no server)
+
+def pieces_of(tokenizer, ids: list[int], stop: list[str]) -> tuple[list[str], int, bool]:
+    """`Detokenizer` fed `ids` one at a time: (the pieces, the ids it read, whether a stop sequence ended it)."""
+    from msfx.serving.text import Detokenizer
+
+    detokenizer = Detokenizer(tokenizer, stop)
+    pieces = []
+    for token in ids:
+        pieces.append(detokenizer.add(token))
+        if detokenizer.stopped:
+            break
+    return pieces + [detokenizer.finish()], detokenizer.tokens, detokenizer.stopped
+
+
+@pytest.mark.parametrize("stop, text, read, stopped", [
+    ([], "w5 w6 w7 w8", 5, False),                  # no stop: everything, </s> dropped
+    (["w7"], "w5 w6 ", 3, True),                    # the answer ends before the stop sequence
+    (["6 w7 w", "w6"], "w5 ", 2, True),             # the earliest of several
+    (["w8 w9"], "w5 w6 w7 w8", 5, False),           # a held-back prefix that never completes comes out at the end
+])
+def test_detokenizer_cuts_at_stop_sequences(stop, text, read, stopped):
+    tokenizer = chat_tokenizer()
+    ids = tokenizer("w5 w6 w7 w8", add_special_tokens=False)["input_ids"] + [EOS]
+    pieces, tokens, ended = pieces_of(tokenizer, ids, stop)
+    assert ("".join(pieces), tokens, ended) == (text, read, stopped)
+
+
+def test_detokenizer_pieces_join_to_decode_on_smollm2s_byte_level_tokens():
+    """Multi-byte characters split across tokens wait for their last byte; the pieces join to `decode`."""
+    from msfx.params.gguf import gguf_tokenizer, read_gguf, smollm2_gguf_path
+
+    try:
+        tokenizer = gguf_tokenizer(read_gguf(smollm2_gguf_path()))
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    text = "Zürich's café costs 5€ — 東京 is far 🚀🚀, naïve!"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids)  # some tokens hold part of a character
+    pieces, tokens, _ = pieces_of(tokenizer, ids, [])
+    assert "".join(pieces) == tokenizer.decode(ids) == text and tokens == len(ids)
+    assert all("\ufffd" not in p for p in pieces)
+    pieces, _, ended = pieces_of(tokenizer, ids, ["東京"])
+    assert "".join(pieces) == "Zürich's café costs 5€ — " and ended
