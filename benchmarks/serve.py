@@ -90,7 +90,7 @@ def main(_):
             began = time.perf_counter()
             ask(client, prompts[0], config.max_tokens, began)
             print(f"first request (compiles the decode step): {time.perf_counter() - began:.1f} s")
-            concurrent = [None] * len(prompts)
+            concurrent, busy = [None] * len(prompts), health(url)["generation_seconds"]
             began = time.perf_counter()
             threads = [threading.Thread(target=lambda i=i: concurrent.__setitem__(
                 i, ask(client, prompts[i], config.max_tokens, began))) for i in range(len(prompts))]
@@ -98,7 +98,6 @@ def main(_):
                 thread.start()
             for thread in threads:
                 thread.join()
-            busy = health(url)["generation_seconds"]
             report(f"{len(prompts)} at once", concurrent, time.perf_counter() - began)
             print(f"  of which the model thread ran generate {health(url)['generation_seconds'] - busy:.1f} s")
             sequential, began = [], time.perf_counter()
