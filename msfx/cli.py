@@ -7,11 +7,8 @@ import signal
 import sys
 
 
-def _load(args):
-    """The model and tokenizer named by `--model` / `--gguf-file` (default: SmolLM2's GGUF)."""
-    from transformers import AutoTokenizer
-
-    from msfx.models.auto import AutoModelForCausalLM
+def _model_dir(args) -> str:
+    """The checkpoint directory named by `--model` / `--gguf-file` (default: SmolLM2's GGUF)."""
     from msfx.params.gguf import gguf_checkpoint, smollm2_gguf_path
     from msfx.params.hub import resolve_gguf_file, resolve_model_dir
 
@@ -24,6 +21,16 @@ def _load(args):
         model_dir = resolve_model_dir(args.model)
     else:  # the file's weights and tokenizer, converted once and then read from msfx's cache
         model_dir = gguf_checkpoint(resolve_gguf_file(args.model, args.gguf_file))
+    return model_dir
+
+
+def _load(args):
+    """The causal LM and tokenizer named by `--model` / `--gguf-file` (default: SmolLM2's GGUF)."""
+    from transformers import AutoTokenizer
+
+    from msfx.models.auto import AutoModelForCausalLM
+
+    model_dir = _model_dir(args)
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=args.dtype), AutoTokenizer.from_pretrained(model_dir)
 
 
@@ -79,6 +86,30 @@ def export(args) -> int:
     tokenizer.save_pretrained(args.output)
     print(f"saved {model.num_parameters():,} parameters and the tokenizer to {args.output}")
     return 0
+
+
+def serve(args) -> int:
+    """An OpenAI-compatible HTTP server over the model (see `msfx.serving`)."""
+    from pathlib import Path
+
+    from msfx.serving.app import serve as run_server
+
+    model_dir = _model_dir(args)  # sets args.gguf_file for the default model
+    name = args.served_model_name or args.model or Path(args.gguf_file).stem
+    return run_server(model_dir, name, args.host, args.port, args.dtype, args.default_max_tokens, args.log_level)
+
+
+def _add_serve_parser(sub) -> None:
+    srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server over the model")
+    _add_model_args(srv)
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=_positive_int, default=8000)
+    srv.add_argument("--served-model-name", default=None,
+                     help="the `model` clients pass; default: --model, else the GGUF file's name")
+    srv.add_argument("--default-max-tokens", type=_positive_int, default=512,
+                     help="new tokens for a request without max_tokens (within the context)")
+    srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    srv.set_defaults(run=serve)
 
 
 def _exit_on_interrupt(command: str):
@@ -138,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_model_args(talk)
     _add_generation_args(talk, max_new_tokens=512)
     talk.set_defaults(run=chat)
+    _add_serve_parser(sub)
     exp = sub.add_parser("export", help="save a model (e.g. a GGUF file) as an HF safetensors directory")
     _add_model_args(exp)
     exp.add_argument("--output", required=True, help="directory to write")
