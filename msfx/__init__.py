@@ -40,13 +40,14 @@ if _ms.get_context("device_target") == "CPU":
     # token, measured with MindSpore 2.10); compiled steps are unaffected.
     _ms.runtime.launch_blocking()
 
-from msfx.architectures import (bert, gemma2, gemma3_text, gpt2, llama, mistral, mixtral, phi3, qwen2,  # noqa: E402
-                                qwen3, qwen3_moe)
+from msfx.architectures import (bert, gemma2, gemma3_text, gpt2, llama, mistral, mixtral, modernbert,  # noqa: E402
+                                phi3, qwen2, qwen3, qwen3_moe)
 from msfx.decode.cache import KVCache  # noqa: E402
 from msfx.errors import CheckpointError, CorruptCheckpointError, ModelNotFoundError  # noqa: E402
 from msfx.families import FAMILIES as _FAMILIES  # noqa: E402
 from msfx.models.auto import (AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM,  # noqa: E402
-                              AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoModelForTextEncoding,
+                              AutoModelForQuestionAnswering, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
+                              AutoModelForTextEncoding, AutoModelForTokenClassification,
                               AutoModelForZeroShotImageClassification)
 from msfx.models import clip as _clip_models  # noqa: E402
 from msfx.pipelines import pipeline  # noqa: E402
@@ -61,9 +62,10 @@ _CLASSES |= {"CLIPTextModelWithProjection": _clip_models.CLIPTextModelWithProjec
              "CLIPVisionModelWithProjection": _clip_models.CLIPVisionModelWithProjection}
 globals().update(_CLASSES)
 
-__all__ = ["AutoModel", "AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModelForSeq2SeqLM",
-           "AutoModelForSequenceClassification", "AutoModelForTextEncoding", "AutoModelForZeroShotImageClassification",
+__all__ = ["AutoModel", "AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModelForQuestionAnswering",
+           "AutoModelForSeq2SeqLM", "AutoModelForSequenceClassification", "AutoModelForTextEncoding",
+           "AutoModelForTokenClassification", "AutoModelForZeroShotImageClassification",
            "CheckpointError", "CorruptCheckpointError", "KVCache", "ModelNotFoundError", "Trainer", "TrainingArguments",
-           "bert", "gemma2", "gemma3_text", "gpt2", "llama", "mistral", "mixtral", "phi3", "pipeline", "qwen2", "qwen3",
-           "qwen3_moe"]
+           "bert", "gemma2", "gemma3_text", "gpt2", "llama", "mistral", "mixtral", "modernbert", "phi3", "pipeline",
+           "qwen2", "qwen3", "qwen3_moe"]
 __all__ += sorted(_CLASSES)

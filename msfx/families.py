@@ -74,6 +74,17 @@ class Family:
         return None if name is None else self.class_named(name)
 
 
+def _encoder_auto(prefix: str, text_encoding: bool = True) -> tuple[tuple[str, str], ...]:
+    """An encoder family's HF classes `{prefix}Model`, `...ForMaskedLM`, `...ForSequenceClassification`,
+    `...ForTokenClassification`, `...ForQuestionAnswering` by Auto class (`{prefix}Model` also for
+    `AutoModelForTextEncoding` with `text_encoding`)."""
+    return (("AutoModel", prefix + "Model"), ("AutoModelForMaskedLM", prefix + "ForMaskedLM"),
+            ("AutoModelForSequenceClassification", prefix + "ForSequenceClassification"),
+            ("AutoModelForTokenClassification", prefix + "ForTokenClassification"),
+            ("AutoModelForQuestionAnswering", prefix + "ForQuestionAnswering"),
+            *((("AutoModelForTextEncoding", prefix + "Model"),) if text_encoding else ()))
+
+
 def _llama_like(model_type: str, config_class: type, spec: Callable[..., DecoderSpec], prefix: str,
                 names: tuple[str, str, str] | None = None, **rules) -> Family:
     """A Llama-like family: HF's `{prefix}Model`, `{prefix}ForCausalLM`,
@@ -164,6 +175,8 @@ def smollm3_spec(config) -> DecoderSpec:
 _ALL = (
     Family("bert", transformers.BertConfig, (("AutoModel", "BertModel"), ("AutoModelForMaskedLM", "BertForMaskedLM"),
                                              ("AutoModelForSequenceClassification", "BertForSequenceClassification"),
+                                             ("AutoModelForTokenClassification", "BertForTokenClassification"),
+                                             ("AutoModelForQuestionAnswering", "BertForQuestionAnswering"),
                                              ("AutoModelForTextEncoding", "BertModel")),
            core="msfx.architectures.bert", classes="msfx.models.bert", base_prefix="bert",
            # HF's `add_pooling_layer`: `BertForMaskedLM` has no pooler, `BertModel` gets a fresh one
@@ -178,6 +191,8 @@ _ALL = (
            core="msfx.architectures.clip", classes="msfx.models.clip", base_prefix="text_model", tied_keys=()),
     Family("clip_vision_model", transformers.CLIPVisionConfig, (("AutoModel", "CLIPVisionModel"),),
            core="msfx.architectures.clip", classes="msfx.models.clip", base_prefix="vision_model", tied_keys=()),
+    Family("distilbert", transformers.DistilBertConfig, _encoder_auto("DistilBert"), core="msfx.architectures.bert",
+           classes="msfx.models.bert", base_prefix="distilbert", tied_keys=()),
     Family("gpt2", transformers.GPT2Config, (("AutoModel", "GPT2Model"), ("AutoModelForCausalLM", "GPT2LMHeadModel"),
                                              ("AutoModelForSequenceClassification", "GPT2ForSequenceClassification")),
            core="msfx.architectures.gpt2", classes="msfx.models.gpt2", base_prefix="transformer",
@@ -190,11 +205,15 @@ _ALL = (
            classes="msfx.models.llama", spec=llama_spec, ring_cache=True),
     _llama_like("mistral", transformers.MistralConfig, mistral_spec, "Mistral"),
     _llama_like("mixtral", transformers.MixtralConfig, mixtral_spec, "Mixtral", moe_outputs=True),
+    Family("modernbert", transformers.ModernBertConfig, _encoder_auto("ModernBert", text_encoding=False),
+           core="msfx.architectures.modernbert", classes="msfx.models.modernbert", base_prefix="model", tied_keys=()),
     _llama_like("olmo2", transformers.Olmo2Config, olmo2_spec, "Olmo2"),
     _llama_like("phi3", transformers.Phi3Config, phi3_spec, "Phi3", cache_refill_length=phi3_refill_length),
     _llama_like("qwen2", transformers.Qwen2Config, qwen2_spec, "Qwen2"),
     _llama_like("qwen3", transformers.Qwen3Config, qwen3_spec, "Qwen3"),
     _llama_like("qwen3_moe", transformers.Qwen3MoeConfig, qwen3_moe_spec, "Qwen3Moe", moe_outputs=True),
+    Family("roberta", transformers.RobertaConfig, _encoder_auto("Roberta"), core="msfx.architectures.bert",
+           classes="msfx.models.bert", base_prefix="roberta", optional_keys=("roberta.pooler.",), tied_keys=()),
     _llama_like("smollm3", transformers.SmolLM3Config, smollm3_spec, "SmolLM3"),
     Family("t5", transformers.T5Config, (("AutoModel", "T5Model"),
                                          ("AutoModelForSeq2SeqLM", "T5ForConditionalGeneration"),
@@ -207,6 +226,8 @@ _ALL = (
                           "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias."),
            # `wo` overflows float16 in large T5s (HF's `_keep_in_fp32_modules`)
            keep_in_fp32=("wo",), tied_keys=()),
+    Family("xlm-roberta", transformers.XLMRobertaConfig, _encoder_auto("XLMRoberta"), core="msfx.architectures.bert",
+           classes="msfx.models.bert", base_prefix="roberta", optional_keys=("roberta.pooler.",), tied_keys=()),
 )
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in _ALL}

@@ -12,6 +12,8 @@ import msfx
 from msfx.models.auto import AUTO_CLASSES, FAMILIES, supported_classes
 
 HF_MAPPINGS = {
+    "AutoModelForTokenClassification": hf_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
+    "AutoModelForQuestionAnswering": hf_auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES,
     "AutoModel": hf_auto.MODEL_MAPPING_NAMES,
     "AutoModelForCausalLM": hf_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     "AutoModelForSeq2SeqLM": hf_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,

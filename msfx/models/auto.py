@@ -91,11 +91,14 @@ AutoModelForCausalLM = _auto("AutoModelForCausalLM")
 AutoModelForSeq2SeqLM = _auto("AutoModelForSeq2SeqLM")
 AutoModelForSequenceClassification = _auto("AutoModelForSequenceClassification")
 AutoModelForMaskedLM = _auto("AutoModelForMaskedLM")
+AutoModelForTokenClassification = _auto("AutoModelForTokenClassification")
+AutoModelForQuestionAnswering = _auto("AutoModelForQuestionAnswering")
 AutoModelForTextEncoding = _auto("AutoModelForTextEncoding")
 AutoModelForZeroShotImageClassification = _auto("AutoModelForZeroShotImageClassification")
 
 AUTO_CLASSES = (AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
-                AutoModelForMaskedLM, AutoModelForTextEncoding, AutoModelForZeroShotImageClassification)
+                AutoModelForMaskedLM, AutoModelForTokenClassification, AutoModelForQuestionAnswering,
+                AutoModelForTextEncoding, AutoModelForZeroShotImageClassification)
 
 
 def supported_table() -> str:
