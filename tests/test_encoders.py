@@ -126,11 +126,23 @@ AUTO = {"Model": "AutoModel", "ForMaskedLM": "AutoModelForMaskedLM",
         "ForSequenceClassification": "AutoModelForSequenceClassification",
         "ForTokenClassification": "AutoModelForTokenClassification",
         "ForQuestionAnswering": "AutoModelForQuestionAnswering"}
-CASES = [(f, h) for f in FAMILIES for h in HEADS
-         if f != "bert" or h in ("ForTokenClassification", "ForQuestionAnswering")]  # test_bert has BERT's others
+
+def cases(pairs, default) -> list:
+    """`(family, head)` parameters, those not in `default` marked slow (the default suite keeps one
+    of each code path: XLM-RoBERTa's classes are RoBERTa's under other names)."""
+    return [pytest.param(f, h, id=f"{f}-{h}", marks=() if (f, h) in default or (f, "*") in default
+                         else pytest.mark.slow) for f, h in pairs]
 
 
-@pytest.mark.parametrize("family, head", CASES, ids=[f"{f}-{h}" for f, h in CASES])
+CASES = cases([(f, h) for f in FAMILIES for h in HEADS
+               if f != "bert" or h in ("ForTokenClassification", "ForQuestionAnswering")],  # test_bert: the others
+              {("bert", "*"), ("modernbert", "*"), ("roberta", "Model"), ("roberta", "ForMaskedLM"),
+               ("roberta", "ForSequenceClassification"), ("distilbert", "Model"), ("distilbert", "ForMaskedLM"),
+               ("distilbert", "ForSequenceClassification"), ("distilbert", "ForQuestionAnswering"),
+               ("xlm-roberta", "Model"), ("modernbert_biases", "Model"), ("modernbert_biases", "ForSequenceClassification")})
+
+
+@pytest.mark.parametrize("family, head", CASES)
 def test_every_head_matches_hf(hf_encoder, family, head):
     torch_model, path = hf_encoder(family, head)
     ids = ids_for(family)
@@ -181,11 +193,16 @@ def test_sparse_prediction_masked_lm_matches_hf(hf_encoder):
     assert_close(got.loss, expected.loss, TOL * max(1.0, float(expected.loss)), "modernbert sparse MLM: loss", DIFFS)
 
 
-SAVE_CASES = [(f, h) for f in ("roberta", "xlm-roberta", "distilbert", "modernbert_biases") for h in HEADS] + \
-             [("bert", "ForTokenClassification"), ("bert", "ForQuestionAnswering"), ("modernbert", "ForMaskedLM")]
+SAVE_CASES = cases([(f, h) for f in ("roberta", "xlm-roberta", "distilbert", "modernbert_biases") for h in HEADS]
+                   + [("bert", "ForTokenClassification"), ("bert", "ForQuestionAnswering"),
+                      ("modernbert", "ForMaskedLM")],
+                   {("roberta", "ForSequenceClassification"), ("xlm-roberta", "ForMaskedLM"),
+                    ("distilbert", "ForSequenceClassification"), ("distilbert", "ForQuestionAnswering"),
+                    ("modernbert_biases", "Model"), ("modernbert_biases", "ForMaskedLM"),
+                    ("bert", "ForTokenClassification")})
 
 
-@pytest.mark.parametrize("family, head", SAVE_CASES, ids=[f"{f}-{h}" for f, h in SAVE_CASES])
+@pytest.mark.parametrize("family, head", SAVE_CASES)
 def test_save_pretrained_loads_in_hf_without_missing_keys(tmp_path, family, head):
     name = FAMILIES[family][0] + head
     config = hf_config(family, head)

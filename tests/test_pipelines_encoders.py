@@ -60,8 +60,15 @@ TOKEN_CASES = {
 }
 
 
-@pytest.mark.parametrize("family", ["bert", "distilbert", "modernbert"])
-@pytest.mark.parametrize("case", list(TOKEN_CASES))
+def cases(names, families, default) -> list:
+    """`(case, family)` parameters, those not in `default` marked slow (`(case, "*")`: all families)."""
+    return [pytest.param(c, f, id=f"{c}-{f}", marks=() if (c, f) in default or (c, "*") in default
+                         else pytest.mark.slow) for f in families for c in names]
+
+
+@pytest.mark.parametrize("case, family", cases(TOKEN_CASES, ["bert", "distilbert", "modernbert"],
+                                                {("none_all_labels", "bert"), ("first", "bert"), ("batched", "bert"),
+                                                 ("split_into_words", "bert"), ("simple", "*")}))
 def test_token_classification_matches_hf(checkpoints, family, case):
     inputs, kwargs = TOKEN_CASES[case]
     torch_model, path = checkpoints(family, "ForTokenClassification", id2label=NER_LABELS)
@@ -115,8 +122,8 @@ QA_CASES = {"top_1": {}, "top_3": dict(top_k=3), "short_answers": dict(top_k=4, 
             "impossible": dict(top_k=2, handle_impossible_answer=True)}
 
 
-@pytest.mark.parametrize("family", ["bert", "distilbert", "modernbert"])
-@pytest.mark.parametrize("case", list(QA_CASES))
+@pytest.mark.parametrize("case, family", cases(QA_CASES, ["bert", "distilbert", "modernbert"],
+                                                {("top_3", "*"), ("impossible", "bert"), ("short_answers", "bert")}))
 def test_question_answering_matches_hf_4x(checkpoints, family, case):
     kwargs = QA_CASES[case]
     torch_model, path = checkpoints(family, "ForQuestionAnswering")
@@ -146,7 +153,7 @@ def test_question_answering_inputs_and_long_contexts(checkpoints):
 
 # ---------------------------------------------------------------- fill-mask, text-classification on the new families
 
-@pytest.mark.parametrize("family", ["distilbert", "modernbert"])
+@pytest.mark.parametrize("family", [pytest.param("distilbert", marks=pytest.mark.slow), "modernbert"])
 def test_fill_mask_and_text_classification_on_new_families(checkpoints, family):
     torch_model, path = checkpoints(family, "ForMaskedLM")
     assert_same(*run_both("fill-mask", torch_model, path, "w5 [MASK] w9", top_k=3))
