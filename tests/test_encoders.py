@@ -242,3 +242,45 @@ def test_bad_inputs_raise_clear_errors(hf_encoder, family, kwargs, message):
         model(**kwargs)
     with pytest.raises(ValueError, match="num_labels should be 2"):
         msfx.DistilBertForQuestionAnswering(hf_config("distilbert", num_labels=3))
+
+
+# ---------------------------------------------------------------- training with msfx.Trainer
+
+NO_DROPOUT = {"roberta": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+              "distilbert": dict(dropout=0.0, attention_dropout=0.0, qa_dropout=0.0), "modernbert": {}}
+TRAIN_CASES = [("roberta", "ForTokenClassification"), ("distilbert", "ForQuestionAnswering"),
+               ("modernbert", "ForTokenClassification")]
+
+
+def train_rows(family: str, head: str) -> list[dict]:
+    """The padded batch as 3 training rows (all one length: the default collator stacks them)."""
+    ids = ids_for(family)
+    labels = [dict(labels=TOKEN_LABELS[i].tolist()) if head == "ForTokenClassification"
+              else dict(start_positions=int(STARTS[i]), end_positions=int(ENDS[i])) for i in range(3)]
+    return [{"input_ids": ids[i].tolist(), "attention_mask": MASK[i].tolist(), **labels[i]} for i in range(3)]
+
+
+@pytest.mark.parametrize("family, head", cases(TRAIN_CASES, {("distilbert", "ForQuestionAnswering")}))
+def test_trainer_trains_token_classification_and_question_answering(hf_encoder, tmp_path, family, head):
+    """msfx.Trainer's first logged loss (the whole 3-row batch, before any update) equals HF torch's
+    loss; the loss falls; evaluation gives HF's predictions layout (QA: start and end logits)."""
+    torch_model, path = hf_encoder(family, head, **NO_DROPOUT[family])
+    rows = train_rows(family, head)
+    expected = hf_run(torch_model, ids_for(family), attention_mask=MASK, **labels_for(head)).loss
+    model = getattr(msfx, AUTO[head]).from_pretrained(path)
+    args = msfx.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=3, learning_rate=3e-3,
+                                  max_steps=4, logging_steps=1, report_to="none", save_strategy="no",
+                                  disable_tqdm=True, per_device_eval_batch_size=2)
+    trainer = msfx.Trainer(model=model, args=args, train_dataset=rows, eval_dataset=rows)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert_close(losses[0], float(expected), 1e-5 * max(1.0, float(expected)),
+                 f"Trainer {family} {head}: loss at step 0", DIFFS)
+    assert losses[-1] < losses[0]
+    prediction = trainer.predict(rows)
+    if head == "ForQuestionAnswering":
+        starts, ends = prediction.predictions
+        assert starts.shape == ends.shape == (3, 10) and prediction.label_ids[0].tolist() == STARTS.tolist()
+    else:
+        assert prediction.predictions.shape == (3, 10, 5)
+    assert np.isfinite(prediction.metrics["test_loss"])
