@@ -78,13 +78,27 @@ def test_token_classification_matches_hf(checkpoints, family, case):
         assert len(ours) == 6 and {e["word"] for e in ours} >= {"w10", "##1"}  # the subword shows
 
 
-def test_ner_alias_and_bad_strategy(checkpoints):
+@pytest.mark.parametrize("strategy", ["simple", "first"])
+def test_token_classification_stride_matches_hf(checkpoints, strategy):
+    """A text longer than `model_max_length` (8) runs in chunks overlapping by `stride` tokens."""
+    torch_model, path = checkpoints("bert", "ForTokenClassification", id2label=NER_LABELS)
+    text, kwargs = "w5 w101 w9 w13 w7 w22 w23 w40 w41 w42 w139 w44 w45 w46", dict(aggregation_strategy=strategy,
+                                                                                   ignore_labels=[], stride=2)
+    tokenizer = wordpiece_tokenizer()
+    tokenizer.model_max_length = 8
+    theirs = transformers.pipeline("token-classification", model=torch_model, tokenizer=tokenizer)(text, **kwargs)
+    ours = msfx.pipeline("token-classification", model=str(path), tokenizer=tokenizer)(text, **kwargs)
+    assert_same(ours, theirs)
+    assert ours[-1]["end"] == len(text)  # the whole text, not its first 8 tokens
+
+
+def test_ner_alias_and_bad_arguments(checkpoints):
     _, path = checkpoints("bert", "ForTokenClassification", id2label=NER_LABELS)
     pipe = msfx.pipeline("ner", model=str(path))
     with pytest.raises(ValueError, match="aggregation_strategy must be one of"):
         pipe("w5", aggregation_strategy="longest")
-    with pytest.raises(NotImplementedError, match="stride"):
-        pipe("w5", stride=2)
+    with pytest.raises(ValueError, match="stride"):
+        pipe("w5", stride=2, aggregation_strategy="none")
 
 
 # ---------------------------------------------------------------- question-answering (transformers 4.x's pipeline)

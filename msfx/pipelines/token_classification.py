@@ -21,6 +21,21 @@ def _tag(label: str) -> tuple[str, str]:
     return "I", label
 
 
+def _resolve_overlaps(entities: list[dict]) -> list[dict]:
+    """HF's `aggregate_overlapping_entities`: of entities (from overlapping chunks) that overlap, the
+    longer one is kept, or the higher-scored of two as long."""
+    kept = []
+    for entity in sorted(entities, key=lambda e: e["start"]):
+        last = kept[-1] if kept else None
+        if last is not None and last["start"] <= entity["start"] < last["end"]:
+            length, last_length = entity["end"] - entity["start"], last["end"] - last["start"]
+            if length > last_length or (length == last_length and entity["score"] > last["score"]):
+                kept[-1] = entity
+        else:
+            kept.append(entity)
+    return kept
+
+
 class TokenClassificationPipeline(Pipeline):
     """Classify each token of a text (HF's "token-classification" / "ner").
 
@@ -28,19 +43,18 @@ class TokenClassificationPipeline(Pipeline):
     `score`, `index`, `word`, `start`, `end`; "simple": adjacent tokens of one entity grouped into
     `entity_group` records; "first" / "average" / "max": words' subword tokens agree first, fast
     tokenizers only), `ignore_labels` (default `["O"]`), `is_split_into_words` (a list of words,
-    joined by `delimiter`, default " "), `offset_mapping` (for a slow tokenizer).
+    joined by `delimiter`, default " "), `offset_mapping` (for a slow tokenizer), `stride` (a text
+    longer than the tokenizer's `model_max_length` runs in chunks overlapping by `stride` tokens,
+    overlapping entities resolved as HF: the longer, then the higher score, wins).
 
     Raises:
         ValueError: an unknown strategy, a word strategy with a slow tokenizer, a non-string input
-            (or a non-list with `is_split_into_words`).
-        NotImplementedError: `stride` (HF's chunked long inputs).
+            (or a non-list with `is_split_into_words`), `stride` not below `model_max_length`, with
+            `aggregation_strategy="none"` or with a slow tokenizer.
     """
 
     def _sanitize_parameters(self, ignore_labels=None, aggregation_strategy=None, offset_mapping=None,
                              is_split_into_words: bool = False, stride=None, delimiter=None):
-        if stride is not None:
-            raise NotImplementedError("token-classification: stride (chunked long inputs) is not supported in msfx; "
-                                      "inputs are truncated to the tokenizer's model_max_length")
         preprocess = {"is_split_into_words": is_split_into_words}
         if is_split_into_words:
             preprocess["delimiter"] = " " if delimiter is None else delimiter
@@ -57,6 +71,17 @@ class TokenClassificationPipeline(Pipeline):
             postprocess["aggregation_strategy"] = strategy
         if ignore_labels is not None:
             postprocess["ignore_labels"] = ignore_labels
+        if stride is not None:
+            if stride >= self.tokenizer.model_max_length:
+                raise ValueError("`stride` must be less than `tokenizer.model_max_length` (or even lower if the "
+                                 "tokenizer adds special tokens)")
+            if postprocess.get("aggregation_strategy") == "none":
+                raise ValueError('`stride` was provided to process all the text but `aggregation_strategy="none"`, '
+                                 "please select another one instead.")
+            if not self.tokenizer.is_fast:
+                raise ValueError("`stride` was provided to process all the text but you're using a slow tokenizer. "
+                                 "Please use a fast tokenizer.")
+            preprocess["tokenizer_params"] = {"return_overflowing_tokens": True, "padding": True, "stride": stride}
         return preprocess, {}, postprocess
 
     def __call__(self, inputs, **kwargs):
@@ -73,12 +98,16 @@ class TokenClassificationPipeline(Pipeline):
             results = [super(TokenClassificationPipeline, self).__call__(text, offset_mapping=o, **kwargs)
                        for text, o in zip(texts, offsets)]
             return results if isinstance(inputs, list) else results[0]
+        if kwargs.get("stride") is not None or "tokenizer_params" in self._preprocess_params:
+            kwargs["batch_size"] = 1  # a text's chunks are its batch
         return super().__call__(inputs, **kwargs)
 
     def preprocess(self, sentence, is_split_into_words: bool = False, delimiter: str | None = None,
-                   offset_mapping=None) -> dict:
+                   offset_mapping=None, tokenizer_params: dict | None = None) -> dict:
+        """The text's tokens `[chunks, seq]` (one chunk without `stride`) with their special-token mask
+        and character offsets, and the text itself."""
         tokenizer = self.tokenizer
-        params = {}
+        params = dict(tokenizer_params or {})
         word_to_chars = None
         if is_split_into_words:
             if not isinstance(sentence, list):
@@ -101,7 +130,8 @@ class TokenClassificationPipeline(Pipeline):
         if offset_mapping is not None:
             inputs["offset_mapping"] = np.asarray(offset_mapping)[None]
         inputs["sentence"] = sentence
-        inputs["word_ids"] = encoded.word_ids(0) if word_to_chars is not None else None
+        chunks = len(inputs["input_ids"])
+        inputs["word_ids"] = [encoded.word_ids(i) for i in range(chunks)] if word_to_chars is not None else None
         inputs["word_to_chars"] = word_to_chars
         return inputs
 
@@ -112,15 +142,15 @@ class TokenClassificationPipeline(Pipeline):
 
     def postprocess(self, outputs: dict, aggregation_strategy: str = "none", ignore_labels=None) -> list[dict]:
         ignore_labels = ["O"] if ignore_labels is None else ignore_labels
-        scores = softmax(outputs["logits"][0].astype(np.float32))
-        offsets = outputs["offset_mapping"]
-        # a padded row of a batch: its padding is marked special (pad value 1), so it is skipped
-        pre = self._pre_entities(outputs["sentence"], outputs["input_ids"][0], scores,
-                                 None if offsets is None else offsets[0], outputs["special_tokens_mask"][0],
-                                 aggregation_strategy, outputs["word_ids"], outputs["word_to_chars"])
-        entities = self._aggregate(pre, aggregation_strategy)
-        return [e for e in entities
-                if e.get("entity") not in ignore_labels and e.get("entity_group") not in ignore_labels]
+        offsets, word_ids, found = outputs["offset_mapping"], outputs["word_ids"], []
+        for i, logits in enumerate(outputs["logits"]):  # padding (of a batch or the last chunk) is marked special
+            pre = self._pre_entities(outputs["sentence"], outputs["input_ids"][i], softmax(logits.astype(np.float32)),
+                                     None if offsets is None else offsets[min(i, len(offsets) - 1)],
+                                     outputs["special_tokens_mask"][i], aggregation_strategy,
+                                     None if word_ids is None else word_ids[i], outputs["word_to_chars"])
+            found += [e for e in self._aggregate(pre, aggregation_strategy)
+                      if e.get("entity") not in ignore_labels and e.get("entity_group") not in ignore_labels]
+        return found if len(outputs["logits"]) == 1 else _resolve_overlaps(found)
 
     def _pre_entities(self, sentence, input_ids, scores, offsets, special, strategy, word_ids, word_to_chars):
         """HF's `gather_pre_entities`: the non-special tokens with their scores, characters and
