@@ -149,17 +149,16 @@ class BertForQuestionAnswering(_BertBase):
     `start_positions` / `end_positions` `[batch]` give HF's loss (see
     `msfx.modeling.question_answering_loss`)."""
 
-    span_dropout_key: str | None = None  # the config's dropout before `qa_outputs` (DistilBERT's `qa_dropout`)
-
     @classmethod
     def param_shapes(cls, config):
         return cls._body_shapes(config) | _linear_shapes("qa_outputs", config.num_labels, config.hidden_size)
 
+    def _span_input(self, hidden):
+        """What `qa_outputs` reads (DistilBERT drops out first)."""
+        return hidden
+
     def _result(self, out: bert.BertOutput, start_positions, end_positions, return_dict: bool):
-        hidden = out.last_hidden_state
-        if self.span_dropout_key:
-            hidden = dropout(hidden, getattr(self.config, self.span_dropout_key))
-        start, end = split_span_logits(_dense(hidden, self.params["qa_outputs"]))
+        start, end = split_span_logits(_dense(self._span_input(out.last_hidden_state), self.params["qa_outputs"]))
         loss = None
         if start_positions is not None and end_positions is not None:
             loss = question_answering_loss(start, end, as_tensor(start_positions), as_tensor(end_positions))
@@ -317,12 +316,14 @@ class DistilBertForQuestionAnswering(BertForQuestionAnswering):
     """
 
     model_type = base_model_prefix = "distilbert"
-    span_dropout_key = "qa_dropout"
 
     def __init__(self, config, params=None):
         if config.num_labels != 2:
             raise ValueError(f"config.num_labels should be 2, but it is {config.num_labels}")
         super().__init__(config, params)
+
+    def _span_input(self, hidden):
+        return dropout(hidden, self.config.qa_dropout)
 
     def construct(self, input_ids=None, attention_mask=None, inputs_embeds=None, start_positions=None,
                   end_positions=None, position_ids=None, output_hidden_states=None, return_dict=True):
