@@ -75,6 +75,17 @@ class Family:
         return None if name is None else self.class_named(name)
 
 
+def _encoder_auto(prefix: str, text_encoding: bool = True) -> tuple[tuple[str, str], ...]:
+    """An encoder family's HF classes `{prefix}Model`, `...ForMaskedLM`, `...ForSequenceClassification`,
+    `...ForTokenClassification`, `...ForQuestionAnswering` by Auto class (`{prefix}Model` also for
+    `AutoModelForTextEncoding` with `text_encoding`)."""
+    return (("AutoModel", prefix + "Model"), ("AutoModelForMaskedLM", prefix + "ForMaskedLM"),
+            ("AutoModelForSequenceClassification", prefix + "ForSequenceClassification"),
+            ("AutoModelForTokenClassification", prefix + "ForTokenClassification"),
+            ("AutoModelForQuestionAnswering", prefix + "ForQuestionAnswering"),
+            *((("AutoModelForTextEncoding", prefix + "Model"),) if text_encoding else ()))
+
+
 def _llama_like(model_type: str, config_class: type, spec: Callable[..., DecoderSpec], prefix: str,
                 names: tuple[str, str, str] | None = None, **rules) -> Family:
     """A Llama-like family: HF's `{prefix}Model`, `{prefix}ForCausalLM`,
@@ -167,6 +178,8 @@ def smollm3_spec(config) -> DecoderSpec:
 _ALL = (
     Family("bert", transformers.BertConfig, (("AutoModel", "BertModel"), ("AutoModelForMaskedLM", "BertForMaskedLM"),
                                              ("AutoModelForSequenceClassification", "BertForSequenceClassification"),
+                                             ("AutoModelForTokenClassification", "BertForTokenClassification"),
+                                             ("AutoModelForQuestionAnswering", "BertForQuestionAnswering"),
                                              ("AutoModelForTextEncoding", "BertModel")),
            core="msfx.architectures.bert", classes="msfx.models.bert", base_prefix="bert",
            # HF's `add_pooling_layer`: `BertForMaskedLM` has no pooler, `BertModel` gets a fresh one
@@ -184,6 +197,8 @@ _ALL = (
     Family("dinov2", transformers.Dinov2Config, (("AutoModel", "Dinov2Model"),
                                                  ("AutoModelForImageClassification", "Dinov2ForImageClassification")),
            core="msfx.architectures.dinov2", classes="msfx.models.dinov2", base_prefix="dinov2", tied_keys=()),
+    Family("distilbert", transformers.DistilBertConfig, _encoder_auto("DistilBert"), core="msfx.architectures.bert",
+           classes="msfx.models.bert", base_prefix="distilbert", tied_keys=()),
     Family("gpt2", transformers.GPT2Config, (("AutoModel", "GPT2Model"), ("AutoModelForCausalLM", "GPT2LMHeadModel"),
                                              ("AutoModelForSequenceClassification", "GPT2ForSequenceClassification")),
            core="msfx.architectures.gpt2", classes="msfx.models.gpt2", base_prefix="transformer",
@@ -200,6 +215,8 @@ _ALL = (
            tied_keys=(("language_model.lm_head.weight", "language_model.model.embed_tokens.weight"),)),
     _llama_like("mistral", transformers.MistralConfig, mistral_spec, "Mistral"),
     _llama_like("mixtral", transformers.MixtralConfig, mixtral_spec, "Mixtral", moe_outputs=True),
+    Family("modernbert", transformers.ModernBertConfig, _encoder_auto("ModernBert", text_encoding=False),
+           core="msfx.architectures.modernbert", classes="msfx.models.modernbert", base_prefix="model", tied_keys=()),
     _llama_like("olmo2", transformers.Olmo2Config, olmo2_spec, "Olmo2"),
     _llama_like("phi3", transformers.Phi3Config, phi3_spec, "Phi3", cache_refill_length=phi3_refill_length),
     _llama_like("qwen2", transformers.Qwen2Config, qwen2_spec, "Qwen2"),
@@ -215,6 +232,8 @@ _ALL = (
            core="msfx.architectures.siglip", classes="msfx.models.siglip", base_prefix="text_model", tied_keys=()),
     Family("siglip_vision_model", transformers.SiglipVisionConfig, (("AutoModel", "SiglipVisionModel"),),
            core="msfx.architectures.siglip", classes="msfx.models.siglip", base_prefix="vision_model", tied_keys=()),
+    Family("roberta", transformers.RobertaConfig, _encoder_auto("Roberta"), core="msfx.architectures.bert",
+           classes="msfx.models.bert", base_prefix="roberta", optional_keys=("roberta.pooler.",), tied_keys=()),
     _llama_like("smollm3", transformers.SmolLM3Config, smollm3_spec, "SmolLM3"),
     Family("t5", transformers.T5Config, (("AutoModel", "T5Model"),
                                          ("AutoModelForSeq2SeqLM", "T5ForConditionalGeneration"),
@@ -236,6 +255,8 @@ _ALL = (
                                                    ("AutoModelForSpeechSeq2Seq", "WhisperForConditionalGeneration")),
            core="msfx.architectures.whisper", classes="msfx.models.whisper",
            tied_keys=(("proj_out.weight", "model.decoder.embed_tokens.weight"),)),
+    Family("xlm-roberta", transformers.XLMRobertaConfig, _encoder_auto("XLMRoberta"), core="msfx.architectures.bert",
+           classes="msfx.models.bert", base_prefix="roberta", optional_keys=("roberta.pooler.",), tied_keys=()),
 )
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in _ALL}

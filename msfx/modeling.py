@@ -74,6 +74,13 @@ class SequenceClassifierOutputWithPast(ModelOutput):
 
 
 @dataclass
+class BaseModelOutput(ModelOutput):
+    last_hidden_state: Tensor | None = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+
+
+@dataclass
 class BaseModelOutputWithPooling(ModelOutput):
     last_hidden_state: Tensor | None = None
     pooler_output: Tensor | None = None
@@ -93,6 +100,23 @@ class MaskedLMOutput(ModelOutput):
 class SequenceClassifierOutput(ModelOutput):
     loss: Tensor | None = None
     logits: Tensor | None = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+
+
+@dataclass
+class TokenClassifierOutput(ModelOutput):
+    loss: Tensor | None = None
+    logits: Tensor | None = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+
+
+@dataclass
+class QuestionAnsweringModelOutput(ModelOutput):
+    loss: Tensor | None = None
+    start_logits: Tensor | None = None
+    end_logits: Tensor | None = None
     hidden_states: tuple | None = None
     attentions: tuple | None = None
 
@@ -179,6 +203,25 @@ def sequence_classification_loss(logits: Tensor, labels: Tensor, config) -> Tens
         return masked_cross_entropy(logits, labels.reshape(-1).astype(ms.int32))
     return ops.binary_cross_entropy_with_logits(logits, labels.astype(ms.float32),
                                                 ops.ones_like(logits), ops.ones_like(logits))
+
+
+def question_answering_loss(start_logits: Tensor, end_logits: Tensor, start_positions: Tensor,
+                            end_positions: Tensor) -> Tensor:
+    """HF's `ForQuestionAnsweringLoss`: the mean of the start and end cross-entropies (float32), with
+    positions `[batch]` (or `[batch, 1]`) clamped to `[0, seq]` and those at `seq` (outside the
+    input) ignored. Logits `[batch, seq]`."""
+    seq = start_logits.shape[1]
+
+    def one(logits, positions):
+        positions = ops.clip(positions.reshape(-1).astype(ms.int32), 0, seq)
+        return masked_cross_entropy(logits, positions, ignore_index=seq)
+
+    return (one(start_logits, start_positions) + one(end_logits, end_positions)) / 2
+
+
+def split_span_logits(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """A question-answering head's `[batch, seq, 2]` logits as `(start_logits, end_logits)`, each `[batch, seq]`."""
+    return logits[..., 0], logits[..., 1]
 
 
 # HF argument names (`TransformersKwargs`, cache, cross-attention, packing and older spellings) that a

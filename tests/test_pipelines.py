@@ -31,8 +31,9 @@ def assert_same(ours, theirs, path: str = "output") -> None:
         assert isinstance(ours, (list, tuple)) and len(ours) == len(theirs), path
         for i, (a, b) in enumerate(zip(ours, theirs)):
             assert_same(a, b, f"{path}[{i}]")
-    elif isinstance(theirs, float):
-        assert isinstance(ours, float) and abs(ours - theirs) <= TOL, f"{path}: {ours} vs {theirs}"
+    elif isinstance(theirs, (float, np.floating)):  # HF's numpy scores (token-classification) keep their type
+        same_kind = type(ours) is type(theirs) if isinstance(theirs, np.floating) else isinstance(ours, float)
+        assert same_kind and abs(ours - theirs) <= TOL, f"{path}: {ours!r} vs {theirs!r}"
     elif isinstance(theirs, (np.ndarray, torch.Tensor)):
         theirs = theirs.detach().numpy() if isinstance(theirs, torch.Tensor) else theirs
         np.testing.assert_allclose(np.asarray(ours), theirs, atol=TOL, rtol=0, err_msg=path)

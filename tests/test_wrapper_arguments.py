@@ -21,7 +21,7 @@ from msfx.models import bert, clip, dinov2, gpt2, llava, siglip, t5, vit
 from msfx.families import FAMILIES as MSFX_FAMILIES
 
 from conftest import left_padded, make_hf_llama, random_ids
-from test_bert import TINY as BERT
+from test_encoders import hf_config as encoder_config
 from test_clip import TEXT, VISION
 from test_gpt2 import TINY_GPT2, make_hf_gpt2
 from test_llama_family import BASE, FAMILIES, make_hf
@@ -141,8 +141,9 @@ CLASSES = {MSFX_FAMILIES[family].class_named(name): (_llama_like(family), dict(i
            for family in ["llama", *FAMILIES] for _, name in MSFX_FAMILIES[family].auto}
 CLASSES |= {cls: (transformers.GPT2Config(**TINY_GPT2), dict(input_ids=_IDS))
             for cls in (gpt2.GPT2Model, gpt2.GPT2LMHeadModel, gpt2.GPT2ForSequenceClassification)}
-CLASSES |= {cls: (transformers.BertConfig(**BERT), dict(input_ids=_IDS))
-            for cls in (bert.BertModel, bert.BertForMaskedLM, bert.BertForSequenceClassification)}
+CLASSES |= {MSFX_FAMILIES[family].class_named(name): (encoder_config(family), dict(input_ids=_IDS))
+            for family in ("bert", "roberta", "xlm-roberta", "distilbert", "modernbert")
+            for _, name in MSFX_FAMILIES[family].auto}
 CLASSES |= {t5.T5EncoderModel: (transformers.T5Config(**T5), dict(input_ids=_IDS))}
 CLASSES |= {cls: (transformers.T5Config(**T5), dict(input_ids=_IDS, decoder_input_ids=_IDS[:, :3]))
             for cls in (t5.T5Model, t5.T5ForConditionalGeneration)}

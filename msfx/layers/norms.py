@@ -24,11 +24,20 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, offset: float = 0.0) -> Tens
 
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float) -> Tensor:
-    """LayerNorm (Ba et al. 2016) over the last axis, `torch.nn.LayerNorm` semantics."""
-    dtype = x.dtype
-    h = x.astype(ms.float32)
+    """LayerNorm (Ba et al. 2016) over the last axis, `torch.nn.LayerNorm` semantics.
+
+    In bfloat16 / float16 the scale and shift are applied in float32 too and the result rounded once,
+    as PyTorch's CPU kernel does (rounding after the normalization and again after each of them
+    doubled the distance to torch's bfloat16 outputs: 2 ulps against 1 on a 3-layer CLIP tower, and
+    a 2-layer DistilBERT's error against float32 was 2.6x torch-bf16's).
+    """
+    h = x if x.dtype == ms.float32 else x.astype(ms.float32)
     mean = ops.mean(h, -1, keep_dims=True)
     centered = h - mean
     h = centered * ops.rsqrt(ops.mean(centered * centered, -1, keep_dims=True) + eps)
-    h = h.astype(dtype) * weight
-    return h if bias is None else h + bias
+    if x.dtype == ms.float32:  # skip no-op casts: each op costs ~10 us in a compiled CPU step
+        h = h * weight
+        return h if bias is None else h + bias
+    h = h * weight.astype(ms.float32)
+    h = h if bias is None else h + bias.astype(ms.float32)
+    return h.astype(x.dtype)

@@ -18,6 +18,9 @@ TASKS: dict[str, tuple[str, str, bool]] = {
     "fill-mask": ("text:FillMaskPipeline", "AutoModelForMaskedLM", False),
     "feature-extraction": ("text:FeatureExtractionPipeline", "AutoModel", False),
     "text-classification": ("text:TextClassificationPipeline", "AutoModelForSequenceClassification", False),
+    "token-classification": ("token_classification:TokenClassificationPipeline", "AutoModelForTokenClassification",
+                             False),
+    "question-answering": ("question_answering:QuestionAnsweringPipeline", "AutoModelForQuestionAnswering", False),
     "text2text-generation": ("text2text:Text2TextGenerationPipeline", "AutoModelForSeq2SeqLM", False),
     "summarization": ("text2text:SummarizationPipeline", "AutoModelForSeq2SeqLM", False),
     "translation": ("text2text:TranslationPipeline", "AutoModelForSeq2SeqLM", False),
@@ -25,7 +28,7 @@ TASKS: dict[str, tuple[str, str, bool]] = {
                                        "AutoModelForZeroShotImageClassification", True),
     "image-classification": ("vision:ImageClassificationPipeline", "AutoModelForImageClassification", True),
 }
-ALIASES = {"sentiment-analysis": "text-classification"}
+ALIASES = {"sentiment-analysis": "text-classification", "ner": "token-classification"}
 logger = logging.getLogger(__name__)
 
 
@@ -88,8 +91,9 @@ def pipeline(task: str | None = None, model=None, tokenizer=None, image_processo
 
     Args:
         task: one of `supported_tasks()` (e.g. "text-generation", "fill-mask", "image-classification";
-            "sentiment-analysis" is "text-classification"; "summarization" / "translation_en_to_de" apply the T5
-            config's `task_specific_params` as transformers 4.x did, which removed these tasks in 5).
+            "sentiment-analysis" is "text-classification", "ner" is "token-classification";
+            "question-answering", "summarization" / "translation_en_to_de" run as in transformers 4.x,
+            which removed these tasks in 5: the latter two with the T5 config's `task_specific_params`).
         model: a hub id or local checkpoint directory (loaded with msfx's Auto class for the task), or
             an msfx model instance (then pass `tokenizer=`, and for images `image_processor=`).
         tokenizer: a transformers tokenizer, or a path / hub id for `AutoTokenizer`; default: the model's.

@@ -73,6 +73,20 @@ HONOURED = frozenset({
     "do_train", "do_eval", "do_predict", "resume_from_checkpoint",  # for scripts: HF's Trainer ignores them too
 })
 _LABEL_COLUMNS = ("label", "label_ids", "labels")
+_SPAN_LABELS = ("start_positions", "end_positions")
+
+
+def label_names(model) -> tuple[str, ...]:
+    """HF's `find_labels`: the arguments of `model` that take labels: `start_positions` and
+    `end_positions` for question answering, else `labels`."""
+    return _SPAN_LABELS if "QuestionAnswering" in type(model).__name__ else ("labels",)
+
+
+def _nested_concat(batches: list[tuple[np.ndarray, ...]]) -> np.ndarray | tuple[np.ndarray, ...]:
+    """Per-batch tuples of arrays concatenated position by position (`_pad_concat`); one array when
+    each batch has one (HF's predictions: logits, or a QA model's start and end logits)."""
+    joined = tuple(_pad_concat([batch[i] for batch in batches]) for i in range(len(batches[0])))
+    return joined[0] if len(joined) == 1 else joined
 
 
 @dataclass
@@ -228,6 +242,7 @@ class Trainer:
         self.optimizer = self._optimizer()
         self._inputs = {name for name in inspect.signature(model.construct).parameters if name != "kwargs"}
         self._causal = bool(getattr(model, "accepts_loss_kwargs", False))
+        self._labels = label_names(model)
         self.state = TrainerState()
         self.control = TrainerControl()
         defaults = [DefaultFlowCallback, *self._reporting_callbacks(),
@@ -304,9 +319,10 @@ class Trainer:
         config = self.model.config
         if "input_ids" not in batch and "pixel_values" not in batch:
             raise ValueError(f"the batch has no 'input_ids' (it has {sorted(batch)})")
-        if training and "labels" not in batch:
-            raise ValueError(f"the batch has no 'labels' (it has {sorted(batch)}): the Trainer trains on the model's "
-                             "loss; for causal LMs DataCollatorForLanguageModeling(tokenizer, mlm=False) makes them")
+        if training and any(name not in batch for name in self._labels):
+            raise ValueError(f"the batch has no {' / '.join(map(repr, self._labels))} (it has {sorted(batch)}): the "
+                             "Trainer trains on the model's loss; for causal LMs "
+                             "DataCollatorForLanguageModeling(tokenizer, mlm=False) makes them")
         for name in ("input_ids", "decoder_input_ids"):
             if name in batch:
                 try:
@@ -317,10 +333,15 @@ class Trainer:
         if mask is not None and ids is not None and mask.shape != ids.shape:
             raise ValueError(f"attention_mask has shape {list(batch['attention_mask'].shape)}, input_ids "
                              f"{list(batch['input_ids'].shape)}")
+        for name in _SPAN_LABELS:
+            if name in batch and (batch[name].dtype.kind not in "iu" or batch[name].shape[:1] != ids.shape[:1]):
+                raise ValueError(f"{name} must be integer token positions [batch], got {batch[name].dtype} "
+                                 f"{list(batch[name].shape)}")
         labels = batch.get("labels")
         if labels is None:
             return
         classification = type(self.model).__name__.endswith("ForSequenceClassification")
+        per_token = type(self.model).__name__.endswith("ForTokenClassification")
         rows = next(iter(batch.values())).shape[0]
         if classification:
             expected = "[batch] or [batch, num_labels]"
@@ -336,7 +357,7 @@ class Trainer:
             return  # regression / multi-label targets
         if labels.dtype.kind not in "iu":
             raise TypeError(f"labels must be integer class or token ids, got {labels.dtype}")
-        classes = config.num_labels if classification else config.vocab_size
+        classes = config.num_labels if classification or per_token else config.vocab_size
         bad = labels[(labels != IGNORE_INDEX) & ((labels < 0) | (labels >= classes))]
         if bad.size:
             raise ValueError(f"label {bad[0]} is out of range: labels must be -100 (ignored) or in [0, {classes})")
@@ -614,16 +635,18 @@ class Trainer:
     # ------------------------------------------------------------------------------- evaluation
 
     def _eval_fn(self, names: tuple[str, ...]) -> Graph:
-        """`(*leaves, *batch tensors) -> (loss or 0, logits)`, compiled per input names."""
+        """`(*leaves, *batch tensors) -> (loss or 0, logits)` (a QA model: start and end logits),
+        compiled per input names."""
         if names not in self._eval_fns:
             n, keys, model = len(self._keys), self._keys, self.model
-            has_labels = "labels" in names
+            has_labels = all(name in names for name in self._labels)
+            outputs = ("start_logits", "end_logits") if self._labels == _SPAN_LABELS else ("logits",)
 
             def forward(*args):
                 with no_host_reads(), model.using_params(unflatten(list(args[:n]), keys)):
                     out = model(**dict(zip(names, args[n:])))
                 loss = out.loss if has_labels else ms.ops.zeros((), ms.float32)
-                return loss.astype(ms.float32), out.logits
+                return (loss.astype(ms.float32), *(out[name] for name in outputs))
 
             self._eval_fns[names] = Graph(forward, f"eval{len(self._eval_fns)}", self.args.jit)
         return self._eval_fns[names]
@@ -637,17 +660,19 @@ class Trainer:
             batch = self._batch(dataset, range(begin, min(begin + size, len(dataset))), training=False)
             names = tuple(sorted(batch))
             tensors = [batch_tensor(batch[k]) for k in names]
-            loss, logits = self._eval_fn(names)(*self._leaves, *tensors)
+            loss, *logits = self._eval_fn(names)(*self._leaves, *tensors)
             rows = next(iter(batch.values())).shape[0]
-            logits = logits.asnumpy()
-            if "labels" in batch:
+            logits = tuple(t.asnumpy() for t in logits)
+            found = tuple(batch[name] for name in self._labels if name in batch)
+            if len(found) == len(self._labels):
                 losses.append(float(loss.asnumpy()) * rows)
-                labels.append(batch["labels"])
+                labels.append(found)
             if self.preprocess_logits_for_metrics is not None:
-                logits = np.asarray(self.preprocess_logits_for_metrics(logits, batch.get("labels")))
+                logits = (np.asarray(self.preprocess_logits_for_metrics(logits[0] if len(logits) == 1 else logits,
+                                                                        found[0] if len(found) == 1 else found or None)),)
             predictions.append(logits)
-        preds = _pad_concat(predictions)
-        label_ids = _pad_concat(labels) if labels else None
+        preds = _nested_concat(predictions)
+        label_ids = _nested_concat(labels) if labels else None
         metrics = {}
         if self.compute_metrics is not None and label_ids is not None:
             metrics = dict(self.compute_metrics(EvalPrediction(predictions=preds, label_ids=label_ids)))
