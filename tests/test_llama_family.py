@@ -44,6 +44,17 @@ OVERRIDES = {
     "olmo2": dict(attention_bias=True),
     "smollm3": dict(no_rope_layers=[1, 0, 1], use_sliding_window=True, sliding_window=6, mlp_bias=True,
                     layer_types=["full_attention", "sliding_attention", "full_attention"]),
+    "gemma": dict(head_dim=16, attention_bias=True, hidden_size=32),  # sqrt(32) scales the embeddings
+    "granite": dict(attention_multiplier=0.3, embedding_multiplier=3.0, residual_multiplier=0.6, logits_scaling=4.0,
+                    attention_bias=True, mlp_bias=True),
+    "olmo": dict(clip_qkv=0.6, attention_bias=True),  # N(0, 0.2) weights: many q, k, v entries past the clip
+    "starcoder2": dict(sliding_window=6, hidden_act="gelu_pytorch_tanh",
+                       rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0)),
+    "phi": dict(hidden_act="gelu_new", rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                            partial_rotary_factor=0.5)),
+    "gpt_neox": dict(num_key_value_heads=None, hidden_act="gelu",  # GPT-NeoX has no GQA
+                     rope_parameters=dict(rope_type="linear", rope_theta=100.0, factor=2.0,
+                                          partial_rotary_factor=0.25)),
 }
 # name -> (HF config class, HF causal LM class, config overrides), for every Llama-like record but Llama's
 FAMILIES = {name: (record.config_class.__name__, dict(record.auto)["AutoModelForCausalLM"], OVERRIDES[name])

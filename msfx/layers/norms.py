@@ -23,12 +23,15 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, offset: float = 0.0) -> Tens
     return weight * h.astype(x.dtype)
 
 
-def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float) -> Tensor:
-    """LayerNorm (Ba et al. 2016) over the last axis, `torch.nn.LayerNorm` semantics."""
+def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """LayerNorm (Ba et al. 2016) over the last axis, `torch.nn.LayerNorm` semantics; with no
+    `weight` the parameter-free norm (OLMo's `F.layer_norm(x, shape, None, None)`)."""
     dtype = x.dtype
     h = x.astype(ms.float32)
     mean = ops.mean(h, -1, keep_dims=True)
     centered = h - mean
     h = centered * ops.rsqrt(ops.mean(centered * centered, -1, keep_dims=True) + eps)
-    h = h.astype(dtype) * weight
+    h = h.astype(dtype)
+    if weight is not None:
+        h = h * weight
     return h if bias is None else h + bias
