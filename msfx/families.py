@@ -214,6 +214,22 @@ def smollm3_spec(config) -> DecoderSpec:
                        rope=RopeSpec(layers=tuple(bool(use) for use in config.no_rope_layers)))
 
 
+def stablelm_spec(config) -> DecoderSpec:
+    """LayerNorms, partial rotary, `use_qkv_bias`; with `use_parallel_residual` one norm feeding
+    attention and MLP side by side (as Phi). Training dropout: HF's `hidden_dropout` (on the MLP
+    output only) is not applied.
+
+    Raises:
+        NotImplementedError: `qk_layernorm` (StableLM 2 12B's per-head LayerNorms).
+    """
+    if config.qk_layernorm:
+        raise NotImplementedError("msfx's StableLM has no per-head q/k LayerNorms (config.qk_layernorm=True)")
+    return DecoderSpec(AttentionSpec(qkv_bias=config.use_qkv_bias),
+                       norms=NormSpec("shared" if config.use_parallel_residual else "pre", kind="layer",
+                                      eps=config.layer_norm_eps),
+                       rope=RopeSpec(partial_default=True))
+
+
 def starcoder2_spec(config) -> DecoderSpec:
     """LayerNorms (`norm_epsilon`), `use_bias` on every projection, a plain `c_fc` / `c_proj` MLP,
     sliding windows."""
@@ -265,6 +281,7 @@ _ALL = (
     _llama_like("qwen3", transformers.Qwen3Config, qwen3_spec, "Qwen3"),
     _llama_like("qwen3_moe", transformers.Qwen3MoeConfig, qwen3_moe_spec, "Qwen3Moe", moe_outputs=True),
     _llama_like("smollm3", transformers.SmolLM3Config, smollm3_spec, "SmolLM3"),
+    _llama_like("stablelm", transformers.StableLmConfig, stablelm_spec, "StableLm"),
     _llama_like("starcoder2", transformers.Starcoder2Config, starcoder2_spec, "Starcoder2"),
     Family("t5", transformers.T5Config, (("AutoModel", "T5Model"),
                                          ("AutoModelForSeq2SeqLM", "T5ForConditionalGeneration"),

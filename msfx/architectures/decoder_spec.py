@@ -1,6 +1,6 @@
 """`DecoderSpec`: how a Llama-like family's decoder differs from Llama's, grouped by part
-(attention, MLP, norms, rope, mixture of experts); `msfx.architectures.llama` reads only these
-switches. No model code here, so `msfx.families` imports it without the architectures."""
+(attention, MLP, norms, rope, mixture of experts, module names); `msfx.architectures.llama` reads
+only these switches. No model code here, so `msfx.families` imports it without the architectures."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -32,13 +32,13 @@ class MLPSpec(NamedTuple):
 
 class NormSpec(NamedTuple):
     # "pre": on the attention and MLP inputs (Llama); "post": on their outputs instead (OLMo2);
-    # "sandwich": on both, with a pre-MLP norm of its own (Gemma)
+    # "sandwich": on both, with a pre-MLP norm of its own (Gemma);
     # "parallel": attention and MLP both read the layer input, normed by `input_layernorm` and
     # `post_attention_layernorm`, and add to it together (GPT-NeoX); "shared": the same, one
-    # `input_layernorm` feeding both (Phi)
+    # `input_layernorm` feeding both (Phi, StableLM's `use_parallel_residual`)
     placement: str = "pre"
     offset: float = 0.0  # RMSNorm scales by `offset + weight` (Gemma: 1)
-    # "rms": RMSNorm; "layer": LayerNorm with weight and bias (StarCoder2, Phi, GPT-NeoX);
+    # "rms": RMSNorm; "layer": LayerNorm with weight and bias (StarCoder2, Phi, GPT-NeoX, StableLM);
     # "parameter_free": LayerNorm with neither (OLMo)
     kind: str = "rms"
     eps: float | None = None  # instead of `config.rms_norm_eps`

@@ -5,8 +5,10 @@ Follows `transformers.models.llama.modeling_llama`. Parameters are keyed like th
 `transformers.LlamaConfig`, carried by the tree from `load` / `init_params` (`params.config`) or
 passed as `config=`.
 
-Families that differ from Llama by a few switches (Qwen2, Qwen3, Mistral, Phi-3, ...) reuse these
-functions: their record in `msfx.families` gives the `DecoderSpec` for their `model_type`.
+Families that differ from Llama by switches (Qwen2, Qwen3, Mistral, Phi-3, and with LayerNorms, plain
+MLPs, parallel residuals and their own module names StarCoder2, Phi, GPT-NeoX, ...) reuse these
+functions: their record in `msfx.families` gives the `DecoderSpec` for their `model_type`, and the
+parameters keep their checkpoint's names (`gpt_neox.layers.0.attention.query_key_value.weight`).
 """
 from __future__ import annotations
 
@@ -183,8 +185,8 @@ def param_shapes(config) -> dict[str, tuple[int, ...]]:
     shapes = {f"{base}.{names.embed}.weight": (config.vocab_size, h)}
     for i in range(config.num_hidden_layers):
         p = f"{base}.layers.{i}."
-        for norm in LAYER_NORMS[spec.norms.placement]:
-            shapes |= _norm_shapes(p + norm, h, spec)
+        for name in LAYER_NORMS[spec.norms.placement]:
+            shapes |= _norm_shapes(p + name, h, spec)
         shapes |= _attention_shapes(f"{p}{names.attention}.", config, spec)
         shapes |= _mlp_shapes(p, config, spec, spec.moe is not None and spec.moe.sparse_layers[i])
     shapes |= _norm_shapes(f"{base}.{names.final_norm}", h, spec)
