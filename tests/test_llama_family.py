@@ -216,3 +216,17 @@ def test_gpt_neox_sequential_residual_as_hf(tmp_path):
     np.testing.assert_allclose(model(msfx.llama.ms.Tensor(ids)).logits.asnumpy(), expected, atol=1e-4, rtol=0)
     model.config.use_parallel_residual = True
     assert np.abs(model(msfx.llama.ms.Tensor(ids)).logits.asnumpy() - expected).max() > 1e-2
+
+
+@pytest.mark.parametrize("name", ["gpt_neox", "phi"])
+def test_beam_search_matches_hf(name, tmp_path):
+    """Beam search (the cache reordered per step) token-for-token on the parallel-residual layouts."""
+    torch_model, path = make_hf(tmp_path, name)
+    ids = random_ids(2, 6, seed=9)
+    mask = np.ones_like(ids)
+    ids[1, :2] = mask[1, :2] = 0
+    kwargs = dict(num_beams=3, num_return_sequences=2, max_new_tokens=8, do_sample=False, eos_token_id=None)
+    with torch.no_grad():
+        expected = torch_model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), **kwargs).numpy()
+    model = msfx.AutoModelForCausalLM.from_pretrained(path)
+    np.testing.assert_array_equal(model.generate(ids, attention_mask=mask, jit=False, **kwargs), expected)
