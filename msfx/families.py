@@ -109,14 +109,10 @@ def mistral_spec(config) -> DecoderSpec:
 
 def phi_spec(config) -> DecoderSpec:
     """Phi-1/2: one LayerNorm feeding attention and MLP side by side, biases everywhere (the
-    lm_head too), attention output `dense`, a plain `fc1` / `fc2` MLP, partial rotary.
-
-    Raises:
-        NotImplementedError: `qk_layernorm` (no released Phi checkpoint sets it).
-    """
-    if config.qk_layernorm:
-        raise NotImplementedError("msfx's Phi has no q/k LayerNorms (config.qk_layernorm=True)")
-    return DecoderSpec(AttentionSpec(qkv_bias=True, o_bias=True), MLPSpec(bias=True, plain=("fc1", "fc2")),
+    lm_head too), attention output `dense`, a plain `fc1` / `fc2` MLP, partial rotary; with
+    `qk_layernorm` a LayerNorm on each head's q and k."""
+    attention = AttentionSpec(qkv_bias=True, o_bias=True, qk_norm="head_layer" if config.qk_layernorm else None)
+    return DecoderSpec(attention, MLPSpec(bias=True, plain=("fc1", "fc2")),
                        NormSpec("shared", kind="layer", eps=config.layer_norm_eps), RopeSpec(partial_default=True),
                        names=ModuleNames(o="dense", final_norm="final_layernorm"), lm_head_bias=True,
                        resid_pdrop=config.resid_pdrop, embed_pdrop=config.embd_pdrop)
@@ -216,15 +212,10 @@ def smollm3_spec(config) -> DecoderSpec:
 
 def stablelm_spec(config) -> DecoderSpec:
     """LayerNorms, partial rotary, `use_qkv_bias`; with `use_parallel_residual` one norm feeding
-    attention and MLP side by side (as Phi). Training dropout: HF's `hidden_dropout` (on the MLP
-    output only) is not applied.
-
-    Raises:
-        NotImplementedError: `qk_layernorm` (StableLM 2 12B's per-head LayerNorms).
-    """
-    if config.qk_layernorm:
-        raise NotImplementedError("msfx's StableLM has no per-head q/k LayerNorms (config.qk_layernorm=True)")
-    return DecoderSpec(AttentionSpec(qkv_bias=config.use_qkv_bias),
+    attention and MLP side by side (as Phi); with `qk_layernorm` each head's own LayerNorm on q and k
+    (StableLM 2 12B). Training dropout: HF's `hidden_dropout` (on the MLP output only) is not applied."""
+    return DecoderSpec(AttentionSpec(qkv_bias=config.use_qkv_bias,
+                                     qk_norm="per_head_layer" if config.qk_layernorm else None),
                        norms=NormSpec("shared" if config.use_parallel_residual else "pre", kind="layer",
                                       eps=config.layer_norm_eps),
                        rope=RopeSpec(partial_default=True))

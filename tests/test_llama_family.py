@@ -230,3 +230,19 @@ def test_beam_search_matches_hf(name, tmp_path):
         expected = torch_model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), **kwargs).numpy()
     model = msfx.AutoModelForCausalLM.from_pretrained(path)
     np.testing.assert_array_equal(model.generate(ids, attention_mask=mask, jit=False, **kwargs), expected)
+
+
+@pytest.mark.parametrize("name", ["phi", "stablelm"])
+def test_qk_layernorm_as_hf(name, tmp_path):
+    """`qk_layernorm`: Phi's one LayerNorm over each head of q and k, StableLM's own LayerNorm per
+    head (`q_layernorm.norms.N`, stacked inside the compiled step too)."""
+    torch_model, path = make_hf(tmp_path, name, qk_layernorm=True)
+    ids = random_ids(2, 8, seed=10)
+    with torch.no_grad():
+        expected = torch_model(torch.tensor(ids)).logits.numpy()
+        tokens = torch_model.generate(torch.tensor(ids), max_new_tokens=4, do_sample=False, eos_token_id=None)
+    model = msfx.AutoModelForCausalLM.from_pretrained(path)
+    np.testing.assert_allclose(model(msfx.llama.ms.Tensor(ids)).logits.asnumpy(), expected, atol=1e-4, rtol=0)
+    jit = name == "stablelm"  # the per-head weights stacked in a compiled step
+    np.testing.assert_array_equal(model.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=None, jit=jit),
+                                  tokens.numpy())

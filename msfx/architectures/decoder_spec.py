@@ -12,8 +12,11 @@ class AttentionSpec(NamedTuple):
     # one fused projection: "blocks" holds q | k | v rows (Phi-3's `qkv_proj`), "heads" each head's
     # q | k | v rows in turn (GPT-NeoX's `query_key_value`); None: separate q, k, v projections
     fused_qkv: str | None = None
-    # RMSNorm on q and k before the rotation: "head" over each head's `head_dim` (Qwen3, Gemma 3),
-    # "projection" over the whole projection before the split into heads (OLMo2), None: none
+    # a norm on q and k before the rotation: RMSNorm `q_norm` / `k_norm` over each head's `head_dim`
+    # ("head": Qwen3, Gemma 3) or over the whole projection before the split into heads
+    # ("projection": OLMo2); LayerNorm `q_layernorm` / `k_layernorm` over each head ("head_layer":
+    # Phi's `qk_layernorm`), or one without bias per head, `q_layernorm.norms.N` ("per_head_layer":
+    # StableLM's); None: none
     qk_norm: str | None = None
     sliding_windows: tuple = ()  # per layer: attention window in cache slots, or None (Mistral, Qwen2)
     scale: float | None = None  # instead of head_dim ** -0.5 (Gemma's `query_pre_attn_scalar`)

@@ -145,9 +145,14 @@ def _attention_shapes(p: str, config, spec: DecoderSpec) -> dict:
     for name, out in rows:
         shapes |= _linear_shapes(p + name, out, h, attn.qkv_bias)
     shapes |= _linear_shapes(p + names.o, h, q, attn.o_bias)
-    if attn.qk_norm:  # over each head, or over the whole projection (OLMo2)
+    if attn.qk_norm in ("head", "projection"):  # over each head, or over the whole projection (OLMo2)
         qn, kn = (q, kv) if attn.qk_norm == "projection" else (d, d)
         shapes |= {p + "q_norm.weight": (qn,), p + "k_norm.weight": (kn,)}
+    elif attn.qk_norm == "head_layer":
+        shapes |= {f"{p}{y}_layernorm.{w}": (d,) for y in "qk" for w in ("weight", "bias")}
+    elif attn.qk_norm == "per_head_layer":
+        for y, count in (("q", config.num_attention_heads), ("k", kv_heads(config, spec))):
+            shapes |= {f"{p}{y}_layernorm.norms.{i}.weight": (d,) for i in range(count)}
     return shapes
 
 
@@ -232,7 +237,7 @@ def _attention(x, p, config, spec, plan, cos, sin, bias, layer_cache, cache_posi
     if attn.qk_norm == "projection":  # OLMo2: over the whole projection, before the split into heads
         q, k = _qk_norm(q, k, p, config, spec)
     q, k, v = (y.reshape(b, s, n, d) for y, n in ((q, heads), (k, n_kv), (v, n_kv)))
-    if attn.qk_norm == "head":  # Qwen3, Gemma 3: per-head RMSNorm before the rotation
+    if attn.qk_norm not in (None, "projection"):  # per head, before the rotation
         q, k = _qk_norm(q, k, p, config, spec)
     q, k, v = (y.transpose(0, 2, 1, 3) for y in (q, k, v))
     if plan.rotary:
@@ -254,6 +259,15 @@ def _attention(x, p, config, spec, plan, cos, sin, bias, layer_cache, cache_posi
 
 
 def _qk_norm(q, k, p, config, spec):
+    """q and k (`[batch, seq, heads, head_dim]`, or `[batch * seq, heads * head_dim]` for "projection")
+    through `spec.attention.qk_norm`'s norms."""
+    kind, eps = spec.attention.qk_norm, spec.norms.eps
+    if kind == "head_layer":  # Phi
+        return tuple(layer_norm(y, p[n]["weight"], p[n]["bias"], eps) for y, n in ((q, "q_layernorm"),
+                                                                                   (k, "k_layernorm")))
+    if kind == "per_head_layer":  # StableLM: the heads' weights stacked `[heads, head_dim]`
+        return tuple(layer_norm(y, ops.stack([h["weight"] for h in p[n]["norms"]]), None, eps)
+                     for y, n in ((q, "q_layernorm"), (k, "k_layernorm")))
     return (rms_norm(q, p["q_norm"]["weight"], config.rms_norm_eps, spec.norms.offset),
             rms_norm(k, p["k_norm"]["weight"], config.rms_norm_eps, spec.norms.offset))
 
