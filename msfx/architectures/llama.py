@@ -127,10 +127,11 @@ LAYER_NORMS = {"pre": ("input_layernorm", "post_attention_layernorm"),
                "parallel": ("input_layernorm", "post_attention_layernorm"), "shared": ("input_layernorm",)}
 
 
+_NORM_PARAMETERS = {"rms": ("weight",), "layer": ("weight", "bias"), "parameter_free": ()}
+
+
 def _norm_shapes(key: str, h: int, spec: DecoderSpec) -> dict:
-    kind = spec.norms.kind
-    return {} if kind == "parameter_free" else {key + ".weight": (h,)} | ({key + ".bias": (h,)} if kind == "layer"
-                                                                         else {})
+    return {f"{key}.{name}": (h,) for name in _NORM_PARAMETERS[spec.norms.kind]}
 
 
 def _linear_shapes(key: str, out: int, n_in: int, bias: bool) -> dict:
