@@ -16,8 +16,8 @@ from typing import Callable
 
 import transformers
 
-from msfx.architectures.decoder_spec import (AttentionSpec, DecoderSpec, MLPSpec, MoESpec, NormSpec, RopeSpec,
-                                            sliding_windows)
+from msfx.architectures.decoder_spec import (AttentionSpec, DecoderSpec, MLPSpec, ModuleNames, MoESpec, NormSpec,
+                                            RopeSpec, sliding_windows)
 
 _LLAMA_TIED = (("lm_head.weight", "model.embed_tokens.weight"),)
 _CAUSAL = ("Model", "ForCausalLM", "ForSequenceClassification")
@@ -87,9 +87,10 @@ def _encoder_auto(prefix: str, text_encoding: bool = True) -> tuple[tuple[str, s
 
 
 def _llama_like(model_type: str, config_class: type, spec: Callable[..., DecoderSpec], prefix: str,
-                names: tuple[str, str, str] | None = None, **rules) -> Family:
+                names: tuple[str, ...] | None = None, **rules) -> Family:
     """A Llama-like family: HF's `{prefix}Model`, `{prefix}ForCausalLM`,
-    `{prefix}ForSequenceClassification` (or `names`) over `msfx.architectures.llama`."""
+    `{prefix}ForSequenceClassification` (or `names`, the first of them where HF has fewer) over
+    `msfx.architectures.llama`."""
     names = names or tuple(prefix + suffix for suffix in _CAUSAL)
     return Family(model_type, config_class, tuple(zip(_CAUSAL_AUTO, names)), spec=spec, ring_cache=True, **rules)
 
@@ -117,9 +118,20 @@ def mistral_spec(config) -> DecoderSpec:
     return DecoderSpec(AttentionSpec(sliding_windows=sliding_windows(config)))
 
 
+def phi_spec(config) -> DecoderSpec:
+    """Phi-1/2: one LayerNorm feeding attention and MLP side by side, biases everywhere (the
+    lm_head too), attention output `dense`, a plain `fc1` / `fc2` MLP, partial rotary; with
+    `qk_layernorm` a LayerNorm on each head's q and k."""
+    attention = AttentionSpec(qkv_bias=True, o_bias=True, qk_norm="head_layer" if config.qk_layernorm else None)
+    return DecoderSpec(attention, MLPSpec(bias=True, plain=("fc1", "fc2")),
+                       NormSpec("shared", kind="layer", eps=config.layer_norm_eps), RopeSpec(partial_default=True),
+                       names=ModuleNames(o="dense", final_norm="final_layernorm"), lm_head_bias=True,
+                       resid_pdrop=config.resid_pdrop, embed_pdrop=config.embd_pdrop)
+
+
 def phi3_spec(config) -> DecoderSpec:
     """Fused `qkv_proj` (q | k | v rows) and `gate_up_proj` (gate | up rows), partial rotary."""
-    return DecoderSpec(AttentionSpec(fused_qkv=True, sliding_windows=sliding_windows(config)),
+    return DecoderSpec(AttentionSpec(fused_qkv="blocks", sliding_windows=sliding_windows(config)),
                        MLPSpec(fused_gate_up=True), rope=RopeSpec(partial_default=True),
                        resid_pdrop=config.resid_pdrop)
 
@@ -129,6 +141,11 @@ def phi3_refill_length(config) -> int:
     reaches `original_max_position_embeddings + 1` tokens, so that keys rotated with LongRoPE's
     short factors are rotated again (with the long ones once a position passes that length)."""
     return config.original_max_position_embeddings
+
+
+def gemma_spec(config) -> DecoderSpec:
+    """Gemma's RMSNorm (`1 + weight`) and embeddings scaled by `sqrt(hidden_size)`."""
+    return DecoderSpec(_biases(config), norms=NormSpec(offset=1.0), embed_scale=True)
 
 
 def gemma2_spec(config) -> DecoderSpec:
@@ -147,6 +164,29 @@ def gemma3_spec(config) -> DecoderSpec:
     return spec._replace(attention=spec.attention._replace(qk_norm="head"), rope=RopeSpec(by_layer_type=True))
 
 
+def granite_spec(config) -> DecoderSpec:
+    """Llama with `attention_multiplier` as the attention scale, the embeddings times
+    `embedding_multiplier`, the residual branches times `residual_multiplier`, the logits divided by
+    `logits_scaling`."""
+    return llama_spec(config)._replace(
+        attention=_biases(config)._replace(scale=config.attention_multiplier),
+        embedding_multiplier=config.embedding_multiplier, residual_multiplier=config.residual_multiplier,
+        logits_scaling=config.logits_scaling)
+
+
+def gpt_neox_spec(config) -> DecoderSpec:
+    """LayerNorms, one `attention.query_key_value` holding each head's q | k | v, a plain MLP,
+    partial rotary; with `use_parallel_residual`, attention and MLP side by side."""
+    return DecoderSpec(AttentionSpec(qkv_bias=config.attention_bias, o_bias=config.attention_bias, fused_qkv="heads"),
+                       MLPSpec(bias=True, plain=("dense_h_to_4h", "dense_4h_to_h")),
+                       NormSpec("parallel" if config.use_parallel_residual else "pre", kind="layer",
+                                eps=config.layer_norm_eps),
+                       RopeSpec(partial_default=True),
+                       names=ModuleNames("embed_in", "attention", "query_key_value", "dense", "final_layer_norm",
+                                         "embed_out"),
+                       resid_pdrop=config.hidden_dropout, embed_pdrop=config.hidden_dropout)
+
+
 def mixtral_spec(config) -> DecoderSpec:
     """Mistral with a sparse mixture of experts (`block_sparse_moe`, experts `w1`/`w3`/`w2`) on every layer."""
     return mistral_spec(config)._replace(moe=MoESpec(
@@ -163,6 +203,12 @@ def qwen3_moe_spec(config) -> DecoderSpec:
         normalize_top_k=config.norm_topk_prob))
 
 
+def olmo_spec(config) -> DecoderSpec:
+    """Parameter-free LayerNorms (eps 1e-5, HF's `OlmoLayerNorm`); q, k, v clamped to `clip_qkv`."""
+    return DecoderSpec(_biases(config)._replace(clip_qkv=config.clip_qkv),
+                       norms=NormSpec(kind="parameter_free", eps=1e-5))
+
+
 def olmo2_spec(config) -> DecoderSpec:
     """Norms on the attention and MLP outputs only; RMSNorm on q and k over the whole projection."""
     return DecoderSpec(_biases(config)._replace(qk_norm="projection"), norms=NormSpec("post"))
@@ -173,6 +219,27 @@ def smollm3_spec(config) -> DecoderSpec:
     windows = sliding_windows(config) if config.use_sliding_window else ()
     return DecoderSpec(_biases(config)._replace(sliding_windows=windows), MLPSpec(bias=config.mlp_bias),
                        rope=RopeSpec(layers=tuple(bool(use) for use in config.no_rope_layers)))
+
+
+def stablelm_spec(config) -> DecoderSpec:
+    """LayerNorms, partial rotary, `use_qkv_bias`; with `use_parallel_residual` one norm feeding
+    attention and MLP side by side (as Phi); with `qk_layernorm` each head's own LayerNorm on q and k
+    (StableLM 2 12B). Training dropout: HF's `hidden_dropout` (on the MLP output only) is not applied."""
+    return DecoderSpec(AttentionSpec(qkv_bias=config.use_qkv_bias,
+                                     qk_norm="per_head_layer" if config.qk_layernorm else None),
+                       norms=NormSpec("shared" if config.use_parallel_residual else "pre", kind="layer",
+                                      eps=config.layer_norm_eps),
+                       rope=RopeSpec(partial_default=True))
+
+
+def starcoder2_spec(config) -> DecoderSpec:
+    """LayerNorms (`norm_epsilon`), `use_bias` on every projection, a plain `c_fc` / `c_proj` MLP,
+    sliding windows."""
+    return DecoderSpec(AttentionSpec(qkv_bias=config.use_bias, o_bias=config.use_bias,
+                                     sliding_windows=sliding_windows(config)),
+                       MLPSpec(bias=config.use_bias, plain=("c_fc", "c_proj")),
+                       NormSpec(kind="layer", eps=config.norm_epsilon),
+                       resid_pdrop=config.residual_dropout, embed_pdrop=config.embedding_dropout)
 
 
 _ALL = (
@@ -203,9 +270,13 @@ _ALL = (
                                              ("AutoModelForSequenceClassification", "GPT2ForSequenceClassification")),
            core="msfx.architectures.gpt2", classes="msfx.models.gpt2", base_prefix="transformer",
            tied_keys=(("lm_head.weight", "transformer.wte.weight"),)),
+    _llama_like("gemma", transformers.GemmaConfig, gemma_spec, "Gemma"),
     _llama_like("gemma2", transformers.Gemma2Config, gemma2_spec, "Gemma2"),
     _llama_like("gemma3_text", transformers.Gemma3TextConfig, gemma3_spec, "Gemma3",
                 ("Gemma3TextModel", "Gemma3ForCausalLM", "Gemma3TextForSequenceClassification")),
+    _llama_like("gpt_neox", transformers.GPTNeoXConfig, gpt_neox_spec, "GPTNeoX", base_prefix="gpt_neox",
+                tied_keys=(("embed_out.weight", "gpt_neox.embed_in.weight"),)),
+    _llama_like("granite", transformers.GraniteConfig, granite_spec, "Granite", ("GraniteModel", "GraniteForCausalLM")),
     Family("llama", transformers.LlamaConfig, tuple(zip(_CAUSAL_AUTO, ("LlamaModel", "LlamaForCausalLM",
                                                                        "LlamaForSequenceClassification"))),
            classes="msfx.models.llama", spec=llama_spec, ring_cache=True),
@@ -217,7 +288,9 @@ _ALL = (
     _llama_like("mixtral", transformers.MixtralConfig, mixtral_spec, "Mixtral", moe_outputs=True),
     Family("modernbert", transformers.ModernBertConfig, _encoder_auto("ModernBert", text_encoding=False),
            core="msfx.architectures.modernbert", classes="msfx.models.modernbert", base_prefix="model", tied_keys=()),
+    _llama_like("olmo", transformers.OlmoConfig, olmo_spec, "Olmo"),
     _llama_like("olmo2", transformers.Olmo2Config, olmo2_spec, "Olmo2"),
+    _llama_like("phi", transformers.PhiConfig, phi_spec, "Phi"),
     _llama_like("phi3", transformers.Phi3Config, phi3_spec, "Phi3", cache_refill_length=phi3_refill_length),
     _llama_like("qwen2", transformers.Qwen2Config, qwen2_spec, "Qwen2"),
     _llama_like("qwen3", transformers.Qwen3Config, qwen3_spec, "Qwen3"),
@@ -235,6 +308,8 @@ _ALL = (
     Family("roberta", transformers.RobertaConfig, _encoder_auto("Roberta"), core="msfx.architectures.bert",
            classes="msfx.models.bert", base_prefix="roberta", optional_keys=("roberta.pooler.",), tied_keys=()),
     _llama_like("smollm3", transformers.SmolLM3Config, smollm3_spec, "SmolLM3"),
+    _llama_like("stablelm", transformers.StableLmConfig, stablelm_spec, "StableLm"),
+    _llama_like("starcoder2", transformers.Starcoder2Config, starcoder2_spec, "Starcoder2"),
     Family("t5", transformers.T5Config, (("AutoModel", "T5Model"),
                                          ("AutoModelForSeq2SeqLM", "T5ForConditionalGeneration"),
                                          ("AutoModelForTextEncoding", "T5EncoderModel")),

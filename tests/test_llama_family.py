@@ -1,11 +1,13 @@
-"""The Llama-like families (Qwen2, Qwen3, Qwen3-MoE, Mistral, Mixtral, Phi-3, Gemma 2, Gemma 3 text, OLMo2) vs HF.
+"""The Llama-like families (every `msfx.families` record with a `DecoderSpec`: Qwen2/3, Qwen3-MoE, Mistral,
+Mixtral, Phi, Phi-3, Gemma 1/2/3, Granite, StableLM, StarCoder2, GPT-NeoX, OLMo 1/2, SmolLM3) vs HF.
 
 Each family is built tiny with its PyTorch class (random norm weights and biases,
 `initializer_range` 0.2, eager attention), saved, and loaded through `msfx.AutoModelForCausalLM`:
 logits and every hidden state within 1e-4 (Gemma 2 with both soft-caps set; for the MoE
 families also the router logits, the load-balancing loss and the loss with it); greedy `generate`
 token-for-token on a left-padded batch, with prompts longer than the sliding window where the
-family has one; `save_pretrained` loads back in HF.
+family has one; `save_pretrained` loads back in HF; `...ForSequenceClassification` for the families
+whose layout is not Llama's.
 """
 from __future__ import annotations
 
@@ -44,6 +46,19 @@ OVERRIDES = {
     "olmo2": dict(attention_bias=True),
     "smollm3": dict(no_rope_layers=[1, 0, 1], use_sliding_window=True, sliding_window=6, mlp_bias=True,
                     layer_types=["full_attention", "sliding_attention", "full_attention"]),
+    "gemma": dict(head_dim=16, attention_bias=True, hidden_size=32),  # sqrt(32) scales the embeddings
+    "granite": dict(attention_multiplier=0.3, embedding_multiplier=3.0, residual_multiplier=0.6, logits_scaling=4.0,
+                    attention_bias=True, mlp_bias=True),
+    "olmo": dict(clip_qkv=0.6, attention_bias=True),  # N(0, 0.2) weights: many q, k, v entries past the clip
+    "starcoder2": dict(sliding_window=6, hidden_act="gelu_pytorch_tanh",
+                       rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0)),
+    "phi": dict(hidden_act="gelu_new", rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                            partial_rotary_factor=0.5)),
+    "stablelm": dict(use_qkv_bias=True, use_parallel_residual=True,
+                     rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25)),
+    "gpt_neox": dict(num_key_value_heads=None, hidden_act="gelu",  # GPT-NeoX has no GQA
+                     rope_parameters=dict(rope_type="linear", rope_theta=100.0, factor=2.0,
+                                          partial_rotary_factor=0.25)),
 }
 # name -> (HF config class, HF causal LM class, config overrides), for every Llama-like record but Llama's
 FAMILIES = {name: (record.config_class.__name__, dict(record.auto)["AutoModelForCausalLM"], OVERRIDES[name])
@@ -168,3 +183,66 @@ def test_partial_rotary_factor_with_default_rope_as_hf(name, tmp_path):
         expected = torch_model(torch.tensor(ids)).logits.numpy()
     got = msfx.AutoModelForCausalLM.from_pretrained(path)(msfx.llama.ms.Tensor(ids)).logits.asnumpy()
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["gemma", "gpt_neox", "olmo", "phi", "stablelm", "starcoder2"])
+def test_sequence_classification_matches_hf(name, tmp_path):
+    """`...ForSequenceClassification` of the families whose layout is not Llama's (names, norms,
+    base prefix): logits at each row's last non-padding token and the loss as HF."""
+    config_cls, causal, overrides = FAMILIES[name]
+    cls_name = causal.replace("ForCausalLM", "ForSequenceClassification")
+    config = getattr(transformers, config_cls)(**{**BASE, **overrides, "num_labels": 3})
+    torch_model, path = save_tiny(getattr(transformers, cls_name), config, tmp_path, biases=True)
+    ids = random_ids(2, 7, seed=7)
+    ids[1, 5:] = BASE["pad_token_id"]  # right padding: row 1 is read at position 4
+    labels = np.array([0, 2])
+    with torch.no_grad():
+        expected = torch_model(torch.tensor(ids), labels=torch.tensor(labels))
+    model = msfx.AutoModelForSequenceClassification.from_pretrained(path)
+    assert type(model).__name__ == cls_name
+    got = model(msfx.llama.ms.Tensor(ids), labels=labels)
+    np.testing.assert_allclose(got.logits.asnumpy(), expected.logits.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got.loss.asnumpy(), expected.loss.numpy(), atol=0, rtol=1e-5)
+
+
+def test_gpt_neox_sequential_residual_as_hf(tmp_path):
+    """GPT-NeoX with `use_parallel_residual=False` (`x + attn(ln1(x))`, then `+ mlp(ln2(.))`) matches
+    HF; read as the parallel layout instead, the logits differ (the switch is exercised)."""
+    torch_model, path = make_hf(tmp_path, "gpt_neox", use_parallel_residual=False)
+    ids = random_ids(2, 8, seed=8)
+    with torch.no_grad():
+        expected = torch_model(torch.tensor(ids)).logits.numpy()
+    model = msfx.AutoModelForCausalLM.from_pretrained(path)
+    np.testing.assert_allclose(model(msfx.llama.ms.Tensor(ids)).logits.asnumpy(), expected, atol=1e-4, rtol=0)
+    model.config.use_parallel_residual = True
+    assert np.abs(model(msfx.llama.ms.Tensor(ids)).logits.asnumpy() - expected).max() > 1e-2
+
+
+@pytest.mark.parametrize("name", ["gpt_neox", "phi"])
+def test_beam_search_matches_hf(name, tmp_path):
+    """Beam search (the cache reordered per step) token-for-token on the parallel-residual layouts."""
+    torch_model, path = make_hf(tmp_path, name)
+    ids = random_ids(2, 6, seed=9)
+    mask = np.ones_like(ids)
+    ids[1, :2] = mask[1, :2] = 0
+    kwargs = dict(num_beams=3, num_return_sequences=2, max_new_tokens=8, do_sample=False, eos_token_id=None)
+    with torch.no_grad():
+        expected = torch_model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), **kwargs).numpy()
+    model = msfx.AutoModelForCausalLM.from_pretrained(path)
+    np.testing.assert_array_equal(model.generate(ids, attention_mask=mask, jit=False, **kwargs), expected)
+
+
+@pytest.mark.parametrize("name", ["phi", "stablelm"])
+def test_qk_layernorm_as_hf(name, tmp_path):
+    """`qk_layernorm`: Phi's one LayerNorm over each head of q and k, StableLM's own LayerNorm per
+    head (`q_layernorm.norms.N`, stacked inside the compiled step too)."""
+    torch_model, path = make_hf(tmp_path, name, qk_layernorm=True)
+    ids = random_ids(2, 8, seed=10)
+    with torch.no_grad():
+        expected = torch_model(torch.tensor(ids)).logits.numpy()
+        tokens = torch_model.generate(torch.tensor(ids), max_new_tokens=4, do_sample=False, eos_token_id=None)
+    model = msfx.AutoModelForCausalLM.from_pretrained(path)
+    np.testing.assert_allclose(model(msfx.llama.ms.Tensor(ids)).logits.asnumpy(), expected, atol=1e-4, rtol=0)
+    jit = name == "stablelm"  # the per-head weights stacked in a compiled step
+    np.testing.assert_array_equal(model.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=None, jit=jit),
+                                  tokens.numpy())

@@ -5,8 +5,10 @@ Follows `transformers.models.llama.modeling_llama`. Parameters are keyed like th
 `transformers.LlamaConfig`, carried by the tree from `load` / `init_params` (`params.config`) or
 passed as `config=`.
 
-Families that differ from Llama by a few switches (Qwen2, Qwen3, Mistral, Phi-3, ...) reuse these
-functions: their record in `msfx.families` gives the `DecoderSpec` for their `model_type`.
+Families that differ from Llama by switches (Qwen2, Qwen3, Mistral, Phi-3, and with LayerNorms, plain
+MLPs, parallel residuals and their own module names StarCoder2, Phi, GPT-NeoX, ...) reuse these
+functions: their record in `msfx.families` gives the `DecoderSpec` for their `model_type`, and the
+parameters keep their checkpoint's names (`gpt_neox.layers.0.attention.query_key_value.weight`).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from msfx.inputs import check_model_inputs
 from msfx.jit import host_reads_allowed
 from msfx.layers.dropout import dropout
 from msfx.layers.moe import sparse_moe
-from msfx.layers.norms import rms_norm
+from msfx.layers.norms import layer_norm, rms_norm
 from msfx.layers.rotary import apply_rotary, decode_rope, rope_cos_sin, rope_frequencies
 from msfx.params import load_params
 from msfx.params.tree import Params, config_of, unflatten_keys
@@ -104,8 +106,77 @@ def step_inputs(config) -> Callable[[np.ndarray], tuple[Tensor, ...]]:
     return decode_rope(config, spec_of(config).rope.partial_default)
 
 
+def base_prefix(config) -> str:
+    """The base model's key prefix, HF's `base_model_prefix` (`model`; GPT-NeoX's `gpt_neox`)."""
+    return family(config.model_type).base_prefix
+
+
 def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def kv_heads(config, spec: DecoderSpec) -> int:
+    # GPT-NeoX's per-head fused q | k | v has one key/value head per query head
+    return config.num_attention_heads if spec.attention.fused_qkv == "heads" else config.num_key_value_heads
+
+
+# each norm placement's per-layer norms (see `decoder_layer`)
+LAYER_NORMS = {"pre": ("input_layernorm", "post_attention_layernorm"),
+               "post": ("post_attention_layernorm", "post_feedforward_layernorm"),
+               "sandwich": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                            "post_feedforward_layernorm"),
+               "parallel": ("input_layernorm", "post_attention_layernorm"), "shared": ("input_layernorm",)}
+
+
+_NORM_PARAMETERS = {"rms": ("weight",), "layer": ("weight", "bias"), "parameter_free": ()}
+
+
+def _norm_shapes(key: str, h: int, spec: DecoderSpec) -> dict:
+    return {f"{key}.{name}": (h,) for name in _NORM_PARAMETERS[spec.norms.kind]}
+
+
+def _linear_shapes(key: str, out: int, n_in: int, bias: bool) -> dict:
+    return {key + ".weight": (out, n_in)} | ({key + ".bias": (out,)} if bias else {})
+
+
+def _attention_shapes(p: str, config, spec: DecoderSpec) -> dict:
+    attn, names, h, d = spec.attention, spec.names, config.hidden_size, head_dim(config)
+    q, kv = config.num_attention_heads * d, kv_heads(config, spec) * d
+    rows = [(names.qkv, q + 2 * kv)] if attn.fused_qkv else [("q_proj", q), ("k_proj", kv), ("v_proj", kv)]
+    shapes = {}
+    for name, out in rows:
+        shapes |= _linear_shapes(p + name, out, h, attn.qkv_bias)
+    shapes |= _linear_shapes(p + names.o, h, q, attn.o_bias)
+    if attn.qk_norm in ("head", "projection"):  # over each head, or over the whole projection (OLMo2)
+        qn, kn = (q, kv) if attn.qk_norm == "projection" else (d, d)
+        shapes |= {p + "q_norm.weight": (qn,), p + "k_norm.weight": (kn,)}
+    elif attn.qk_norm == "head_layer":
+        shapes |= {f"{p}{y}_layernorm.{w}": (d,) for y in "qk" for w in ("weight", "bias")}
+    elif attn.qk_norm == "per_head_layer":
+        for y, count in (("q", config.num_attention_heads), ("k", kv_heads(config, spec))):
+            shapes |= {f"{p}{y}_layernorm.norms.{i}.weight": (d,) for i in range(count)}
+    return shapes
+
+
+def _mlp_shapes(p: str, config, spec: DecoderSpec, sparse: bool) -> dict:
+    mlp, moe, h, inter = spec.mlp, spec.moe, config.hidden_size, config.intermediate_size
+    if sparse:
+        m, (gate, up, down), e_inter = p + moe.module, moe.expert_names, moe.intermediate
+        shapes = {m + ".gate.weight": (moe.num_experts, h)}
+        for e in range(moe.num_experts):
+            shapes |= {f"{m}.experts.{e}.{gate}.weight": (e_inter, h), f"{m}.experts.{e}.{up}.weight": (e_inter, h),
+                       f"{m}.experts.{e}.{down}.weight": (h, e_inter)}
+        return shapes
+    if mlp.plain:
+        rows = [(mlp.plain[0], inter, h), (mlp.plain[1], h, inter)]
+    elif mlp.fused_gate_up:
+        rows = [("gate_up_proj", 2 * inter, h), ("down_proj", h, inter)]
+    else:
+        rows = [("gate_proj", inter, h), ("up_proj", inter, h), ("down_proj", h, inter)]
+    shapes = {}
+    for name, out, n_in in rows:
+        shapes |= _linear_shapes(f"{p}mlp.{name}", out, n_in, mlp.bias)
+    return shapes
 
 
 def param_shapes(config) -> dict[str, tuple[int, ...]]:
@@ -116,50 +187,20 @@ def param_shapes(config) -> dict[str, tuple[int, ...]]:
             `mindspore.jit` traces a step leaves MindSpore 2.10 unable to exit the process).
     """
     spec = spec_of(config)
-    attn, mlp, moe, placement = spec.attention, spec.mlp, spec.moe, spec.norms.placement
-    activation(mlp.hidden_act or config.hidden_act)
-    h, d = config.hidden_size, head_dim(config)
-    q, kv, inter = config.num_attention_heads * d, config.num_key_value_heads * d, config.intermediate_size
-    shapes = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
-    projections = {"self_attn": [("qkv_proj", q + 2 * kv, attn.qkv_bias)] if attn.fused_qkv else
-                   [("q_proj", q, attn.qkv_bias), ("k_proj", kv, attn.qkv_bias), ("v_proj", kv, attn.qkv_bias)],
-                   "mlp": [("gate_up_proj", 2 * inter, mlp.bias)] if mlp.fused_gate_up else
-                   [("gate_proj", inter, mlp.bias), ("up_proj", inter, mlp.bias)]}
+    activation(spec.mlp.hidden_act or config.hidden_act)
+    names, base, h = spec.names, base_prefix(config), config.hidden_size
+    shapes = {f"{base}.{names.embed}.weight": (config.vocab_size, h)}
     for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}."
-        if placement != "post":  # OLMo2 norms the outputs only
-            shapes[p + "input_layernorm.weight"] = (h,)
-        shapes[p + "post_attention_layernorm.weight"] = (h,)
-        sparse = moe is not None and moe.sparse_layers[i]
-        if sparse:
-            m, (gate, up, down), e_inter = p + moe.module, moe.expert_names, moe.intermediate
-            shapes[m + ".gate.weight"] = (moe.num_experts, h)
-            for e in range(moe.num_experts):
-                shapes |= {f"{m}.experts.{e}.{gate}.weight": (e_inter, h), f"{m}.experts.{e}.{up}.weight": (e_inter, h),
-                           f"{m}.experts.{e}.{down}.weight": (h, e_inter)}
-        for module, rows in projections.items():
-            if sparse and module == "mlp":
-                continue
-            for name, out, bias in rows:
-                shapes[p + f"{module}.{name}.weight"] = (out, h)
-                if bias:
-                    shapes[p + f"{module}.{name}.bias"] = (out,)
-        shapes[p + "self_attn.o_proj.weight"] = (h, q)
-        if attn.o_bias:
-            shapes[p + "self_attn.o_proj.bias"] = (h,)
-        if not sparse:
-            shapes[p + "mlp.down_proj.weight"] = (h, inter)
-            if mlp.bias:
-                shapes[p + "mlp.down_proj.bias"] = (h,)
-        if attn.qk_norm:  # over each head, or over the whole projection (OLMo2)
-            qn, kn = (q, kv) if attn.qk_norm == "projection" else (d, d)
-            shapes |= {p + "self_attn.q_norm.weight": (qn,), p + "self_attn.k_norm.weight": (kn,)}
-        if placement == "sandwich":
-            shapes[p + "pre_feedforward_layernorm.weight"] = (h,)
-        if placement != "pre":
-            shapes[p + "post_feedforward_layernorm.weight"] = (h,)
+        p = f"{base}.layers.{i}."
+        for name in LAYER_NORMS[spec.norms.placement]:
+            shapes |= _norm_shapes(p + name, h, spec)
+        shapes |= _attention_shapes(f"{p}{names.attention}.", config, spec)
+        shapes |= _mlp_shapes(p, config, spec, spec.moe is not None and spec.moe.sparse_layers[i])
+    shapes |= _norm_shapes(f"{base}.{names.final_norm}", h, spec)
     if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (config.vocab_size, h)
+        shapes[names.lm_head + ".weight"] = (config.vocab_size, h)
+    if spec.lm_head_bias:  # Phi's, kept when the weight is tied
+        shapes[names.lm_head + ".bias"] = (config.vocab_size,)
     return shapes
 
 
@@ -183,17 +224,22 @@ def init_params(config, seed: int = 0, dtype=ms.float32, shapes: dict | None = N
 
 def _attention(x, p, config, spec, plan, cos, sin, bias, layer_cache, cache_position):
     b, s = cos.shape[0], cos.shape[2]
-    d, heads, kv_heads = head_dim(config), config.num_attention_heads, config.num_key_value_heads
-    attn = spec.attention
-    if attn.fused_qkv:  # Phi-3: one product, split as q | k | v
-        qkv = linear(x, p["qkv_proj"]["weight"], p["qkv_proj"].get("bias"))
-        q, k, v = ops.split(qkv, (heads * d, kv_heads * d, kv_heads * d), -1)
+    d, heads, n_kv = head_dim(config), config.num_attention_heads, kv_heads(config, spec)
+    attn, names = spec.attention, spec.names
+    if attn.fused_qkv:
+        qkv = linear(x, p[names.qkv]["weight"], p[names.qkv].get("bias"))
+        if attn.fused_qkv == "heads":  # GPT-NeoX: q | k | v within each head's rows
+            q, k, v = (y.reshape(b * s, heads * d) for y in ops.split(qkv.reshape(b * s, heads, 3 * d), d, -1))
+        else:  # Phi-3: q | k | v blocks
+            q, k, v = ops.split(qkv, (heads * d, n_kv * d, n_kv * d), -1)
     else:
         q, k, v = (linear(x, p[name]["weight"], p[name].get("bias")) for name in ("q_proj", "k_proj", "v_proj"))
+    if attn.clip_qkv is not None:  # OLMo
+        q, k, v = (ops.clamp(y, -attn.clip_qkv, attn.clip_qkv) for y in (q, k, v))
     if attn.qk_norm == "projection":  # OLMo2: over the whole projection, before the split into heads
         q, k = _qk_norm(q, k, p, config, spec)
-    q, k, v = (y.reshape(b, s, n, d) for y, n in ((q, heads), (k, kv_heads), (v, kv_heads)))
-    if attn.qk_norm == "head":  # Qwen3, Gemma 3: per-head RMSNorm before the rotation
+    q, k, v = (y.reshape(b, s, n, d) for y, n in ((q, heads), (k, n_kv), (v, n_kv)))
+    if attn.qk_norm not in (None, "projection"):  # per head, before the rotation
         q, k = _qk_norm(q, k, p, config, spec)
     q, k, v = (y.transpose(0, 2, 1, 3) for y in (q, k, v))
     if plan.rotary:
@@ -211,10 +257,19 @@ def _attention(x, p, config, spec, plan, cos, sin, bias, layer_cache, cache_posi
     scale = d ** -0.5 if attn.scale is None else attn.scale
     out = scaled_dot_product_attention(q, k, v, bias, scale, attn.softcap, config.attention_dropout)
     out = out.transpose(0, 2, 1, 3).reshape(b * s, -1)
-    return linear(out, p["o_proj"]["weight"], p["o_proj"].get("bias")), new_kv
+    return linear(out, p[names.o]["weight"], p[names.o].get("bias")), new_kv
 
 
 def _qk_norm(q, k, p, config, spec):
+    """q and k (`[batch, seq, heads, head_dim]`, or `[batch * seq, heads * head_dim]` for "projection")
+    through `spec.attention.qk_norm`'s norms."""
+    kind, eps = spec.attention.qk_norm, spec.norms.eps
+    if kind == "head_layer":  # Phi
+        return tuple(layer_norm(y, p[n]["weight"], p[n]["bias"], eps) for y, n in ((q, "q_layernorm"),
+                                                                                   (k, "k_layernorm")))
+    if kind == "per_head_layer":  # StableLM: the heads' weights stacked `[heads, head_dim]`
+        return tuple(layer_norm(y, ops.stack([h["weight"] for h in p[n]["norms"]]), None, eps)
+                     for y, n in ((q, "q_layernorm"), (k, "k_layernorm")))
     return (rms_norm(q, p["q_norm"]["weight"], config.rms_norm_eps, spec.norms.offset),
             rms_norm(k, p["k_norm"]["weight"], config.rms_norm_eps, spec.norms.offset))
 
@@ -225,45 +280,71 @@ def _mlp(x, p, spec, act, sparse: bool):
     if sparse:
         moe = spec.moe
         return sparse_moe(x, p[moe.module], moe.expert_names, moe.top_k, moe.normalize_top_k, act)
+    if spec.mlp.plain:
+        up, down = (p["mlp"][name] for name in spec.mlp.plain)
+        return linear(act(linear(x, up["weight"], up.get("bias"))), down["weight"], down.get("bias")), None
     return gated_mlp(x, p["mlp"], act, spec.mlp.fused_gate_up), None
 
 
+def norm(x: Tensor, p: dict | None, config, spec: DecoderSpec) -> Tensor:
+    """`x` through the spec's norm kind with the norm's parameters `p` (None for a parameter-free norm)."""
+    norms = spec.norms
+    eps = config.rms_norm_eps if norms.eps is None else norms.eps
+    if norms.kind == "rms":
+        return rms_norm(x, p["weight"], eps, norms.offset)
+    if norms.kind == "layer":
+        return layer_norm(x, p["weight"], p["bias"], eps)
+    return layer_norm(x, None, None, eps)
+
+
 def decoder_layer(x, p, config, cos, sin, bias, layer_cache=None, cache_position=None, spec=None, plan=None):
-    """One pre-norm block: `x + attn(norm(x))`, then `x + mlp(norm(x))`. Returns
-    `(x, (k, v), router_logits)`, the last None unless `plan.sparse` (the MLP is a sparse mixture
-    of experts). `plan`: the layer's `LayerPlan` (default: full attention, no ring, rotary, dense).
+    """One block by `spec.norms.placement`. Returns `(x, (k, v), router_logits)`, the last None
+    unless `plan.sparse` (the MLP is a sparse mixture of experts). `plan`: the layer's `LayerPlan`
+    (default: full attention, no ring, rotary, dense). `x` is `[batch * seq, hidden]`: kept 2-D
+    through the stack so each linear is one matmul. Placements:
 
-    With `spec.norms.placement` "post" (OLMo2) the attention and MLP outputs are normed instead of
-    their inputs: `x + norm(attn(x))`, then `x + norm(mlp(x))`.
+    - "pre" (Llama): `x + attn(norm(x))`, then `x + mlp(norm(x))`;
+    - "post" (OLMo2): `x + norm(attn(x))`, then `x + norm(mlp(x))`;
+    - "sandwich" (Gemma 2): `x + norm(attn(norm(x)))`, then `x + norm(mlp(norm(x)))`;
+    - "parallel" (GPT-NeoX): `x + attn(norm1(x)) + mlp(norm2(x))`; "shared" (Phi): one norm for both.
 
-    With "sandwich" (Gemma), the attention and MLP outputs are normed before each
-    residual add (`post_attention_layernorm`, `post_feedforward_layernorm`) and the MLP input by
-    `pre_feedforward_layernorm`. `x` is `[batch * seq, hidden]`: kept 2-D through the stack so
-    each linear is one matmul. In training, dropout on the attention probabilities
-    (`config.attention_dropout`) and, with `spec.resid_pdrop`, on both outputs (Phi-3).
+    The attention and MLP outputs are scaled by `spec.residual_multiplier` (Granite) and, in
+    training, dropped out with `spec.resid_pdrop` (Phi-3); the attention probabilities with
+    `config.attention_dropout`.
     """
     spec = spec or spec_of(config)
     plan = plan or LayerPlan(None, None, "shared", True, False)
-    sparse = plan.sparse
+    act, placement = activation(spec.mlp.hidden_act or config.hidden_act), spec.norms.placement
 
-    def norm(y, name):
-        return rms_norm(y, p[name]["weight"], config.rms_norm_eps, spec.norms.offset)
+    def normed(y, name):
+        return norm(y, p.get(name), config, spec)
 
-    act = activation(spec.mlp.hidden_act or config.hidden_act)
-    if spec.norms.placement == "post":
-        h, kv = _attention(x, p["self_attn"], config, spec, plan, cos, sin, bias, layer_cache, cache_position)
-        x = x + norm(h, "post_attention_layernorm")
-        h, router_logits = _mlp(x, p, spec, act, sparse)
-        return x + norm(h, "post_feedforward_layernorm"), kv, router_logits
-    h, kv = _attention(norm(x, "input_layernorm"), p["self_attn"], config, spec, plan, cos, sin, bias, layer_cache,
-                       cache_position)
-    if spec.norms.placement == "sandwich":
-        x = x + norm(h, "post_attention_layernorm")
-        h, router_logits = _mlp(norm(x, "pre_feedforward_layernorm"), p, spec, act, sparse)
-        return x + norm(h, "post_feedforward_layernorm"), kv, router_logits
-    x = x + dropout(h, spec.resid_pdrop)
-    h, router_logits = _mlp(norm(x, "post_attention_layernorm"), p, spec, act, sparse)
-    return x + dropout(h, spec.resid_pdrop), kv, router_logits
+    def attention(y):
+        return _attention(y, p[spec.names.attention], config, spec, plan, cos, sin, bias, layer_cache, cache_position)
+
+    def branch(h):  # a residual branch's output as it is added
+        h = dropout(h, spec.resid_pdrop)
+        return h if spec.residual_multiplier == 1.0 else h * spec.residual_multiplier
+
+    if placement in ("parallel", "shared"):
+        y = normed(x, "input_layernorm")
+        h, kv = attention(y)
+        g, router_logits = _mlp(y if placement == "shared" else normed(x, "post_attention_layernorm"), p, spec, act,
+                                plan.sparse)
+        return x + branch(h) + branch(g), kv, router_logits
+    if placement == "post":
+        h, kv = attention(x)
+        x = x + normed(h, "post_attention_layernorm")
+        h, router_logits = _mlp(x, p, spec, act, plan.sparse)
+        return x + normed(h, "post_feedforward_layernorm"), kv, router_logits
+    h, kv = attention(normed(x, "input_layernorm"))
+    if placement == "sandwich":
+        x = x + normed(h, "post_attention_layernorm")
+        h, router_logits = _mlp(normed(x, "pre_feedforward_layernorm"), p, spec, act, plan.sparse)
+        return x + normed(h, "post_feedforward_layernorm"), kv, router_logits
+    x = x + branch(h)
+    h, router_logits = _mlp(normed(x, "post_attention_layernorm"), p, spec, act, plan.sparse)
+    return x + branch(h), kv, router_logits
 
 
 def layer_biases(plans, attention_mask: Tensor, cache_position: Tensor) -> list[Tensor]:
@@ -314,7 +395,7 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
     """The decoder stack (`LlamaModel`). Returns a `DecoderOutput`.
 
     Args:
-        params: the tree (with or without `lm_head`).
+        params: the tree (with or without the `lm_head`).
         input_ids: `[batch, seq]` int token ids (or `inputs_embeds` `[batch, seq, hidden]`).
         attention_mask: `[batch, keys]`, 1 for tokens to attend to, 0 for padding; `keys` is
             `seq` without a cache and the cache length with one. Default: all ones.
@@ -336,12 +417,16 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
     windows = spec.attention.sliding_windows or (None,) * config.num_hidden_layers
     keys = None if cache is None else _cache_slots(cache, windows, attention_mask)
     check_model_inputs(config, input_ids, inputs_embeds, attention_mask, position_ids, keys, check_ids)
+    base = params[base_prefix(config)]
     if inputs_embeds is None:
-        x = embedding(input_ids, params["model"]["embed_tokens"]["weight"])
+        x = embedding(input_ids, base[spec.names.embed]["weight"])
         if spec.embed_scale:  # HF rounds the scale to the weights' dtype first
             x = x * Tensor(np.float32(config.hidden_size ** 0.5)).astype(x.dtype)
     else:
         x = inputs_embeds
+    if spec.embedding_multiplier != 1.0:  # Granite: also on given `inputs_embeds`
+        x = x * spec.embedding_multiplier
+    x = dropout(x, spec.embed_pdrop)
     b, s = x.shape[0], x.shape[1]
     # positions 0..s-1 unless given: the rope table's length is known without reading them back
     table_len = s if position_ids is None and cache_position is None else None
@@ -361,7 +446,7 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
     hidden_states = [x] if output_hidden_states else None
     x = x.reshape(b * s, -1)
     new_keys, new_values, router_logits = [], [], []
-    for i, layer in enumerate(params["model"]["layers"]):
+    for i, layer in enumerate(base["layers"]):
         layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
         cos, sin = rotations[i]
         x, (k, v), routed = decoder_layer(x, layer, config, cos, sin, biases[i], layer_cache, cache_position, spec,
@@ -372,7 +457,7 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
             router_logits.append(routed)
         if output_hidden_states:
             hidden_states.append(x.reshape(b, s, -1))
-    x = rms_norm(x, params["model"]["norm"]["weight"], config.rms_norm_eps, spec.norms.offset).reshape(b, s, -1)
+    x = norm(x, base.get(spec.names.final_norm), config, spec).reshape(b, s, -1)
     if output_hidden_states:
         hidden_states[-1] = x
     return DecoderOutput(x, tuple(hidden_states) if output_hidden_states else None,
@@ -382,10 +467,15 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
 
 def lm_head(params: dict, hidden: Tensor, config) -> Tensor:
     """Logits `[..., vocab]` from final hidden states; the embedding matrix when tied. With
+    `lm_head_bias` (Phi) plus `lm_head.bias`; divided by `logits_scaling` (Granite); with
     `final_softcap` (Gemma 2): `cap * tanh(logits / cap)`."""
-    weight = params["model"]["embed_tokens"]["weight"] if config.tie_word_embeddings else params["lm_head"]["weight"]
-    logits = linear(hidden, weight)
-    cap = spec_of(config).final_softcap
+    spec = spec_of(config)
+    head = params.get(spec.names.lm_head)
+    weight = params[base_prefix(config)][spec.names.embed]["weight"] if config.tie_word_embeddings else head["weight"]
+    logits = linear(hidden, weight, head["bias"] if spec.lm_head_bias else None)
+    if spec.logits_scaling != 1.0:
+        logits = logits / spec.logits_scaling
+    cap = spec.final_softcap
     return logits if cap is None else tanh(logits / cap) * cap
 
 

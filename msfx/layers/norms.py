@@ -23,8 +23,9 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, offset: float = 0.0) -> Tens
     return weight * h.astype(x.dtype)
 
 
-def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float) -> Tensor:
-    """LayerNorm (Ba et al. 2016) over the last axis, `torch.nn.LayerNorm` semantics.
+def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """LayerNorm (Ba et al. 2016) over the last axis, `torch.nn.LayerNorm` semantics; with no
+    `weight` the parameter-free norm (OLMo's `F.layer_norm(x, shape, None, None)`).
 
     In bfloat16 / float16 the scale and shift are applied in float32 too and the result rounded once,
     as PyTorch's CPU kernel does (rounding after the normalization and again after each of them
@@ -35,9 +36,8 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float) -> Te
     mean = ops.mean(h, -1, keep_dims=True)
     centered = h - mean
     h = centered * ops.rsqrt(ops.mean(centered * centered, -1, keep_dims=True) + eps)
-    if x.dtype == ms.float32:  # skip no-op casts: each op costs ~10 us in a compiled CPU step
-        h = h * weight
-        return h if bias is None else h + bias
-    h = h * weight.astype(ms.float32)
-    h = h if bias is None else h + bias.astype(ms.float32)
-    return h.astype(x.dtype)
+    if weight is not None:
+        h = h * (weight if x.dtype == ms.float32 else weight.astype(ms.float32))
+    if bias is not None:
+        h = h + (bias if x.dtype == ms.float32 else bias.astype(ms.float32))
+    return h if x.dtype == ms.float32 else h.astype(x.dtype)  # no-op casts skipped: ~10 us each in a compiled step

@@ -40,10 +40,10 @@ class LlamaModel(_LlamaBase):
 
     @classmethod
     def param_shapes(cls, config):
-        return {k: v for k, v in cls.arch.param_shapes(config).items() if k.startswith("model.")}
+        return {k: v for k, v in cls.arch.param_shapes(config).items() if k.startswith(cls.base_model_prefix + ".")}
 
     def state_tree(self) -> dict:
-        return self.params["model"]  # HF saves the base model without the `model.` prefix
+        return self.params[self.base_model_prefix]  # HF saves the base model without its prefix
 
     def construct(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                   use_cache=None, output_hidden_states=None, return_dict=True):
@@ -105,7 +105,7 @@ class LlamaForSequenceClassification(_LlamaBase):
 
     @classmethod
     def param_shapes(cls, config):
-        shapes = {k: v for k, v in cls.arch.param_shapes(config).items() if k.startswith("model.")}
+        shapes = {k: v for k, v in cls.arch.param_shapes(config).items() if k.startswith(cls.base_model_prefix + ".")}
         shapes["score.weight"] = (config.num_labels, config.hidden_size)
         return shapes
 
@@ -134,5 +134,6 @@ def family_classes(family) -> dict[str, type]:
     for auto, name in family.auto:
         doc = f"HF's `{name}`: as `{bases[auto].__name__}`, over `{family.core}` (`{family.model_type}`)."
         classes[name] = type(name, (bases[auto],), {"arch": family.arch, "model_type": family.model_type,
-                                                    "__doc__": doc, "__module__": "msfx", "__qualname__": name})
+                                                    "base_model_prefix": family.base_prefix, "__doc__": doc,
+                                                    "__module__": "msfx", "__qualname__": name})
     return classes
