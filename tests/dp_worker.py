@@ -4,7 +4,8 @@
 overrides plus `out` (a directory), `resume` (resume_from_checkpoint), `die` ([rank, step]: that
 worker SIGKILLs itself at the end of that step) and `rows` (the dataset size). Worker 0 writes each
 run's logged losses / gradient norms and the final parameters to `out/result.npz`, and every worker
-its optimizer-state bytes to `out/opt_bytes_{rank}.json`.
+its optimizer-state bytes to `out/opt_bytes_{rank}.json`. A run `{"fp16_overflow": out}` instead
+trains a toy fp16 `TrainStep` whose first step overflows on worker 1 only (`out/fp16_{rank}.json`).
 """
 import json
 import os
@@ -12,10 +13,13 @@ import signal
 import sys
 
 import numpy as np
+from mindspore import Tensor
 from transformers import TrainerCallback
 
 import msfx
 from msfx.params import flatten
+from msfx.train import SGD, TrainStep
+from msfx.train.distributed import data_parallel
 
 SEQ, VOCAB = 8, 99
 
@@ -63,6 +67,31 @@ def run(model_dir: str, spec: dict) -> None:
                  **{f"p.{k}": p.asnumpy() for k, p in zip(keys, leaves)})
 
 
+def fp16_overflow(out: str) -> None:
+    """Two fp16 steps of `sum((x * w[0])^2) * s`; worker 1's `s` is 1e4 in step 1, an overflow of the
+    scaled fp16 gradient there only. Writes each step's `applied`, the loss scale and `w` after.
+    (Elementwise: with a float16 matmul every gradient came out inf on CPU, MindSpore 2.10.)"""
+    dp = data_parallel()
+    rank = dp.rank if dp is not None else 0
+
+    def loss_fn(tree, batch, num_items):
+        w = tree["w"]
+        y = (batch["x"].astype(w.dtype) * w[0]).astype(np.float32)
+        return (y * y).sum() * batch["s"][0] / num_items
+
+    step = TrainStep(loss_fn, ["w"], SGD(), mixed_precision="fp16", max_grad_norm=None, grad_reducer=dp)
+    leaves, state, applied = [Tensor(np.full((4, 4), 0.01, np.float32))], [], []
+    for i in (1, 2):
+        s = 1e4 if (rank == 1 and i == 1) else 1.0
+        batch = {"x": np.full((2, 4), 0.05 + rank, np.float32), "s": np.full((2,), s, np.float32)}
+        result = step(leaves, state, batch, lr=0.01, step=i)
+        applied.append(result.applied)
+        leaves, state = result.params, result.opt_state
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"fp16_{rank}.json"), "w") as f:
+        json.dump({"applied": applied, "scale": step.scaler.scale, "w": leaves[0].asnumpy().tolist()}, f)
+
+
 if __name__ == "__main__":
     for one in json.loads(sys.argv[2]):
-        run(sys.argv[1], one)
+        fp16_overflow(one["fp16_overflow"]) if "fp16_overflow" in one else run(sys.argv[1], one)

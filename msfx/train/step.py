@@ -320,6 +320,8 @@ class TrainStep:
             tensors = [batch_tensor(part[name]) for name in names]
             key = [] if self.dropout_seed is None else [step_key(self.dropout_seed, draw + i)]
             part_loss, part_grads = self._grad_fn(names)(*param_leaves, num_items, _as_f32(scale), *key, *tensors)
+            if isinstance(part_grads, Tensor):  # value_and_grad returns a lone gradient bare
+                part_grads = (part_grads,)
             loss = part_loss if i == 0 else loss + part_loss
             grads.extend(part_grads)
         out = self._update_fn(max(len(parts), 1))(_as_f32(lr), _as_f32(step), _as_f32(1.0 / scale), loss,
