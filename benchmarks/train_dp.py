@@ -107,8 +107,8 @@ def main(batch: int = 8, seq: int = 128, steps: int = 5, warmup: int = 2) -> lis
     with tempfile.TemporaryDirectory() as tmp:
         for workers, zero in ((1, 0), (2, 0), (2, 1)):
             out = os.path.join(tmp, f"{workers}_{zero}.json")
-            args = [f"--worker={zero}", f"--config.batch={batch}", f"--config.seq={seq}",
-                    f"--config.steps={steps}", f"--config.warmup={warmup}", f"--out={out}"]
+            args = [f"--run_zero_stage={zero}", f"--config.batch={batch}", f"--config.seq={seq}",
+                    f"--config.steps={steps}", f"--config.warmup={warmup}", f"--result_file={out}"]
             before = load()
             if workers == 1:
                 subprocess.run([sys.executable, __file__, *args], check=True)
@@ -132,6 +132,7 @@ def _run(argv: list[str]) -> None:
 if __name__ == "__main__":
     from absl import flags
     _CONFIG = config_flags.DEFINE_config_dict("config", get_config(), "benchmark options (see get_config)")
-    _WORKER = flags.DEFINE_integer("worker", None, "internal: run one measurement with this zero_stage")
-    _OUT = flags.DEFINE_string("out", None, "internal: where the worker writes its figures")
+    # not a prefix of an msrun option: its argparse takes abbreviations (`--worker` matched `--worker_num`)
+    _WORKER = flags.DEFINE_integer("run_zero_stage", None, "internal: run one measurement with this zero_stage")
+    _OUT = flags.DEFINE_string("result_file", None, "internal: where the worker writes its figures")
     app.run(_run)
