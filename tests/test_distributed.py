@@ -145,3 +145,19 @@ def test_mixed_precision_under_msrun(model, tmp_path):
                         for i, mode in enumerate(modes)], tmp_path / "logs")
     for i in range(len(modes)):
         assert_identical(result(tmp_path / f"dp{i}"), result(tmp_path / f"one{i}"))
+
+
+def test_zero1_slices_cover_every_element_once():
+    """The ZeRO-1 plan (no collective runs): 3 workers' segments tile the 21 flattened elements."""
+    from msfx.train.distributed import DataParallel
+    shapes = [(3, 4), (5,), (2, 2)]
+    plans = [DataParallel(rank, 3, zero_stage=1).bind(shapes) for rank in range(3)]
+    assert [p.segments for p in plans] == [[(0, 0, 7)], [(0, 7, 12), (1, 0, 2)], [(1, 2, 5), (2, 0, 4)]]
+    assert plans[0].local_decay((True, False, True)) == (True,)
+    assert plans[2].local_decay((True, False, True)) == (False, True)
+
+
+def test_bad_zero_stage_is_refused():
+    import msfx
+    with pytest.raises(ValueError, match="zero_stage"):
+        msfx.TrainingArguments(output_dir="unused", zero_stage=2)
