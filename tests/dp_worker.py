@@ -70,7 +70,7 @@ def run(model_dir: str, spec: dict) -> None:
 def fp16_overflow(out: str) -> None:
     """Two fp16 steps of `sum((x * w[0])^2) * s`; worker 1's `s` is 1e4 in step 1, an overflow of the
     scaled fp16 gradient there only. Writes each step's `applied`, the loss scale and `w` after.
-    (Elementwise: with a float16 matmul every gradient came out inf on CPU, MindSpore 2.10.)"""
+    (Elementwise: with a float16 matmul the toy's gradients came out inf on both workers, not investigated.)"""
     dp = data_parallel()
     rank = dp.rank if dp is not None else 0
 
