@@ -4,9 +4,15 @@ compiled with `mindspore.jit`, over flat positional tensors.
 - the loss graph: `(*param_leaves, num_items, loss_scale, *batch_tensors) -> loss`, differentiated
   by `mindspore.value_and_grad` from outside (MindSpore builds and caches its backward graph with
   it); one per batch shape;
-- the update graph: `(lr, step, inv_scale, *param_leaves, *opt_state_leaves, *grads of each
-  micro-batch) -> (grad_norm, *new_param_leaves, *new_opt_state_leaves)`: sum, unscale, clip,
+- the update graph: `(lr, step, inv_scale, loss, *param_leaves, *opt_state_leaves, *grads of each
+  micro-batch) -> (grad_norm, loss, *new_param_leaves, *new_opt_state_leaves)`: sum, unscale, clip,
   optimizer; one per micro-batch count.
+
+Data parallel (`grad_reducer`, a `msfx.train.distributed.DataParallel` under `msrun`): each worker
+runs the loss graph on its own micro-batches, normalized by the item count of the whole global
+window (summed over the workers on the host), and the update graph sums the gradients and the loss
+over the workers with AllReduce before the unscale, clip and update, so every worker applies the
+update one process would apply to the global batch (with ZeRO-1 to its slice, then gathered).
 
 Why not one graph: `mindspore.value_and_grad` called inside a trace-mode `jit` runs the backward
 eagerly while tracing and bakes the gradients in as constants (measured, MindSpore 2.10: every
@@ -50,6 +56,7 @@ from msfx.jit import no_host_reads
 from msfx.layers.dropout import dropout_rng, step_key
 from msfx.params.tree import unflatten
 from msfx.train.losses import IGNORE_INDEX, causal_lm_loss_fn
+from msfx.train.distributed import DataParallel
 from msfx.train.optim import AdamW, SGD, clip_by_global_norm, decay_mask
 
 MIXED_PRECISION = (None, "bf16", "fp16")
@@ -148,6 +155,9 @@ class TrainStep:
         mixed_precision: None, "bf16" or "fp16" (see the module docstring).
         dropout_seed: train with the models' dropout (`msfx.layers.dropout`), each micro-batch's masks
             drawn from this seed and the call's `dropout_step`; None: no dropout.
+        grad_reducer: data parallel over `msrun` workers (`msfx.train.distributed.data_parallel()`):
+            the step's batch is this worker's share of the global window; with its `zero_stage=1` the
+            optimizer state is this worker's slice (`grad_reducer.local(leaves)` at `optimizer.init`).
 
     `traces` counts how often each graph was traced (`{"loss": ..., "update": ...}`; the Python bodies
     run only while tracing, or on every call with `jit=False`); `compiles` is the number of loss
@@ -160,7 +170,8 @@ class TrainStep:
     def __init__(self, loss_fn: LossFn, keys: Sequence[str], optimizer: AdamW | SGD, *,
                  count_items: Callable[[dict], float] | None = None, check_batch: Callable[[dict], None] | None = None,
                  max_grad_norm: float | None = 1.0, accumulate: int = 1, jit: bool = True,
-                 mixed_precision: str | None = None, dropout_seed: int | None = None):
+                 mixed_precision: str | None = None, dropout_seed: int | None = None,
+                 grad_reducer: DataParallel | None = None):
         if accumulate < 1:
             raise ValueError(f"accumulate must be >= 1, got {accumulate}")
         if mixed_precision not in MIXED_PRECISION:
@@ -171,6 +182,7 @@ class TrainStep:
         self.accumulate, self.jit, self.mixed_precision = accumulate, jit, mixed_precision
         self.scaler = LossScaler() if mixed_precision == "fp16" else None
         self.dropout_seed = dropout_seed
+        self.grad_reducer = grad_reducer
         self.decay = decay_mask(self.keys)
         self._cast = _compute_cast(mixed_precision)
         self._grads: dict[tuple[str, ...], Graph] = {}
@@ -208,22 +220,28 @@ class TrainStep:
         if parts not in self._updates:
             n, skip_overflow = len(self.keys), self.scaler is not None
 
-            def update(lr, step, inv_scale, *args):
-                """`(lr, step, inv_scale, *leaves, *state, *grads of micro-batch 1, ..., *grads of micro-batch k)`."""
+            def update(lr, step, inv_scale, loss, *args):
+                """`(lr, step, inv_scale, loss, *leaves, *state, *grads of micro-batch 1, ..., *grads of micro-batch k)`."""
                 n_state = len(args) - n - parts * n
                 leaves, state, grads_in = args[:n], args[n:n + n_state], args[n + n_state:]
                 grads = list(grads_in[:n])
                 for i in range(1, parts):
                     grads = [a + b for a, b in zip(grads, grads_in[i * n:(i + 1) * n])]
+                dp, local, decay = self.grad_reducer, leaves, self.decay
+                if dp is not None:  # an overflow on one worker is an inf in everyone's sum: all skip the step
+                    grads, loss = dp.reduce(grads, loss)
                 if skip_overflow:
                     grads = [g * inv_scale for g in grads]
                 grads, grad_norm = clip_by_global_norm(grads, self.max_grad_norm)
-                new_leaves, new_state = self.optimizer.update(leaves, grads, state, lr, step, self.decay)
+                if dp is not None:  # ZeRO-1: this worker's slice only (plain data parallel: all of it)
+                    grads, local, decay = dp.local(grads), dp.local(leaves), dp.local_decay(decay)
+                new_local, new_state = self.optimizer.update(local, grads, state, lr, step, decay)
                 if skip_overflow:  # torch's GradScaler skips the optimizer step on inf/NaN gradients
                     finite = ops.isfinite(grad_norm)
-                    new_leaves = [ops.where(finite, a, b) for a, b in zip(new_leaves, leaves)]
+                    new_local = [ops.where(finite, a, b) for a, b in zip(new_local, local)]
                     new_state = [ops.where(finite, a, b) for a, b in zip(new_state, state)]
-                return (grad_norm, *new_leaves, *new_state)
+                new_leaves = new_local if dp is None else dp.gather(new_local)
+                return (grad_norm, loss, *new_leaves, *new_state)
 
             self._updates[parts] = Graph(update, f"train_update{parts}", self.jit)
         return self._updates[parts]
@@ -276,36 +294,46 @@ class TrainStep:
         """
         if len(param_leaves) != len(self.keys):
             raise ValueError(f"expected {len(self.keys)} parameter leaves, got {len(param_leaves)}")
-        parts = self._micro_batches(batch)
-        names = tuple(sorted(parts[0]))
+        dp = self.grad_reducer
+        # under data parallel a worker may hold no micro-batch of the last window: it adds zero gradients
+        parts = [] if dp is not None and not isinstance(batch, Mapping) and not batch else self._micro_batches(batch)
+        items = sum(self.count_items(part) for part in parts)
+        if dp is not None:
+            dp.bind([tuple(p.shape) for p in param_leaves])
+            items = dp.sum_host(items)
         # a window without a valid label: a zero loss and zero gradients (as HF), not 0 / 0 = NaN weights
-        num_items = Tensor(np.float32(max(sum(self.count_items(part) for part in parts), 1.0)))
+        num_items = Tensor(np.float32(max(items, 1.0)))
         scale = 1.0 if self.scaler is None else self.scaler.scale
         # Loaded leaves are `Parameter`s and the step returns plain Tensors; starting from Parameters
         # (or eager op outputs) the graphs traced again on the second call (measured), from host
         # copies they do not.
         param_leaves = [Tensor(t.asnumpy()) if isinstance(t, Parameter) else t for t in param_leaves]
         n = len(param_leaves)
-        grad_fn = self._grad_fn(names)
-        loss, grads = None, []
+        loss, grads = Tensor(np.float32(0.0)), []
+        if not parts:
+            grads = [ops.zeros(tuple(p.shape), ms.float32) for p in param_leaves]
         if dropout_step is None:
             dropout_step = int(step.asnumpy() if isinstance(step, Tensor) else step)
-        draw = dropout_step * len(parts)
+        rank, world = (0, 1) if dp is None else (dp.rank, dp.world_size)
+        draw = (dropout_step * world + rank) * len(parts)  # each worker its own masks
+        names = tuple(sorted(parts[0])) if parts else ()
         for i, part in enumerate(parts):  # any call may trace (see above): each runs on a fresh thread
             tensors = [batch_tensor(part[name]) for name in names]
             key = [] if self.dropout_seed is None else [step_key(self.dropout_seed, draw + i)]
-            part_loss, part_grads = grad_fn(*param_leaves, num_items, _as_f32(scale), *key, *tensors)
-            loss = part_loss if loss is None else loss + part_loss
+            part_loss, part_grads = self._grad_fn(names)(*param_leaves, num_items, _as_f32(scale), *key, *tensors)
+            if isinstance(part_grads, Tensor):  # value_and_grad returns a lone gradient bare
+                part_grads = (part_grads,)
+            loss = part_loss if i == 0 else loss + part_loss
             grads.extend(part_grads)
-        out = self._update_fn(len(parts))(_as_f32(lr), _as_f32(step), _as_f32(1.0 / scale),
-                                          *param_leaves, *opt_state_leaves, *grads)
-        grad_norm = out[0]
+        out = self._update_fn(max(len(parts), 1))(_as_f32(lr), _as_f32(step), _as_f32(1.0 / scale), loss,
+                                                  *param_leaves, *opt_state_leaves, *grads)
+        grad_norm, loss = out[0], out[1]
         applied = True
         if self.scaler is not None:
             loss = loss / scale
             applied = bool(np.isfinite(grad_norm.asnumpy()))
             self.scaler.update(applied)
-        return StepResult(loss, list(out[1:1 + n]), list(out[1 + n:]), grad_norm, applied)
+        return StepResult(loss, list(out[2:2 + n]), list(out[2 + n:]), grad_norm, applied)
 
 
 def causal_lm_items(batch: Mapping[str, np.ndarray]) -> float:
@@ -331,14 +359,16 @@ def check_causal_lm_batch(vocab_size: int) -> Callable[[Mapping[str, np.ndarray]
 
 def make_train_step(arch: ModuleType, config, optimizer: AdamW | SGD, keys: Sequence[str], *,
                     max_grad_norm: float | None = 1.0, accumulate: int = 1, jit: bool = True,
-                    mixed_precision: str | None = None, dropout_seed: int | None = None) -> TrainStep:
+                    mixed_precision: str | None = None, dropout_seed: int | None = None,
+                    grad_reducer: DataParallel | None = None) -> TrainStep:
     """A causal-LM train step for the Llama-like architecture module `arch` (`msfx.architectures.llama`
     and the families sharing its `forward`): HF's shifted cross-entropy normalized by the window's
     valid-token count.
 
     Args:
         config: the model's HF config.
-        optimizer, keys, max_grad_norm, accumulate, jit, mixed_precision, dropout_seed: see `TrainStep`.
+        optimizer, keys, max_grad_norm, accumulate, jit, mixed_precision, dropout_seed, grad_reducer: see
+            `TrainStep`.
 
     Returns a `TrainStep`: `step(param_leaves, opt_state_leaves, batch, lr, step) -> StepResult`;
     the batch holds `input_ids` and `labels` `[batch, seq]` int (-100: ignored) and optionally
@@ -349,4 +379,5 @@ def make_train_step(arch: ModuleType, config, optimizer: AdamW | SGD, keys: Sequ
     """
     return TrainStep(causal_lm_loss_fn(arch, config), keys, optimizer, count_items=causal_lm_items,
                      check_batch=check_causal_lm_batch(config.vocab_size), max_grad_norm=max_grad_norm,
-                     accumulate=accumulate, jit=jit, mixed_precision=mixed_precision, dropout_seed=dropout_seed)
+                     accumulate=accumulate, jit=jit, mixed_precision=mixed_precision, dropout_seed=dropout_seed,
+                     grad_reducer=grad_reducer)

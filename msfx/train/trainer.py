@@ -17,7 +17,13 @@ What differs from HF, on purpose:
 - checkpoints hold safetensors / JSON instead of torch pickles, are written atomically
   (`msfx.train.checkpoint`), and resuming continues bit for bit: the data order of every epoch is a
   function of `seed` and the epoch, the dropout masks of `seed` and the step (`msfx.layers.dropout`:
-  the same rates at the same places as HF, other draws), and the RNG states are restored.
+  the same rates at the same places as HF, other draws), and the RNG states are restored;
+- data parallel runs under MindSpore's `msrun` instead of torchrun / accelerate
+  (`msfx.train.distributed`): worker `r` of `N` trains on per-device batches `r, r + N, ...` of
+  the epoch's order (accelerate's sharding, so a global batch is `per_device_train_batch_size * N *
+  gradient_accumulation_steps` consecutive rows), the gradients are summed inside the compiled
+  update, worker 0 logs and writes the checkpoints, every worker evaluates the whole eval set.
+  `zero_stage=1` shards the optimizer state (ZeRO-1); checkpoints hold the full state either way.
 """
 from __future__ import annotations
 
@@ -52,6 +58,7 @@ from msfx.layers.losses import IGNORE_INDEX
 from msfx.modeling import PreTrainedModel
 from msfx.params import flatten, unflatten
 from msfx.train import checkpoint as ckpt
+from msfx.train.distributed import ZERO_STAGES, data_parallel
 from msfx.train.optim import SGD, AdamW
 from msfx.train.schedules import get_schedule, warmup_steps_for
 from msfx.train.step import TrainStep, batch_tensor, causal_lm_items
@@ -69,7 +76,7 @@ HONOURED = frozenset({
     "trackio_static_space_id", "eval_strategy", "eval_steps", "eval_delay", "save_strategy", "save_steps",
     "save_total_limit", "load_best_model_at_end", "metric_for_best_model", "greater_is_better", "seed",
     "data_seed", "use_cpu", "dataloader_drop_last", "remove_unused_columns", "train_sampling_strategy",
-    "length_column_name", "jit",
+    "length_column_name", "jit", "zero_stage",
     "do_train", "do_eval", "do_predict", "resume_from_checkpoint",  # for scripts: HF's Trainer ignores them too
 })
 _LABEL_COLUMNS = ("label", "label_ids", "labels")
@@ -98,15 +105,20 @@ class TrainingArguments(transformers.TrainingArguments):
     - `jit`: compile the training and evaluation steps with `mindspore.jit` (False: eager, for debugging).
     - `use_cpu` defaults to True: it only silences torch's device checks; msfx trains on MindSpore's
       device (`mindspore.set_context(device_target=...)`).
+    - `zero_stage`: under `msrun`, 1 shards the AdamW / SGD state over the workers (ZeRO-1, each keeps
+      1/N of it); 0 (default) keeps it whole on every worker. Ignored in a single process.
     """
 
     warmup_ratio: float = field(default=0.0, metadata={"help": "Linear warmup over this fraction of the steps."})
     jit: bool = field(default=True, metadata={"help": "Compile the steps with mindspore.jit."})
     use_cpu: bool = field(default=True, metadata={"help": "Ignored by msfx (torch's device selection)."})
+    zero_stage: int = field(default=0, metadata={"help": "1: shard the optimizer state over the msrun workers."})
 
     def __post_init__(self):
         if not 0.0 <= self.warmup_ratio <= 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        if self.zero_stage not in ZERO_STAGES:
+            raise ValueError(f"zero_stage must be one of {ZERO_STAGES}, got {self.zero_stage!r}")
         super().__post_init__()
 
 
@@ -240,6 +252,7 @@ class Trainer:
         if self.args.eval_strategy != IntervalStrategy.NO and eval_dataset is None:
             raise ValueError(f"eval_strategy={self.args.eval_strategy.value!r} needs an eval_dataset")
         self.optimizer = self._optimizer()
+        self._dp = data_parallel(self.args.zero_stage)  # None in a single process
         self._inputs = {name for name in inspect.signature(model.construct).parameters if name != "kwargs"}
         self._causal = bool(getattr(model, "accepts_loss_kwargs", False))
         self._labels = label_names(model)
@@ -425,18 +438,20 @@ class Trainer:
         dataset = self.train_dataset
         if dataset is None or len(dataset) == 0:
             raise ValueError("Trainer.train needs a non-empty train_dataset")
-        ckpt.clean_partial(args.output_dir)
+        if self.is_world_process_zero():
+            ckpt.clean_partial(args.output_dir)
         if resume_from_checkpoint is True:
             resume_from_checkpoint = ckpt.latest_checkpoint(args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"No valid checkpoint found in output directory ({args.output_dir})")
         batch_size, gas = args.per_device_train_batch_size, args.gradient_accumulation_steps
+        rank, workers = (self._dp.rank, self._dp.world_size) if self._dp is not None else (0, 1)
         rows = len(dataset)
         batches_per_epoch = rows // batch_size if args.dataloader_drop_last else math.ceil(rows / batch_size)
         if batches_per_epoch == 0:
             raise ValueError(f"train_dataset has {len(dataset)} rows, fewer than one batch of {batch_size} with "
                              "dataloader_drop_last=True")
-        updates_per_epoch = max(math.ceil(batches_per_epoch / gas), 1)
+        updates_per_epoch = max(math.ceil(batches_per_epoch / (gas * workers)), 1)
         if args.max_steps > 0:
             max_steps, epochs = args.max_steps, math.ceil(args.max_steps / updates_per_epoch)
         else:
@@ -445,16 +460,21 @@ class Trainer:
         _set_seed(args.seed)
         self.state = TrainerState(stateful_callbacks=[cb for cb in self.callback_handler.callbacks
                                                       if isinstance(cb, ExportableState)])
+        self.state.is_world_process_zero = self.state.is_local_process_zero = rank == 0  # HF's callbacks print on 0
         self.state.compute_steps(args, max_steps)
         self.state.max_steps, self.state.num_train_epochs, self.state.train_batch_size = max_steps, epochs, batch_size
         self._step = TrainStep(self._loss_fn, self._keys, self.optimizer, count_items=self._count_items,
                                max_grad_norm=args.max_grad_norm, jit=args.jit,
                                mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else None,
-                               dropout_seed=args.seed)
-        self._opt_state = self.optimizer.init(self._leaves)
+                               dropout_seed=args.seed, grad_reducer=self._dp)
+        if self._dp is not None:
+            self._dp.bind([tuple(leaf.shape) for leaf in self._leaves])
+        self._opt_state = self.optimizer.init(self._local(self._leaves))
         self._optimizer_steps = 0
         if resume_from_checkpoint:
             self._load_checkpoint(Path(resume_from_checkpoint))
+        if self._dp is not None:  # every worker has read the checkpoint before worker 0 may rotate it away
+            self._dp.barrier()
         epochs_done, windows_done = divmod(self.state.global_step, updates_per_epoch)
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
         start, total_loss, logged_loss, last_logged = time.time(), 0.0, 0.0, self.state.global_step
@@ -464,7 +484,8 @@ class Trainer:
         for epoch in range(epochs_done, epochs):
             order = self._epoch_order(epoch, len(dataset), lengths)
             batches = [order[i * batch_size:(i + 1) * batch_size] for i in range(batches_per_epoch)]
-            windows = [batches[i:i + gas] for i in range(0, len(batches), gas)]
+            # this worker's micro-batches of each global window (the last one may hold none: zero gradients)
+            windows = [batches[i:i + gas * workers][rank::workers] for i in range(0, len(batches), gas * workers)]
             self.control = self.callback_handler.on_epoch_begin(args, self.state, self.control)
             for w, window in enumerate(windows):
                 if epoch == epochs_done and w < windows_done:
@@ -505,7 +526,7 @@ class Trainer:
         self._sync_model()
         steps = self.state.global_step - steps_at_start
         # HF's count: the schedule's samples (rows x epochs, or max_steps full windows), pro rata of the steps run
-        samples = max_steps * batch_size * gas if args.max_steps > 0 else rows * args.num_train_epochs
+        samples = max_steps * batch_size * gas * workers if args.max_steps > 0 else rows * args.num_train_epochs
         metrics = speed_metrics("train", start, num_samples=samples * steps / max(max_steps, 1), num_steps=steps)
         metrics["total_flos"] = self.state.total_flos
         metrics["train_loss"] = total_loss / max(steps, 1)
@@ -566,11 +587,13 @@ class Trainer:
             if isinstance(callback, ExportableState):
                 state.stateful_callbacks[callback.__class__.__name__] = callback.state()
 
+        slots = self.optimizer.slots()
+        opt_state = self._opt_state if self._dp is None else self._dp.full_state(self._opt_state, len(slots))
+
         def write(path: Path) -> None:
             self.save_model(path)
-            slots = self.optimizer.slots()
             n = len(self._keys)
-            save_file({f"{slot}.{key}": self._opt_state[i * n + j].asnumpy()
+            save_file({f"{slot}.{key}": opt_state[i * n + j].asnumpy()
                        for i, slot in enumerate(slots) for j, key in enumerate(self._keys)},
                       str(path / "optimizer.safetensors"))
             scaler = None if self._step.scaler is None else self._step.scaler.state_dict()
@@ -583,11 +606,15 @@ class Trainer:
                 saved.best_model_checkpoint = str(best)
             saved.save_to_json(str(path / TRAINER_STATE_NAME))
 
-        ckpt.write_checkpoint(args.output_dir, state.global_step, write)
+        if self.is_world_process_zero():
+            ckpt.write_checkpoint(args.output_dir, state.global_step, write)
+        if self._dp is not None:  # the checkpoint is complete for every worker before any reads it
+            self._dp.barrier()
         if best is not None and best.is_dir():
             state.best_model_checkpoint = str(best)
-        ckpt.rotate_checkpoints(args.output_dir, args.save_total_limit,
-                                Path(state.best_model_checkpoint) if state.best_model_checkpoint else None)
+        if self.is_world_process_zero():
+            ckpt.rotate_checkpoints(args.output_dir, args.save_total_limit,
+                                    Path(state.best_model_checkpoint) if state.best_model_checkpoint else None)
 
     def _checkpoint_leaves(self, path: Path) -> list[Tensor]:
         """The float32 parameter leaves stored in checkpoint `path` (HF layout, any msfx-saved head)."""
@@ -609,6 +636,8 @@ class Trainer:
             raise CorruptCheckpointError(f"{path / 'optimizer.safetensors'} lacks the optimizer state "
                                          f"{missing[:5]}{' ...' if len(missing) > 5 else ''} (another optimizer?)")
         self._opt_state = [Tensor(stored[name]) for name in names]
+        if self._dp is not None:  # ZeRO-1: this worker's slice of the full state, whatever the saved worker count
+            self._opt_state = self._dp.shard_state(self._opt_state, len(self.optimizer.slots()))
         scheduler = ckpt.read_json(path / "scheduler.json")
         self._optimizer_steps = int(scheduler["optimizer_steps"])
         if self._step.scaler is not None and scheduler.get("loss_scaler"):
@@ -624,10 +653,21 @@ class Trainer:
                 for attr, value in stored_state.get("attributes", {}).items():
                     setattr(callback, attr, value)
 
+    def is_world_process_zero(self) -> bool:
+        """True on the worker that logs and saves (`msrun`'s rank 0), and in a single process."""
+        return self._dp is None or self._dp.rank == 0
+
+    def _local(self, leaves: list[Tensor]) -> list[Tensor]:
+        """The leaves whose optimizer state this worker keeps (all but under ZeRO-1)."""
+        return leaves if self._dp is None else self._dp.local(leaves)
+
     def save_model(self, output_dir: str | os.PathLike | None = None) -> None:
-        """`save_pretrained` of the trained model (and the tokenizer) into `output_dir` (default `args.output_dir`)."""
+        """`save_pretrained` of the trained model (and the tokenizer) into `output_dir` (default
+        `args.output_dir`); under `msrun` worker 0 writes, the others return."""
         output_dir = output_dir or self.args.output_dir
         self._sync_model()
+        if not self.is_world_process_zero():
+            return
         self.model.save_pretrained(output_dir)
         if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
             self.processing_class.save_pretrained(output_dir)
