@@ -25,6 +25,8 @@ from msfx.peft import LoraConfig, PeftModel, get_peft_model
 
 from conftest import make_hf_llama, random_ids
 from oracle import Diffs, assert_close, hf_run, max_abs_diff, ms_ids, save_tiny
+from test_bert import IDS as BERT_IDS, MASK as BERT_MASK, make_hf_bert
+from test_t5 import CONFIGS as T5_CONFIGS, IDS as T5_IDS, LABELS as T5_LABELS, MASK as T5_MASK, TINY as T5_TINY
 from test_trainer import args_for, lm_rows
 
 DIFFS = Diffs("msfx.peft vs peft + PyTorch, max abs diff")
@@ -105,6 +107,37 @@ def test_gpt2_conv1d_and_biases(tmp_path):
         sorted(load_file(tmp_path / "from_msfx" / "adapter_model.safetensors"))
     theirs = peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(path), tmp_path / "from_msfx")
     assert_close(ours(ms_ids(ids)).logits, hf_run(theirs, ids).logits, 1e-4, "gpt2: msfx adapter in peft", DIFFS)
+
+
+@pytest.mark.parametrize("family", ["bert", "t5"])
+def test_peft_adapters_on_other_families(family, tmp_path):
+    """BERT classification (`task_type="SEQ_CLS"`: the head trains whole and travels in the file) and
+    T5 (`wo`, which HF keeps in float32), with peft's default targets plus those named."""
+    if family == "bert":
+        _, path = make_hf_bert(tmp_path / "bert", "BertForSequenceClassification", num_labels=3)
+        torch_cls, ours_cls = transformers.BertForSequenceClassification, msfx.BertForSequenceClassification
+        lora = peft.LoraConfig(r=4, task_type="SEQ_CLS", init_lora_weights=False)
+        inputs = dict(input_ids=BERT_IDS, attention_mask=BERT_MASK)
+    else:
+        config = transformers.T5Config(**T5_TINY, **T5_CONFIGS["gated-gelu"])
+        _, path = save_tiny(transformers.T5ForConditionalGeneration, config, tmp_path / "t5")
+        torch_cls, ours_cls = transformers.T5ForConditionalGeneration, msfx.T5ForConditionalGeneration
+        lora = peft.LoraConfig(r=4, target_modules=["q", "v", "wo"], init_lora_weights=False)
+        inputs = dict(input_ids=T5_IDS, attention_mask=T5_MASK, decoder_input_ids=T5_LABELS.clip(0))
+    torch.manual_seed(5)
+    theirs = peft.get_peft_model(torch_cls.from_pretrained(path, attn_implementation="eager"), lora).eval()
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(0.1)
+    theirs.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        expected = theirs(**{k: torch.tensor(v) for k, v in inputs.items()}).logits
+    loaded = PeftModel.from_pretrained(ours_cls.from_pretrained(path), tmp_path / "adapter")
+    got = loaded(**{k: ms_ids(v) for k, v in inputs.items()}).logits
+    assert_close(got, expected, 1e-4, f"{family}: peft adapter in msfx", DIFFS)
+    ours = loaded.get_base_model()
+    assert max_abs_diff(ours(**{k: ms_ids(v) for k, v in inputs.items()}).logits, expected) > 1e-3
 
 
 def test_trainer_matches_hf_trainer_on_peft(tiny_llama, tmp_path):
