@@ -52,19 +52,10 @@ class PeftModel(nn.Cell):
             raise TypeError(f"model must be an msfx PreTrainedModel, got {type(model).__name__}")
         self.base_model, self.active_adapter = model, adapter_name
         self.peft_config = {adapter_name: peft_config}
-        model_type = model.config.model_type
         leaves, keys = flatten(dict(model.params))
         hf_of = {id(leaf): key for leaf, key in zip(*flatten(model.state_tree()))}
-        self._file_keys = {key: hf_of.get(id(leaf), key) for leaf, key in zip(leaves, keys)}  # msfx -> HF key
-        linear = {key[:-7]: self._file_keys[key][:-7] for leaf, key in zip(leaves, keys)
-                  if key.endswith(".weight") and leaf.ndim == 2}
-        hf_targets = set(find_targets(list(linear.values()), peft_config, model_type))
-        self._targets = frozenset(path for path, hf in linear.items() if hf in hf_targets)
-        self._conv1d = frozenset(p for p in self._targets if p.rsplit(".", 1)[-1] in CONV1D_MODULES.get(model_type, ()))
-        if self._conv1d and not peft_config.fan_in_fan_out:
-            warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out "
-                          "to True.", stacklevel=2)  # peft's message and fix
-            peft_config.fan_in_fan_out = True
+        self._hf_keys = {key: hf_of.get(id(leaf), key) for leaf, key in zip(leaves, keys)}  # tree key -> HF key
+        self._find_targets(leaves, keys, peft_config)
         save = list(peft_config.modules_to_save or []) + (SEQ_CLS_HEADS if peft_config.task_type == "SEQ_CLS" else [])
         saved = [key for key in keys if self._trains(key, save, peft_config.bias)]
         for leaf, key in zip(leaves, keys):
@@ -73,28 +64,43 @@ class PeftModel(nn.Cell):
         adapter = {}
         for path in sorted(self._targets, key=lambda p: keys.index(p + ".weight")):
             weight = _node(model.params, path)["weight"]
-            a, b = init_adapter(tuple(weight.shape), peft_config, path in self._conv1d, rng)
-            adapter[f"{path}.lora_A.weight"] = Parameter(Tensor(a), name=f"{path}.lora_A.weight")
-            adapter[f"{path}.lora_B.weight"] = Parameter(Tensor(b), name=f"{path}.lora_B.weight")
-        for key in adapter:
-            target = self._file_keys[key.rsplit(".", 2)[0] + ".weight"][:-7]
-            self._file_keys[key] = f"{target}.{key.rsplit('.', 2)[1]}.weight"
-        for key in saved:  # peft stores a targeted layer's bias under its `base_layer`
-            module = key[:-5]
-            if key.endswith(".bias") and module in self._targets:
-                self._file_keys[key] = f"{self._file_keys[key][:-5]}.base_layer.bias"
-        self._saved = [*adapter, *saved]
+            for name, array in zip(("lora_A", "lora_B"),
+                                   init_adapter(tuple(weight.shape), peft_config, path in self._conv1d, rng)):
+                adapter[f"{path}.{name}.weight"] = Parameter(Tensor(array), name=f"{path}.{name}.weight")
+        self._saved = [*adapter, *saved]  # the tree keys `save_pretrained` writes
         self.adapter = ParameterTuple(list(adapter.values()))
-        tree_leaves, tree_keys = flatten(unflatten([*leaves, *adapter.values()], [*keys, *adapter]))
-        self.weights, self._param_keys = tree_leaves, tree_keys
-        self.params = Params(unflatten(tree_leaves, tree_keys), model.config)
+        self.weights, self._param_keys = flatten(unflatten([*leaves, *adapter.values()], [*keys, *adapter]))
+        self.params = Params(unflatten(self.weights, self._param_keys), model.config)
+
+    def _find_targets(self, leaves: list, keys: list[str], config: LoraConfig) -> None:
+        """Sets `_targets` (the adapted modules' tree paths) and `_conv1d` (those stored `[in, out]`)."""
+        model_type = self.base_model.config.model_type
+        linear = {key[:-7]: self._hf_keys[key][:-7] for leaf, key in zip(leaves, keys)
+                  if key.endswith(".weight") and leaf.ndim == 2}
+        hf_targets = set(find_targets(list(linear.values()), config, model_type))
+        self._targets = frozenset(path for path, hf in linear.items() if hf in hf_targets)
+        self._conv1d = frozenset(p for p in self._targets if p.rsplit(".", 1)[-1] in CONV1D_MODULES.get(model_type, ()))
+        if self._conv1d and not config.fan_in_fan_out:
+            warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out "
+                          "to True.", stacklevel=3)  # peft's message and fix
+            config.fan_in_fan_out = True
 
     def _trains(self, key: str, modules_to_save: list[str], bias: str) -> bool:
         """Whether base leaf `key` trains: inside a `modules_to_save` module, or a bias `bias` selects."""
-        parts = self._file_keys[key].split(".")
+        parts = self._hf_keys[key].split(".")
         if any(matches(modules_to_save, ".".join(parts[:i])) for i in range(1, len(parts))):
             return True
         return key.endswith(".bias") and (bias == "all" or (bias == "lora_only" and key[:-5] in self._targets))
+
+    def _file_key(self, key: str) -> str:
+        """peft's name in adapter files for tree key `key` (a targeted layer's bias is its `base_layer`'s)."""
+        module, leaf = key.rsplit(".", 1)
+        path, part = module.rsplit(".", 1) if "." in module else ("", module)
+        if part in ("lora_A", "lora_B"):
+            return f"{PREFIX}{self._hf_keys[path + '.weight'][:-7]}.{part}.weight"
+        if leaf == "bias" and module in self._targets:
+            return f"{PREFIX}{self._hf_keys[key][:-5]}.base_layer.bias"
+        return PREFIX + self._hf_keys[key]
 
     # ------------------------------------------------------------------------------- forward
 
@@ -173,7 +179,7 @@ class PeftModel(nn.Cell):
     def adapter_state(self) -> dict[str, np.ndarray]:
         """What `save_pretrained` writes: peft's keys -> arrays (adapters, trained biases, `modules_to_save`)."""
         by_key = dict(zip(self._param_keys, self.weights))
-        return {PREFIX + self._file_keys[key]: by_key[key].asnumpy() for key in self._saved}
+        return {self._file_key(key): by_key[key].asnumpy() for key in self._saved}
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write `adapter_config.json` and `adapter_model.safetensors` as peft does (peft's
@@ -193,7 +199,7 @@ class PeftModel(nn.Cell):
             stored = load_file(str(path))
         except (OSError, SafetensorError) as e:
             raise CorruptCheckpointError(f"cannot read {path}: {e}") from e
-        wanted = {PREFIX + self._file_keys[key]: key for key in self._saved}
+        wanted = {self._file_key(key): key for key in self._saved}
         missing = sorted(set(wanted) - set(stored))
         unexpected = sorted(set(stored) - set(wanted))
         if missing or unexpected:
