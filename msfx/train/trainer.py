@@ -214,7 +214,8 @@ class Trainer:
                  callbacks: Sequence[TrainerCallback | type] | None = None,
                  preprocess_logits_for_metrics: Callable | None = None):
         if not isinstance(model, (PreTrainedModel, PeftModel)):
-            raise TypeError(f"msfx.Trainer trains msfx models (msfx.PreTrainedModel), got {type(model).__name__}; "
+            raise TypeError(f"msfx.Trainer trains msfx models (msfx.PreTrainedModel, msfx.peft.PeftModel), got "
+                            f"{type(model).__name__}; "
                             "load the checkpoint with the msfx class of the same name")
         self.model, self.args = model, args if args is not None else TrainingArguments(output_dir="trainer_output")
         self.processing_class, self.compute_metrics = processing_class, compute_metrics
@@ -628,7 +629,7 @@ class Trainer:
     # ------------------------------------------------------------------------------- evaluation
 
     def _eval_fn(self, names: tuple[str, ...]) -> Graph:
-        """`(*leaves, *batch tensors) -> (loss or 0, logits)`, compiled per input names."""
+        """`(*trained leaves, *frozen leaves, *batch tensors) -> (loss or 0, logits)`, compiled per input names."""
         if names not in self._eval_fns:
             keys, model = self._keys + self._frozen_keys, self.model
             n = len(keys)
