@@ -174,6 +174,8 @@ def test_trainer_matches_hf_trainer_on_peft(tiny_llama, tmp_path):
     assert len(mine) == len(expected) == 5 and loss_rel < 1e-5 and norm_rel < 1e-5
     assert adapter_diff < 1e-5 < moved
     assert len(trainer._opt_state) == 2 * len(got)  # AdamW's two moments, for the adapter leaves only
+    base = load_file(path / "model.safetensors")
+    assert all(np.array_equal(p.asnumpy(), base[p.name]) for p in ours.get_base_model().weights)  # frozen
 
 
 def test_trainer_checkpoints_only_the_adapter_and_resumes(tiny_llama, tmp_path):
