@@ -29,7 +29,8 @@ order reached 97%.)
 With `--config.lora=True` the model trains through LoRA adapters instead (`msfx.peft`: rank
 `lora_r` on every linear layer but the head, `lora_learning_rate`); the adapter is saved in peft's
 format to `OUTPUT_DIR/adapter` and the merged model to OUTPUT_DIR (so `msfx generate` runs it as is).
-LoRA figures: see README.md ("LoRA").
+Measured with `lora=True` (under heavy load): held-out accuracy 15% -> 95%, peak memory 7.0 GiB
+(AdamW state 37 MiB for 4.9M trained parameters).
 
 Run: python examples/finetune_smollm2.py --config.output_dir=/tmp/smollm2-digits [--config.steps=N]
 [--config.save_steps=N --config.resume] [--config.lora=True] (an `ml_collections` config,

@@ -1,6 +1,7 @@
 """`examples/finetune_smollm2.py`: its corpus (held-out questions never trained on, answers that
 are the numbers) by default; the whole fine-tune of the real SmolLM2 (>= 90% held-out, the saved
-directory answering through `msfx generate`) with `-m slow` (about 8 minutes, 15 GB of memory)."""
+directory answering through `msfx generate`) with `-m slow` (about 8 minutes, 15 GB of memory), and its
+LoRA variant (95% measured, 7 GB of memory)."""
 from __future__ import annotations
 
 import importlib.util
