@@ -222,6 +222,9 @@ def test_bad_configs_and_files(tiny_llama, tmp_path):
                                                                 .read_bytes())
     with pytest.raises(CorruptCheckpointError, match="has shape"):
         PeftModel.from_pretrained(msfx.LlamaForCausalLM.from_pretrained(path), tmp_path / "r8")
+    frozen = PeftModel.from_pretrained(msfx.LlamaForCausalLM.from_pretrained(path), tmp_path / "r4")
+    with pytest.raises(ValueError, match="nothing to train"):  # loaded for inference, as peft's default
+        msfx.Trainer(model=frozen, args=msfx.TrainingArguments(**args_for(tmp_path)), train_dataset=lm_rows(4))
     (tmp_path / "r4" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     with pytest.raises(NotImplementedError, match="use_dora"):
         PeftModel.from_pretrained(msfx.LlamaForCausalLM.from_pretrained(path), tmp_path / "r4")
