@@ -26,13 +26,21 @@ nearly all of it the compiled train step (the weights and AdamW state are 1.6 GB
 (Before `msfx.Trainer` existed, the same recipe with `msfx.train.make_train_step` and its own data
 order reached 97%.)
 
+With `--config.lora=True` the model trains through LoRA adapters instead (`msfx.peft`: rank
+`lora_r` on every linear layer but the head, `lora_learning_rate`); the adapter is saved in peft's
+format to `OUTPUT_DIR/adapter` and the merged model to OUTPUT_DIR (so `msfx generate` runs it as is).
+Measured with `lora=True` (under heavy load): held-out accuracy 15% -> 95%, peak memory 7.0 GiB
+(AdamW state 37 MiB for 4.9M trained parameters).
+
 Run: python examples/finetune_smollm2.py --config.output_dir=/tmp/smollm2-digits [--config.steps=N]
-[--config.save_steps=N --config.resume] (an `ml_collections` config, `get_config()`; `--help` shows it).
+[--config.save_steps=N --config.resume] [--config.lora=True] (an `ml_collections` config,
+`get_config()`; `--help` shows it).
 """
 from __future__ import annotations
 
 import random
 import re
+import resource
 import time
 from pathlib import Path
 
@@ -42,6 +50,7 @@ from absl import app
 from ml_collections import ConfigDict, config_dict, config_flags
 
 from msfx.cli import _load
+from msfx.peft import LoraConfig, get_peft_model
 
 ONES = "zero one two three four five six seven eight nine".split()
 TEENS = "ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split()
@@ -121,18 +130,21 @@ def evaluate(model, tokenizer, examples: list[Example], batch_size: int, max_new
 
 
 def train(model, tokenizer, train_examples: list[Example], config: ConfigDict):
-    """Full fine-tuning with `msfx.Trainer` (its compiled step; AdamW, linear warmup and decay,
-    clipping at 1.0); the model's weights are updated in place and it is returned.
+    """Fine-tuning with `msfx.Trainer` (its compiled step; AdamW, linear warmup and decay, clipping at
+    1.0) of all the weights, or of LoRA adapters with `config.lora` (`model` is then a `PeftModel`); the
+    weights are updated in place and the model is returned.
 
-    `config`: `get_config()`'s `steps`, `batch_size`, `learning_rate`, `warmup_ratio`, `weight_decay`,
-    `seed` and `log_every`; checkpoints go to `OUTPUT_DIR/checkpoints` every `save_steps` (0: none).
+    `config`: `get_config()`'s `steps`, `batch_size`, `learning_rate` (`lora_learning_rate`), `warmup_ratio`,
+    `weight_decay`, `seed` and `log_every`; checkpoints go to `OUTPUT_DIR/checkpoints` every `save_steps`
+    (0: none).
     """
     encoded = [encode(tokenizer, example) for example in train_examples]
     length = max(len(ids) for ids, _ in encoded)
     rows = [{"input_ids": ids, "labels": labels} for ids, labels in encoded]
     training_args = msfx.TrainingArguments(
         output_dir=str(Path(config.output_dir) / "checkpoints"), max_steps=config.steps,
-        per_device_train_batch_size=config.batch_size, learning_rate=config.learning_rate,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.lora_learning_rate if config.lora else config.learning_rate,
         warmup_steps=config.warmup_ratio, weight_decay=config.weight_decay, max_grad_norm=1.0,
         lr_scheduler_type="linear", logging_steps=config.log_every,
         save_strategy="steps" if config.save_steps else "no", save_steps=config.save_steps or 500, seed=config.seed, report_to="none", disable_tqdm=True)
@@ -140,22 +152,27 @@ def train(model, tokenizer, train_examples: list[Example], config: ConfigDict):
                            data_collator=lambda batch: pad_batch([(r["input_ids"], r["labels"]) for r in batch],
                                                                  length, tokenizer.pad_token_id))
     trainer.train(resume_from_checkpoint=True if config.resume else None)
+    state = sum(int(np.prod(t.shape)) * 4 for t in trainer._opt_state)
+    print(f"AdamW state: {state / 2 ** 20:.1f} MiB for {sum(int(np.prod(t.shape)) for t in trainer._leaves):,} "
+          "trained parameters", flush=True)
     return model
 
 
-POSITIVE = ("steps", "batch_size", "held_out", "eval_batch_size", "max_new_tokens", "log_every")
+POSITIVE = ("steps", "batch_size", "held_out", "eval_batch_size", "max_new_tokens", "log_every", "lora_r")
 
 
 def get_config() -> ConfigDict:
     """The options and their defaults; each one is set from the command line as `--config.NAME=VALUE`.
     `model` / `gguf_file` / `dtype` as `msfx generate`'s (default: SmolLM2's GGUF); `output_dir` (required)
     gets the fine-tuned model and tokenizer; `held_out` numbers are never trained on; `save_steps`
-    checkpoints every N steps (0: none); `resume` resumes from the newest checkpoint."""
+    checkpoints every N steps (0: none); `resume` resumes from the newest checkpoint; `lora` trains
+    LoRA adapters of rank `lora_r` (alpha `lora_alpha`) on every linear layer but the head instead of
+    all the weights, at `lora_learning_rate`."""
     return ConfigDict(dict(
         model=config_dict.placeholder(str), gguf_file=config_dict.placeholder(str), dtype="auto",
         output_dir=config_dict.placeholder(str), steps=30, batch_size=8, learning_rate=1e-4, warmup_ratio=0.1,
         weight_decay=0.0, held_out=100, eval_batch_size=100, max_new_tokens=12, log_every=10, seed=0,
-        save_steps=0, resume=False))
+        save_steps=0, resume=False, lora=False, lora_r=16, lora_alpha=32, lora_learning_rate=1e-3))
 
 
 def check_config(config: ConfigDict) -> None:
@@ -187,13 +204,21 @@ def main(config: ConfigDict) -> None:
               f"{held_out[0][0]!r} -> {replies[0]!r}; wrong: {'; '.join(wrong[:3]) or 'none'}", flush=True)
 
     report("base model", model)
+    if config.lora:
+        model = get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"), seed=config.seed)
+        model.print_trainable_parameters()
     start = time.perf_counter()
     model = train(model, tokenizer, train_examples, config)
     print(f"trained {config.steps} steps of {config.batch_size} in {time.perf_counter() - start:.0f} s", flush=True)
     report("fine-tuned", model)
+    if config.lora:
+        model.save_pretrained(Path(config.output_dir) / "adapter")
+        model = model.merge_and_unload()
     model.save_pretrained(config.output_dir)
     tokenizer.save_pretrained(config.output_dir)
     print(f"saved to {Path(config.output_dir)}; total {time.perf_counter() - begin:.0f} s\n"
+          f"peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.1f} GiB\n"
           f"try: msfx generate --model {config.output_dir} --prompt {held_out[0][0]!r}")
 
 

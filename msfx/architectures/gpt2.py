@@ -23,7 +23,7 @@ from msfx.architectures.llama import CausalLMOutput
 from msfx.decode.cache import KVCache, write_cache
 from msfx.families import family
 from msfx.layers.attention import arange, attention_bias, scaled_dot_product_attention
-from msfx.layers.basic import activation, embedding, linear
+from msfx.layers.basic import LoraWeight, activation, embedding, linear
 from msfx.backend import lacks_bf16_kernels
 from msfx.inputs import check_model_inputs
 from msfx.jit import host_reads_allowed
@@ -39,12 +39,15 @@ BASE_MODEL_PREFIX = "transformer"
 _MATMUL = ops.MatMul()
 
 
-def conv1d(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """HF's `Conv1D` (`pytorch_utils.Conv1D`): `x @ weight + bias`.
+def conv1d(x: Tensor, weight: Tensor | LoraWeight, bias: Tensor) -> Tensor:
+    """HF's `Conv1D` (`pytorch_utils.Conv1D`): `x @ weight + bias` (a `LoraWeight` adds its adapter's
+    term, as peft's `lora.Linear` with `fan_in_fan_out`).
 
     Shapes: x `[n, in]`, weight `[in, out]` (as stored in GPT-2 checkpoints), bias `[out]` -> `[n, out]`.
     The weight is read in its stored layout: no transpose is materialized per call.
     """
+    if isinstance(weight, LoraWeight):
+        return conv1d(x, weight.base, bias) + weight.delta(x)
     if lacks_bf16_kernels(x):  # float32 product, one rounding to bfloat16, as torch's CPU addmm
         y = _MATMUL(x.astype(ms.float32), weight.astype(ms.float32)) + bias.astype(ms.float32)
         return y.astype(x.dtype)

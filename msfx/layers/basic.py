@@ -1,24 +1,55 @@
 """Linear, embedding and activation functions on HF's parameter layouts."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import mindspore as ms
 from mindspore import Tensor, ops
 
 from msfx.backend import lacks_bf16_kernels
+from msfx.layers.dropout import dropout
 
 _MATMUL_T = ops.MatMul(transpose_b=True)
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """`x @ weight.T + bias` with `weight` in HF/PyTorch layout `[out_features, in_features]`.
+class LoraWeight(NamedTuple):
+    """A frozen weight with a LoRA adapter (`msfx.peft`), in a parameter tree where the weight was:
+    `linear` computes peft's unmerged `x @ base.T + scaling * (dropout(x) @ lora_A.T) @ lora_B.T`.
+
+    Shapes: `base` as the weight it replaces (`[out, in]`; GPT-2's `Conv1D` `[in, out]`), `lora_A`
+    `[r, in]`, `lora_B` `[out, r]`. `dtype` is the base weight's, as peft's `layer.weight`.
+    """
+
+    base: Tensor
+    lora_A: Tensor
+    lora_B: Tensor
+    scaling: float
+    dropout: float
+
+    @property
+    def dtype(self):
+        return self.base.dtype
+
+    def delta(self, x: Tensor) -> Tensor:
+        """The adapter's term `scaling * (dropout(x) @ lora_A.T) @ lora_B.T`, `[..., out]`, in `x`'s
+        dtype (computed in the adapter's, as peft casts `x` to it)."""
+        h = dropout(x, self.dropout)
+        h = h if h.dtype == self.lora_A.dtype else h.astype(self.lora_A.dtype)
+        y = linear(linear(h, self.lora_A), self.lora_B) * self.scaling
+        return y if y.dtype == x.dtype else y.astype(x.dtype)
+
+
+def linear(x: Tensor, weight: Tensor | LoraWeight, bias: Tensor | None = None) -> Tensor:
+    """`x @ weight.T + bias` with `weight` in HF/PyTorch layout `[out_features, in_features]`
+    (a `LoraWeight` adds its adapter's term, as peft's `lora.Linear`).
 
     A 2-D `MatMul(transpose_b=True)` reads the weight transposed inside the kernel:
     `matmul(x, weight.T)` materializes the transpose on every call, and `ops.dense` took
     5 ms against 0.3 ms for a [1, 576] x [576, 1536] product on CPU (measured, MindSpore 2.10).
     Shapes: x `[..., in]` -> `[..., out]`.
     """
+    if isinstance(weight, LoraWeight):
+        return linear(x, weight.base, bias) + weight.delta(x)
     if lacks_bf16_kernels(x):
         y = _MATMUL_T(x.reshape(-1, x.shape[-1]).astype(ms.float32), weight.astype(ms.float32))
         y = y if bias is None else y + bias.astype(ms.float32)  # one rounding, as torch's addmm

@@ -158,6 +158,8 @@ class TrainStep:
         grad_reducer: data parallel over `msrun` workers (`msfx.train.distributed.data_parallel()`):
             the step's batch is this worker's share of the global window; with its `zero_stage=1` the
             optimizer state is this worker's slice (`grad_reducer.local(leaves)` at `optimizer.init`).
+        frozen_keys: the dotted keys of leaves the loss reads but that do not train (a LoRA model's base
+            weights, `msfx.peft`), given to each call as `frozen_leaves`: no gradient, no optimizer state.
 
     `traces` counts how often each graph was traced (`{"loss": ..., "update": ...}`; the Python bodies
     run only while tracing, or on every call with `jit=False`); `compiles` is the number of loss
@@ -171,7 +173,7 @@ class TrainStep:
                  count_items: Callable[[dict], float] | None = None, check_batch: Callable[[dict], None] | None = None,
                  max_grad_norm: float | None = 1.0, accumulate: int = 1, jit: bool = True,
                  mixed_precision: str | None = None, dropout_seed: int | None = None,
-                 grad_reducer: DataParallel | None = None):
+                 grad_reducer: DataParallel | None = None, frozen_keys: Sequence[str] = ()):
         if accumulate < 1:
             raise ValueError(f"accumulate must be >= 1, got {accumulate}")
         if mixed_precision not in MIXED_PRECISION:
@@ -181,7 +183,7 @@ class TrainStep:
         self.check_batch, self.max_grad_norm = check_batch, max_grad_norm
         self.accumulate, self.jit, self.mixed_precision = accumulate, jit, mixed_precision
         self.scaler = LossScaler() if mixed_precision == "fp16" else None
-        self.dropout_seed = dropout_seed
+        self.dropout_seed, self.frozen_keys = dropout_seed, list(frozen_keys)
         self.grad_reducer = grad_reducer
         self.decay = decay_mask(self.keys)
         self._cast = _compute_cast(mixed_precision)
@@ -200,19 +202,19 @@ class TrainStep:
     def _grad_fn(self, names: tuple[str, ...]) -> Graph:
         """`value_and_grad` of the loss graph for micro-batches with these tensor names."""
         if names not in self._grads:
-            n, k = len(self.keys), 3 if self.dropout_seed is not None else 2
+            n, k = len(self.keys) + len(self.frozen_keys), 3 if self.dropout_seed is not None else 2
 
             def leaf_loss(*args):
-                """`(*param_leaves, num_items, loss_scale[, dropout key], *batch tensors in `names` order)`
-                -> scaled loss."""
+                """`(*param_leaves, *frozen_leaves, num_items, loss_scale[, dropout key], *batch tensors in
+                `names` order)` -> scaled loss."""
                 leaves, (num_items, scale, *key), tensors = args[:n], args[n:n + k], args[n + k:]
                 with no_host_reads(), dropout_rng(key[0]) if key else contextlib.nullcontext():
-                    tree = unflatten([self._cast(leaf) for leaf in leaves], self.keys)
+                    tree = unflatten([self._cast(leaf) for leaf in leaves], self.keys + self.frozen_keys)
                     loss = self.loss_fn(tree, dict(zip(names, tensors)), num_items)
                 return loss.astype(ms.float32) * scale
 
             self._grads[names] = Graph(leaf_loss, f"train_loss{len(self._grads)}", self.jit,
-                                       wrap=lambda fn: ms.value_and_grad(fn, grad_position=tuple(range(n))))
+                                       wrap=lambda fn: ms.value_and_grad(fn, grad_position=tuple(range(len(self.keys)))))
         return self._grads[names]
 
     def _update_fn(self, parts: int) -> Graph:
@@ -274,7 +276,7 @@ class TrainStep:
 
     def __call__(self, param_leaves: Sequence[Tensor], opt_state_leaves: Sequence[Tensor],
                  batch: Batch | Sequence[Batch], lr: Tensor | float, step: Tensor | float,
-                 dropout_step: int | None = None) -> StepResult:
+                 dropout_step: int | None = None, frozen_leaves: Sequence[Tensor] = ()) -> StepResult:
         """One update.
 
         Args:
@@ -287,13 +289,15 @@ class TrainStep:
             step: 0-d number of this update, 1 for the first (torch's `state["step"]`).
             dropout_step: picks the dropout masks with `dropout_seed` (default `step`): micro-batch `i`
                 of a window of `k` draws from `dropout_step * k + i`.
+            frozen_leaves: the leaves of `frozen_keys`, in their order.
 
         Raises:
             KeyError, ValueError, TypeError: a bad batch (see `check_batch`), rows not a multiple of
                 `accumulate`, or a wrong number of leaves.
         """
-        if len(param_leaves) != len(self.keys):
-            raise ValueError(f"expected {len(self.keys)} parameter leaves, got {len(param_leaves)}")
+        if len(param_leaves) != len(self.keys) or len(frozen_leaves) != len(self.frozen_keys):
+            raise ValueError(f"expected {len(self.keys)} parameter and {len(self.frozen_keys)} frozen leaves, got "
+                             f"{len(param_leaves)} and {len(frozen_leaves)}")
         dp = self.grad_reducer
         # under data parallel a worker may hold no micro-batch of the last window: it adds zero gradients
         parts = [] if dp is not None and not isinstance(batch, Mapping) and not batch else self._micro_batches(batch)
@@ -320,7 +324,8 @@ class TrainStep:
         for i, part in enumerate(parts):  # any call may trace (see above): each runs on a fresh thread
             tensors = [batch_tensor(part[name]) for name in names]
             key = [] if self.dropout_seed is None else [step_key(self.dropout_seed, draw + i)]
-            part_loss, part_grads = self._grad_fn(names)(*param_leaves, num_items, _as_f32(scale), *key, *tensors)
+            part_loss, part_grads = self._grad_fn(names)(*param_leaves, *frozen_leaves, num_items, _as_f32(scale),
+                                                         *key, *tensors)
             if isinstance(part_grads, Tensor):  # value_and_grad returns a lone gradient bare
                 part_grads = (part_grads,)
             loss = part_loss if i == 0 else loss + part_loss

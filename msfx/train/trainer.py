@@ -57,6 +57,7 @@ from msfx.jit import no_host_reads
 from msfx.layers.losses import IGNORE_INDEX
 from msfx.modeling import PreTrainedModel
 from msfx.params import flatten, unflatten
+from msfx.peft import PeftModel
 from msfx.train import checkpoint as ckpt
 from msfx.train.distributed import ZERO_STAGES, data_parallel
 from msfx.train.optim import SGD, AdamW
@@ -214,7 +215,9 @@ class Trainer:
 
     Args:
         model: an msfx `PreTrainedModel` with a loss head (`...ForCausalLM`, `...ForSequenceClassification`,
-            `...ForMaskedLM`, `T5ForConditionalGeneration`, ...).
+            `...ForMaskedLM`, `T5ForConditionalGeneration`, ...), or an `msfx.peft.PeftModel` over one. Only
+            Parameters with `requires_grad` train (HF's rule): a LoRA model's adapters get gradients and
+            optimizer state, its frozen base weights neither, and its checkpoints hold the adapter alone.
         args: `msfx.TrainingArguments` (default: `output_dir="trainer_output"`).
         data_collator: turns a list of dataset rows into a batch of numpy arrays; default
             `DataCollatorWithPadding(processing_class, return_tensors="np")` with a tokenizer, else
@@ -237,8 +240,9 @@ class Trainer:
                  compute_metrics: Callable[[EvalPrediction], dict] | None = None,
                  callbacks: Sequence[TrainerCallback | type] | None = None,
                  preprocess_logits_for_metrics: Callable | None = None):
-        if not isinstance(model, PreTrainedModel):
-            raise TypeError(f"msfx.Trainer trains msfx models (msfx.PreTrainedModel), got {type(model).__name__}; "
+        if not isinstance(model, (PreTrainedModel, PeftModel)):
+            raise TypeError(f"msfx.Trainer trains msfx models (msfx.PreTrainedModel, msfx.peft.PeftModel), got "
+                            f"{type(model).__name__}; "
                             "load the checkpoint with the msfx class of the same name")
         self.model, self.args = model, args if args is not None else TrainingArguments(output_dir="trainer_output")
         self.processing_class, self.compute_metrics = processing_class, compute_metrics
@@ -253,7 +257,8 @@ class Trainer:
             raise ValueError(f"eval_strategy={self.args.eval_strategy.value!r} needs an eval_dataset")
         self.optimizer = self._optimizer()
         self._dp = data_parallel(self.args.zero_stage)  # None in a single process
-        self._inputs = {name for name in inspect.signature(model.construct).parameters if name != "kwargs"}
+        forward = model.get_base_model().construct if isinstance(model, PeftModel) else model.construct
+        self._inputs = {name for name in inspect.signature(forward).parameters if name != "kwargs"}
         self._causal = bool(getattr(model, "accepts_loss_kwargs", False))
         self._labels = label_names(model)
         self.state = TrainerState()
@@ -263,8 +268,14 @@ class Trainer:
         self.callback_handler = CallbackHandler(defaults, model, processing_class, self.optimizer, None)
         for callback in callbacks or ():
             self.callback_handler.add_callback(callback)
-        self._leaves = [Tensor(p.asnumpy().astype(np.float32)) for p in model.weights]
-        self._keys = flatten(dict(model.params))[1]
+        params, keys = flatten(dict(model.params))
+        self._trained = [p for p in params if p.requires_grad]  # the rest is passed to the steps, untrained
+        if not self._trained:
+            raise ValueError("the model has no Parameter with requires_grad=True: nothing to train")
+        self._leaves = [Tensor(p.asnumpy().astype(np.float32)) for p in self._trained]
+        self._keys = [k for p, k in zip(params, keys) if p.requires_grad]
+        self._frozen = [Tensor(p.asnumpy().astype(np.float32)) for p in params if not p.requires_grad]
+        self._frozen_keys = [k for p, k in zip(params, keys) if not p.requires_grad]
         self._opt_state: list[Tensor] | None = None
         self._optimizer_steps = 0
         self._step: TrainStep | None = None
@@ -466,7 +477,7 @@ class Trainer:
         self._step = TrainStep(self._loss_fn, self._keys, self.optimizer, count_items=self._count_items,
                                max_grad_norm=args.max_grad_norm, jit=args.jit,
                                mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else None,
-                               dropout_seed=args.seed, grad_reducer=self._dp)
+                               dropout_seed=args.seed, grad_reducer=self._dp, frozen_keys=self._frozen_keys)
         if self._dp is not None:
             self._dp.bind([tuple(leaf.shape) for leaf in self._leaves])
         self._opt_state = self.optimizer.init(self._local(self._leaves))
@@ -496,7 +507,7 @@ class Trainer:
                 self.control = self.callback_handler.on_pre_optimizer_step(args, self.state, self.control)
                 # the dropout masks follow the seed and the step count, both restored on resume
                 result = self._step(self._leaves, self._opt_state, micro, lr, self._optimizer_steps + 1,
-                                    dropout_step=self.state.global_step + 1)
+                                    dropout_step=self.state.global_step + 1, frozen_leaves=self._frozen)
                 self.control = self.callback_handler.on_optimizer_step(args, self.state, self.control)
                 if result.applied:
                     self._leaves, self._opt_state = result.params, result.opt_state
@@ -573,7 +584,7 @@ class Trainer:
 
     def _sync_model(self) -> None:
         """Write the trained leaves into the model's Parameters (in the model's dtype)."""
-        for param, leaf in zip(self.model.weights, self._leaves):
+        for param, leaf in zip(self._trained, self._leaves):
             param.set_data(leaf if leaf.dtype == param.dtype else leaf.astype(param.dtype))
         self.model._steps = {}  # generation steps compiled before training are rebuilt on the new weights
 
@@ -617,9 +628,14 @@ class Trainer:
                                     Path(state.best_model_checkpoint) if state.best_model_checkpoint else None)
 
     def _checkpoint_leaves(self, path: Path) -> list[Tensor]:
-        """The float32 parameter leaves stored in checkpoint `path` (HF layout, any msfx-saved head)."""
+        """The float32 trained leaves stored in checkpoint `path` (HF layout, any msfx-saved head; a
+        LoRA model's adapter in peft's format)."""
+        if isinstance(self.model, PeftModel):
+            stored = self.model.read_adapter(ckpt.verify_checkpoint(path))
+            return [Tensor(stored[key].astype(np.float32)) for key in self._keys]
         loaded = type(self.model).from_pretrained(ckpt.verify_checkpoint(path), dtype="float32")
-        return [Tensor(p.asnumpy()) for p in flatten(dict(loaded.params))[0]]
+        stored = dict(zip(*flatten(dict(loaded.params))[::-1]))
+        return [Tensor(stored[key].asnumpy()) for key in self._keys]
 
     def _load_checkpoint(self, path: Path) -> None:
         """Restore the parameters, optimizer and scheduler state, loss scaler, RNG states and
@@ -675,10 +691,11 @@ class Trainer:
     # ------------------------------------------------------------------------------- evaluation
 
     def _eval_fn(self, names: tuple[str, ...]) -> Graph:
-        """`(*leaves, *batch tensors) -> (loss or 0, logits)` (a QA model: start and end logits),
-        compiled per input names."""
+        """`(*trained leaves, *frozen leaves, *batch tensors) -> (loss or 0, logits)` (a QA model: start
+        and end logits), compiled per input names."""
         if names not in self._eval_fns:
-            n, keys, model = len(self._keys), self._keys, self.model
+            keys, model = self._keys + self._frozen_keys, self.model
+            n = len(keys)
             has_labels = all(name in names for name in self._labels)
             outputs = ("start_logits", "end_logits") if self._labels == _SPAN_LABELS else ("logits",)
 
@@ -700,7 +717,7 @@ class Trainer:
             batch = self._batch(dataset, range(begin, min(begin + size, len(dataset))), training=False)
             names = tuple(sorted(batch))
             tensors = [batch_tensor(batch[k]) for k in names]
-            loss, *logits = self._eval_fn(names)(*self._leaves, *tensors)
+            loss, *logits = self._eval_fn(names)(*self._leaves, *self._frozen, *tensors)
             rows = next(iter(batch.values())).shape[0]
             logits = tuple(t.asnumpy() for t in logits)
             found = tuple(batch[name] for name in self._labels if name in batch)
