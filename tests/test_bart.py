@@ -133,13 +133,34 @@ def test_sequence_classification(hf_bart, tmp_path):
         model(input_ids=np.full((1, 4), 5))
 
 
+def _model(kind: str, path):
+    return BartForConditionalGeneration.from_pretrained(path) if kind == "bart" else \
+        msfx.MBartForConditionalGeneration.from_pretrained(path)
+
+
+def _generate_args(kind: str) -> dict:
+    """8 new tokens for the padded batch; mBART with a language code forced first (`forced_bos_token_id`)."""
+    return dict(attention_mask=MASK, max_new_tokens=8, **({"forced_bos_token_id": 50} if kind == "mbart" else {}))
+
+
+BEAMS = dict(num_beams=3, num_return_sequences=2, return_dict_in_generate=True, output_scores=True)
+
+
+def _check_beams(kind: str, hf, model, jit) -> None:
+    args = _generate_args(kind)
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor(IDS), **{**args, **BEAMS, "attention_mask": torch.tensor(MASK)})
+    out = model.generate(IDS, jit=jit, **args, **BEAMS)
+    np.testing.assert_array_equal(out.sequences, ref.sequences.numpy(), err_msg=f"beams jit={jit}")
+    assert_close(out.sequences_scores, ref.sequences_scores, TOL, f"{kind} beam sequences_scores", DIFFS)
+
+
 def test_generate_greedy_and_beams_eager_and_compiled(hf_bart):
     """Greedy and beam search against HF, eagerly and with the compiled decoder step (one graph per step
-    shape, shared by `jit` True and "decode"); mBART with a forced language code as `forced_bos_token_id`."""
+    shape, shared by `jit` True and "decode"); mBART with a forced language code. (Compiled mBART beams:
+    `test_compiled_mbart_beams`, slow.)"""
     kind, hf, path = hf_bart
-    model = BartForConditionalGeneration.from_pretrained(path) if kind == "bart" else \
-        msfx.MBartForConditionalGeneration.from_pretrained(path)
-    args = dict(attention_mask=MASK, max_new_tokens=8, **({"forced_bos_token_id": 50} if kind == "mbart" else {}))
+    model, args = _model(kind, path), _generate_args(kind)
     with torch.no_grad():
         ref = hf.generate(torch.tensor(IDS), **{**args, "attention_mask": torch.tensor(MASK)}).numpy()
     assert len(np.unique(ref[:, 2:])) > 3  # not one repeated token
@@ -149,14 +170,15 @@ def test_generate_greedy_and_beams_eager_and_compiled(hf_bart):
     for jit in (True, "decode"):
         np.testing.assert_array_equal(model.generate(IDS, jit=jit, **args), ref, err_msg=f"jit={jit}")
     assert model.decoder_step.compiles == 1
+    for jit in (False, True) if kind == "bart" else (False,):
+        _check_beams(kind, hf, model, jit)
 
-    beams = dict(num_beams=3, num_return_sequences=2, return_dict_in_generate=True, output_scores=True)
-    with torch.no_grad():
-        ref = hf.generate(torch.tensor(IDS), **{**args, **beams, "attention_mask": torch.tensor(MASK)})
-    for jit in (False, True):
-        out = model.generate(IDS, jit=jit, **args, **beams)
-        np.testing.assert_array_equal(out.sequences, ref.sequences.numpy(), err_msg=f"beams jit={jit}")
-        assert_close(out.sequences_scores, ref.sequences_scores, TOL, f"{kind} beam sequences_scores", DIFFS)
+
+@pytest.mark.slow
+def test_compiled_mbart_beams(tmp_path):
+    path = tmp_path / "mbart"
+    hf, _ = save_tiny(transformers.MBartForConditionalGeneration, _config("mbart"), path, biases=True)
+    _check_beams("mbart", hf, _model("mbart", path), True)
 
 
 def test_save_pretrained_loads_in_hf_without_missing_keys(hf_bart, ours, tmp_path):
@@ -204,3 +226,37 @@ def test_each_switch_changes_the_numbers(hf_bart, ours, monkeypatch):
         config = type(config)(**{**config.to_dict(), "scale_embedding": True})
     logits = bart_arch.forward(ours.params, ms_ids(IDS), ms_ids(MASK), ms_ids(LABELS.clip(3)), config=config).logits
     assert float(np.abs(logits.asnumpy() - ref.numpy()).max()) > 1e-2
+
+
+def bart_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer over the tiny vocabulary with BART's special ids (<s> 0, <pad> 1, </s> 2,
+    <unk> 3), wrapping each text in <s> ... </s> as BART's does."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = ["<s>", "<pad>", "</s>", "<unk>"] + [f"w{i}" for i in range(TINY["vocab_size"] - 4)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0),
+                                                                                                ("</s>", 2)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                                unk_token="<unk>", pad_token="<pad>")
+
+
+def test_summarization_and_text2text_pipelines_match_hf_generate(hf_bart):
+    """transformers 5 has no summarization pipeline: the oracle is HF torch `generate` on the tokenized text
+    with the pipeline's defaults (4 beams where the call sets none), special tokens dropped."""
+    kind, hf, path = hf_bart
+    if kind == "mbart":
+        pytest.skip("the pipelines are generic: one family suffices (each run compiles its decoder step)")
+    tokenizer = bart_tokenizer()
+    tokenizer.save_pretrained(path)
+    texts = ["w5 w9 w13 w40 w7", "w7 w70 w3"]
+    for task, key, kwargs in (("summarization", "summary_text", dict(max_new_tokens=5)),
+                              ("text2text-generation", "generated_text", dict(max_new_tokens=4, num_beams=1))):
+        expected = []
+        for text in texts:
+            with torch.no_grad():
+                ids = hf.generate(**tokenizer(text, return_tensors="pt"), **{"num_beams": 4, **kwargs})
+            expected.append({key: tokenizer.decode(ids[0], skip_special_tokens=True)})
+        assert all(len(record[key].split()) >= 2 for record in expected)  # words, not only specials
+        assert msfx.pipeline(task, model=str(path))(texts, **kwargs) == expected, task
