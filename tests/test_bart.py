@@ -13,6 +13,8 @@ Run with `-s` to see the table of measured max abs diffs printed at the end of t
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -24,7 +26,7 @@ import msfx
 from msfx.architectures import bart as bart_arch
 from msfx.models.bart import BartForConditionalGeneration, BartForSequenceClassification, BartModel
 
-from oracle import Diffs, assert_close, ms_ids, save_tiny
+from oracle import Diffs, assert_close, ms_ids, save_tiny, to_np
 
 TOL = 1e-4
 TINY = dict(vocab_size=99, d_model=32, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4,
@@ -195,6 +197,22 @@ def test_save_pretrained_loads_in_hf_without_missing_keys(hf_bart, ours, tmp_pat
     base.save_pretrained(tmp_path / "base")
     _, info = _hf_class(kind, "Model").from_pretrained(tmp_path / "base", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+
+def test_bfloat16_error_within_hf_bfloat16_error(hf_bart):
+    """bfloat16 logits against HF's float32 ones: msfx's error at most 1.5x (max) and 1.2x (mean) HF
+    bfloat16's, the criterion of `test_bf16_encoders.py`; generation runs (eagerly: no CPU bf16 graphs)."""
+    kind, hf, path = hf_bart
+    inputs = dict(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK), labels=torch.tensor(LABELS))
+    with torch.no_grad():
+        ref = hf(**inputs).logits.numpy()
+        theirs = np.abs(copy.deepcopy(hf).to(torch.bfloat16)(**inputs).logits.float().numpy() - ref)
+    model = msfx.AutoModelForSeq2SeqLM.from_pretrained(path, dtype="bfloat16")
+    ours = np.abs(to_np(model(input_ids=IDS, attention_mask=MASK, labels=LABELS).logits) - ref)
+    assert ours.max() <= 1.5 * theirs.max() and ours.mean() <= 1.2 * theirs.mean(), \
+        (ours.max(), theirs.max(), ours.mean(), theirs.mean())
+    DIFFS[f"{kind} bf16 logits vs fp32 (HF bf16: {theirs.max():.3g})"] = float(ours.max())
+    assert model.generate(IDS, attention_mask=MASK, max_new_tokens=3).shape == (3, 4)
 
 
 def test_bad_inputs_raise(ours):
