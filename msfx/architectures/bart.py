@@ -17,7 +17,7 @@ sub-layer (`x + f(norm(x))`) and once more at each stack's end (`layer_norm`). Q
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import mindspore as ms
 import numpy as np
@@ -139,11 +139,14 @@ def _norm(x: Tensor, p: dict) -> Tensor:
     return norm(x, p, _LN_EPS)
 
 
-def _sublayer(x: Tensor, norm: dict, f: Callable[[Tensor], Tensor], config) -> Tensor:
-    """One residual sub-layer: `x + f(norm(x))` (mBART) or `norm(x + f(x))` (BART)."""
-    if spec(config).pre_norm:
-        return x + f(_norm(x, norm))
-    return _norm(x + f(x), norm)
+def _sublayer_input(x: Tensor, norm: dict, config) -> Tensor:
+    """A residual sub-layer's input: `norm(x)` (mBART, pre-norm) or `x` (BART)."""
+    return _norm(x, norm) if spec(config).pre_norm else x
+
+
+def _residual(x: Tensor, h: Tensor, norm: dict, config) -> Tensor:
+    """A residual sub-layer's output `h` added to `x`: `x + h` (mBART) or `norm(x + h)` (BART, post-norm)."""
+    return x + h if spec(config).pre_norm else _norm(x + h, norm)
 
 
 def _heads(x: Tensor, batch: int, heads: int) -> Tensor:
@@ -176,12 +179,13 @@ def attention(x: Tensor, p: dict, bias: Tensor, batch: int, heads: int, config,
     return dropout(out, config.dropout), (k, v)
 
 
-def _mlp(layer: dict, config) -> Callable[[Tensor], Tensor]:
-    def mlp(x: Tensor) -> Tensor:
-        h = activation(config.activation_function)(linear(x, layer["fc1"]["weight"], layer["fc1"]["bias"]))
-        h = dropout(h, config.activation_dropout)
-        return dropout(linear(h, layer["fc2"]["weight"], layer["fc2"]["bias"]), config.dropout)
-    return mlp
+def _mlp(x: Tensor, layer: dict, config) -> Tensor:
+    """`fc2(act(fc1(x)))` with HF's `activation_dropout` and output dropout, as a residual sub-layer."""
+    norm = layer["final_layer_norm"]
+    h = activation(config.activation_function)(linear(_sublayer_input(x, norm, config), layer["fc1"]["weight"],
+                                                      layer["fc1"]["bias"]))
+    h = dropout(h, config.activation_dropout)
+    return _residual(x, dropout(linear(h, layer["fc2"]["weight"], layer["fc2"]["bias"]), config.dropout), norm, config)
 
 
 def token_embeddings(params: dict, stack: str, ids: Tensor, config) -> Tensor:
@@ -225,9 +229,9 @@ def encoder_forward(params: dict, input_ids: Tensor | None = None, attention_mas
     bias, heads = padding_bias(attention_mask), config.encoder_attention_heads
     enc = params["model"]["encoder"]
     for layer in enc["layers"]:
-        x = _sublayer(x, layer["self_attn_layer_norm"],
-                      lambda h, layer=layer: attention(h, layer["self_attn"], bias, b, heads, config)[0], config)
-        x = _sublayer(x, layer["final_layer_norm"], _mlp(layer, config), config)
+        norm = layer["self_attn_layer_norm"]
+        h, _ = attention(_sublayer_input(x, norm, config), layer["self_attn"], bias, b, heads, config)
+        x = _mlp(_residual(x, h, norm, config), layer, config)
     if spec(config).pre_norm:
         x = _norm(x, enc["layer_norm"])
     return BartStackOutput(x.reshape(b, s, -1))
@@ -275,19 +279,16 @@ def _decoder_layers(params: dict, x: Tensor, batch: int, self_bias: Tensor, cros
     new_keys, new_values = [], []
     for i, layer in enumerate(dec["layers"]):
         layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-
-        def self_attention(h, layer=layer, layer_cache=layer_cache):
-            out, (k, v) = attention(h, layer["self_attn"], self_bias, batch, heads, config, layer_cache=layer_cache,
-                                    cache_position=cache_position)
-            new_keys.append(k)
-            new_values.append(v)
-            return out
-
-        x = _sublayer(x, layer["self_attn_layer_norm"], self_attention, config)
-        x = _sublayer(x, layer["encoder_attn_layer_norm"], lambda h, layer=layer, i=i: attention(
-            h, layer["encoder_attn"], cross_bias, batch, heads, config, kv=(cross_cache.keys[i], cross_cache.values[i]))[0],
-            config)
-        x = _sublayer(x, layer["final_layer_norm"], _mlp(layer, config), config)
+        norm = layer["self_attn_layer_norm"]
+        h, (k, v) = attention(_sublayer_input(x, norm, config), layer["self_attn"], self_bias, batch, heads, config,
+                              layer_cache=layer_cache, cache_position=cache_position)
+        new_keys.append(k)
+        new_values.append(v)
+        x = _residual(x, h, norm, config)
+        norm = layer["encoder_attn_layer_norm"]
+        h, _ = attention(_sublayer_input(x, norm, config), layer["encoder_attn"], cross_bias, batch, heads, config,
+                         kv=(cross_cache.keys[i], cross_cache.values[i]))
+        x = _mlp(_residual(x, h, norm, config), layer, config)
     if spec(config).pre_norm:
         x = _norm(x, dec["layer_norm"])
     return x, None if cache is None else KVCache(tuple(new_keys), tuple(new_values))
