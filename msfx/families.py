@@ -167,7 +167,8 @@ def smollm3_spec(config) -> DecoderSpec:
 _ALL = (
     Family("bart", transformers.BartConfig, (("AutoModel", "BartModel"),
                                              ("AutoModelForSeq2SeqLM", "BartForConditionalGeneration"),
-                                             ("AutoModelForSequenceClassification", "BartForSequenceClassification")),
+                                             ("AutoModelForSequenceClassification", "BartForSequenceClassification"),
+                                             ("AutoModelForQuestionAnswering", "BartForQuestionAnswering")),
            core="msfx.architectures.bart", classes="msfx.models.bart",
            # older checkpoints also store both stacks' embeddings tied to `model.shared.weight`
            optional_keys=("model.encoder.embed_tokens.", "model.decoder.embed_tokens."),
@@ -207,7 +208,8 @@ _ALL = (
            tied_keys=(("language_model.lm_head.weight", "language_model.model.embed_tokens.weight"),)),
     Family("mbart", transformers.MBartConfig, (("AutoModel", "MBartModel"),
                                                ("AutoModelForSeq2SeqLM", "MBartForConditionalGeneration"),
-                                               ("AutoModelForSequenceClassification", "MBartForSequenceClassification")),
+                                               ("AutoModelForSequenceClassification", "MBartForSequenceClassification"),
+                                               ("AutoModelForQuestionAnswering", "MBartForQuestionAnswering")),
            core="msfx.architectures.bart", classes="msfx.models.bart",
            optional_keys=("model.encoder.embed_tokens.", "model.decoder.embed_tokens."),
            tied_keys=(("lm_head.weight", "model.shared.weight"),)),

@@ -157,6 +157,21 @@ def _check_beams(kind: str, hf, model, jit) -> None:
     assert_close(out.sequences_scores, ref.sequences_scores, TOL, f"{kind} beam sequences_scores", DIFFS)
 
 
+def test_question_answering(hf_bart, tmp_path):
+    kind, _, _ = hf_bart
+    hf, path = save_tiny(_hf_class(kind, "ForQuestionAnswering"), _config(kind), tmp_path, seed=4, biases=True)
+    model = msfx.AutoModelForQuestionAnswering.from_pretrained(path)
+    assert type(model).__name__ == KINDS[kind][1] + "ForQuestionAnswering"
+    starts, ends = np.array([1, 3, 40]), np.array([[4], [3], [2]])  # 40 is clamped to the ignored index
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK), start_positions=torch.tensor(starts),
+                 end_positions=torch.tensor(ends))
+    out = model(input_ids=IDS, attention_mask=MASK, start_positions=starts, end_positions=ends)
+    assert_close(out.start_logits, ref.start_logits, TOL, f"{kind} question answering start logits", DIFFS)
+    assert_close(out.end_logits, ref.end_logits, TOL, f"{kind} question answering end logits", DIFFS)
+    assert_close(out.loss, ref.loss, TOL, f"{kind} question answering loss", DIFFS)
+
+
 def test_generate_greedy_and_beams_eager_and_compiled(hf_bart):
     """Greedy and beam search against HF, eagerly and with the compiled decoder step (one graph per step
     shape, shared by `jit` True and "decode"); mBART with a forced language code. (Compiled mBART beams:

@@ -150,9 +150,11 @@ CLASSES |= {cls: (transformers.T5Config(**T5), dict(input_ids=_IDS, decoder_inpu
 _BART_IDS = np.concatenate([_IDS[:, :-1] % BART["vocab_size"], [[BART["eos_token_id"]]]], 1)  # the classifier reads eos
 CLASSES |= {cls: (config_class(**BART), dict(input_ids=_BART_IDS))
             for config_class, classes in ((transformers.BartConfig, (bart.BartModel, bart.BartForConditionalGeneration,
-                                                                      bart.BartForSequenceClassification)),
+                                                                      bart.BartForSequenceClassification,
+                                                                      bart.BartForQuestionAnswering)),
                                           (transformers.MBartConfig, (bart.MBartModel, bart.MBartForConditionalGeneration,
-                                                                       bart.MBartForSequenceClassification)))
+                                                                       bart.MBartForSequenceClassification,
+                                                                       bart.MBartForQuestionAnswering)))
             for cls in classes}
 CLASSES |= {cls: (_CLIP_TEXT, dict(input_ids=_IDS)) for cls in (clip.CLIPTextModel, clip.CLIPTextModelWithProjection)}
 CLASSES |= {cls: (_CLIP_VISION, dict(pixel_values=_PIXELS))

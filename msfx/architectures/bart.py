@@ -4,8 +4,9 @@ Follows `transformers.models.bart.modeling_bart` and `...mbart.modeling_mbart` (
 one switch (`BartSpec.pre_norm`). Parameters are keyed like `BartForConditionalGeneration`'s checkpoint:
 `model.shared.weight` (the token embeddings of both stacks and the head, under `tie_word_embeddings`;
 untied, each stack reads its own `model.{encoder,decoder}.embed_tokens` and the head `lm_head.weight`),
-`model.{encoder,decoder}.*`, `final_logits_bias` `[1, vocab]` added to the logits, and the
-`classification_head.*` of `BartForSequenceClassification`.
+`model.{encoder,decoder}.*`, `final_logits_bias` `[1, vocab]` added to the logits, the
+`classification_head.*` of `BartForSequenceClassification` and the `qa_outputs` of
+`BartForQuestionAnswering`.
 
 Each stack: token embeddings (times `sqrt(d_model)` with `scale_embedding`) plus learned positions read
 at `position + 2` (HF's `BartLearnedPositionalEmbedding` offset), `layernorm_embedding`, then layers of
@@ -80,7 +81,8 @@ class Seq2SeqLogits(NamedTuple):
 
 def param_shapes(config, *, head: str | None = "lm") -> dict[str, tuple[int, ...]]:
     """Checkpoint keys with their shapes: the base model (`model.*`) and `head`: "lm" (`final_logits_bias`,
-    plus `lm_head.weight` when untied), "classification" (`classification_head.*`) or None."""
+    plus `lm_head.weight` when untied), "classification" (`classification_head.*`), "question_answering"
+    (`qa_outputs`, start and end logits) or None."""
     d, vocab = config.d_model, config.vocab_size
     shapes = {"model.shared.weight": (vocab, d)}
 
@@ -114,6 +116,8 @@ def param_shapes(config, *, head: str | None = "lm") -> dict[str, tuple[int, ...
     elif head == "classification":
         linear_shapes("classification_head.dense", d, d)
         linear_shapes("classification_head.out_proj", config.num_labels, d)
+    elif head == "question_answering":
+        linear_shapes("qa_outputs", 2, d)
     return shapes
 
 
@@ -409,6 +413,13 @@ def classification_logits(params: dict, hidden: Tensor, input_ids: np.ndarray, c
     h = dropout(x, config.classifier_dropout)
     h = dropout(ops.tanh(linear(h, p["dense"]["weight"], p["dense"]["bias"])), config.classifier_dropout)
     return linear(h, p["out_proj"]["weight"], p["out_proj"]["bias"])
+
+
+def span_logits(params: dict, hidden: Tensor) -> tuple[Tensor, Tensor]:
+    """`BartForQuestionAnswering`'s head: `qa_outputs` over the decoder's hidden state `[batch, seq, d_model]`
+    -> start and end logits, `[batch, seq]` each."""
+    logits = linear(hidden, params["qa_outputs"]["weight"], params["qa_outputs"]["bias"])
+    return logits[..., 0], logits[..., 1]
 
 
 def decode_step(params: dict, tokens: Tensor, position: Tensor, cross_bias: Tensor, cross_cache: KVCache,

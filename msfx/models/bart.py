@@ -1,5 +1,5 @@
 """HF-named BART and mBART classes: `BartModel`, `BartForConditionalGeneration`,
-`BartForSequenceClassification` and their `MBart...` twins (the same code; `msfx.architectures.bart.SPECS`
+`BartForSequenceClassification`, `BartForQuestionAnswering` and their `MBart...` twins (the same code; `msfx.architectures.bart.SPECS`
 holds the difference).
 
 Each forwards to `msfx.architectures.bart`; see `transformers.models.bart.modeling_bart` and
@@ -40,6 +40,10 @@ class Seq2SeqSequenceClassifierOutput(ModelOutput):
     encoder_attentions: tuple | None = None
 
 
+def _host(x) -> np.ndarray:
+    return x.asnumpy() if isinstance(x, Tensor) else np.asarray(x)
+
+
 class _BartBase(PreTrainedModel):
     arch = bart
     model_type = "bart"
@@ -73,6 +77,23 @@ class _BartBase(PreTrainedModel):
                                   token_ids(decoder_input_ids, vocab), as_tensor(decoder_attention_mask),
                                   encoder_hidden_states=encoded, config=self.config, inputs_embeds=inputs_embeds,
                                   decoder_inputs_embeds=decoder_inputs_embeds, check_ids=False)
+
+
+@dataclass
+class Seq2SeqQuestionAnsweringModelOutput(ModelOutput):
+    """HF's `Seq2SeqQuestionAnsweringModelOutput`: `loss` (with start and end positions), `start_logits` /
+    `end_logits` `[batch, seq]`, `encoder_last_hidden_state` `[batch, source_seq, d_model]`."""
+
+    loss: Tensor | None = None
+    start_logits: Tensor | None = None
+    end_logits: Tensor | None = None
+    cache: Any = None
+    decoder_hidden_states: tuple | None = None
+    decoder_attentions: tuple | None = None
+    cross_attentions: tuple | None = None
+    encoder_last_hidden_state: Tensor | None = None
+    encoder_hidden_states: tuple | None = None
+    encoder_attentions: tuple | None = None
 
 
 class BartModel(_BartBase):
@@ -121,7 +142,7 @@ class BartForConditionalGeneration(GenerationMixin, _BartBase):
                   encoder_outputs=None, inputs_embeds=None, decoder_inputs_embeds=None, labels=None,
                   return_dict=True):
         if labels is not None:
-            labels = labels.asnumpy() if isinstance(labels, Tensor) else np.asarray(labels)
+            labels = _host(labels)
             target = decoder_input_ids if decoder_input_ids is not None else decoder_inputs_embeds
             target_shape = None if target is None else tuple(np.shape(target))[:2]
             if labels.ndim != 2 or (target_shape is not None and labels.shape != target_shape):
@@ -178,6 +199,35 @@ class BartForSequenceClassification(_BartBase):
         return out if return_dict else out.to_tuple()
 
 
+class BartForQuestionAnswering(_BartBase):
+    """BART with HF's span head (`qa_outputs`) on the decoder's hidden states: `start_logits` / `end_logits`
+    `[batch, seq]`; `start_positions` and `end_positions` (int `[batch]`) give HF's loss, the mean of the two
+    cross-entropies with positions clamped to `[0, seq]` and `seq` ignored.
+
+    Raises:
+        ValueError: as `BartModel`.
+    """
+
+    _head = "question_answering"
+
+    def construct(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+                  encoder_outputs=None, start_positions=None, end_positions=None, inputs_embeds=None,
+                  decoder_inputs_embeds=None, return_dict=True):
+        out = self._run(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs,
+                        inputs_embeds, decoder_inputs_embeds)
+        start, end = bart.span_logits(self.params, out.last_hidden_state)
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            ignored = start.shape[1]
+            positions = [Tensor(np.clip(_host(p).reshape(-1), 0, ignored).astype(np.int32))
+                         for p in (start_positions, end_positions)]
+            loss = (masked_cross_entropy(start, positions[0], ignored)
+                    + masked_cross_entropy(end, positions[1], ignored)) / 2
+        out = Seq2SeqQuestionAnsweringModelOutput(loss=loss, start_logits=start, end_logits=end,
+                                                  encoder_last_hidden_state=out.encoder_last_hidden_state)
+        return out if return_dict else out.to_tuple()
+
+
 class MBartModel(BartModel):
     """mBART's `BartModel` (pre-norm layers, final layer norms); as `BartModel`."""
 
@@ -193,5 +243,11 @@ class MBartForConditionalGeneration(BartForConditionalGeneration):
 
 class MBartForSequenceClassification(BartForSequenceClassification):
     """mBART's `BartForSequenceClassification`; as that class."""
+
+    model_type = "mbart"
+
+
+class MBartForQuestionAnswering(BartForQuestionAnswering):
+    """mBART's `BartForQuestionAnswering`; as that class."""
 
     model_type = "mbart"
