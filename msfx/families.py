@@ -243,6 +243,14 @@ def starcoder2_spec(config) -> DecoderSpec:
 
 
 _ALL = (
+    Family("bart", transformers.BartConfig, (("AutoModel", "BartModel"),
+                                             ("AutoModelForSeq2SeqLM", "BartForConditionalGeneration"),
+                                             ("AutoModelForSequenceClassification", "BartForSequenceClassification"),
+                                             ("AutoModelForQuestionAnswering", "BartForQuestionAnswering")),
+           core="msfx.architectures.bart", classes="msfx.models.bart",
+           # older checkpoints also store both stacks' embeddings tied to `model.shared.weight`
+           optional_keys=("model.encoder.embed_tokens.", "model.decoder.embed_tokens."),
+           tied_keys=(("lm_head.weight", "model.shared.weight"),)),
     Family("bert", transformers.BertConfig, (("AutoModel", "BertModel"), ("AutoModelForMaskedLM", "BertForMaskedLM"),
                                              ("AutoModelForSequenceClassification", "BertForSequenceClassification"),
                                              ("AutoModelForTokenClassification", "BertForTokenClassification"),
@@ -284,6 +292,13 @@ _ALL = (
            core="msfx.architectures.llava", classes="msfx.models.llava",
            base_prefix="", base_keys=("vision_tower.", "multi_modal_projector.", "language_model.model."),
            tied_keys=(("language_model.lm_head.weight", "language_model.model.embed_tokens.weight"),)),
+    Family("mbart", transformers.MBartConfig, (("AutoModel", "MBartModel"),
+                                               ("AutoModelForSeq2SeqLM", "MBartForConditionalGeneration"),
+                                               ("AutoModelForSequenceClassification", "MBartForSequenceClassification"),
+                                               ("AutoModelForQuestionAnswering", "MBartForQuestionAnswering")),
+           core="msfx.architectures.bart", classes="msfx.models.bart",
+           optional_keys=("model.encoder.embed_tokens.", "model.decoder.embed_tokens."),
+           tied_keys=(("lm_head.weight", "model.shared.weight"),)),
     _llama_like("mistral", transformers.MistralConfig, mistral_spec, "Mistral"),
     _llama_like("mixtral", transformers.MixtralConfig, mixtral_spec, "Mixtral", moe_outputs=True),
     Family("modernbert", transformers.ModernBertConfig, _encoder_auto("ModernBert", text_encoding=False),

@@ -17,11 +17,12 @@ import transformers
 from mindspore import Tensor
 
 import msfx
-from msfx.models import bert, clip, dinov2, gpt2, llava, siglip, t5, vit
+from msfx.models import bart, bert, clip, dinov2, gpt2, llava, siglip, t5, vit
 from msfx.families import FAMILIES as MSFX_FAMILIES
 
 from conftest import left_padded, make_hf_llama, random_ids
 from test_encoders import hf_config as encoder_config
+from test_bart import TINY as BART
 from test_clip import TEXT, VISION
 from test_gpt2 import TINY_GPT2, make_hf_gpt2
 from test_llama_family import BASE, FAMILIES, make_hf
@@ -147,6 +148,15 @@ CLASSES |= {MSFX_FAMILIES[family].class_named(name): (encoder_config(family), di
 CLASSES |= {t5.T5EncoderModel: (transformers.T5Config(**T5), dict(input_ids=_IDS))}
 CLASSES |= {cls: (transformers.T5Config(**T5), dict(input_ids=_IDS, decoder_input_ids=_IDS[:, :3]))
             for cls in (t5.T5Model, t5.T5ForConditionalGeneration)}
+_BART_IDS = np.concatenate([_IDS[:, :-1] % BART["vocab_size"], [[BART["eos_token_id"]]]], 1)  # the classifier reads eos
+CLASSES |= {cls: (config_class(**BART), dict(input_ids=_BART_IDS))
+            for config_class, classes in ((transformers.BartConfig, (bart.BartModel, bart.BartForConditionalGeneration,
+                                                                      bart.BartForSequenceClassification,
+                                                                      bart.BartForQuestionAnswering)),
+                                          (transformers.MBartConfig, (bart.MBartModel, bart.MBartForConditionalGeneration,
+                                                                       bart.MBartForSequenceClassification,
+                                                                       bart.MBartForQuestionAnswering)))
+            for cls in classes}
 CLASSES |= {cls: (_CLIP_TEXT, dict(input_ids=_IDS)) for cls in (clip.CLIPTextModel, clip.CLIPTextModelWithProjection)}
 CLASSES |= {cls: (_CLIP_VISION, dict(pixel_values=_PIXELS))
             for cls in (clip.CLIPVisionModel, clip.CLIPVisionModelWithProjection)}

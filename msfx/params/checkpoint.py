@@ -158,8 +158,8 @@ def _fresh_heads(flat: dict, missing_heads: list[str], expected: dict, config, t
         logger.warning("newly initialized (not in the checkpoint): %s", ", ".join(missing_heads))
     rng = np.random.default_rng(0)
     std = getattr(config, "initializer_range", 0.02)
-    for key in missing_heads:
-        value = np.zeros(expected[key], np.float32) if key.endswith(".bias") else \
+    for key in missing_heads:  # biases start at zero, BART's `final_logits_bias` too (HF's `_init_weights`)
+        value = np.zeros(expected[key], np.float32) if key.endswith("bias") else \
             rng.normal(0.0, std, expected[key]).astype(np.float32)
         flat[key] = _parameter(value, target or ms.float32, key, owned=True)
 
