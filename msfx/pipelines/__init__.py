@@ -23,6 +23,7 @@ TASKS: dict[str, tuple[str, str, bool]] = {
     "translation": ("text2text:TranslationPipeline", "AutoModelForSeq2SeqLM", False),
     "zero-shot-image-classification": ("vision:ZeroShotImageClassificationPipeline",
                                        "AutoModelForZeroShotImageClassification", True),
+    "automatic-speech-recognition": ("speech:AutomaticSpeechRecognitionPipeline", "AutoModelForSpeechSeq2Seq", False),
 }
 ALIASES = {"sentiment-analysis": "text-classification"}
 logger = logging.getLogger(__name__)
@@ -82,7 +83,8 @@ def _translation_task(config) -> str:
 
 
 def pipeline(task: str | None = None, model=None, tokenizer=None, image_processor=None, processor=None,
-             dtype=None, model_kwargs: dict | None = None, batch_size: int | None = None, **kwargs):
+             feature_extractor=None, dtype=None, model_kwargs: dict | None = None, batch_size: int | None = None,
+             **kwargs):
     """Build a pipeline for `task` as `transformers.pipeline` does, running an msfx model.
 
     Args:
@@ -93,6 +95,8 @@ def pipeline(task: str | None = None, model=None, tokenizer=None, image_processo
             an msfx model instance (then pass `tokenizer=`, and for images `image_processor=`).
         tokenizer: a transformers tokenizer, or a path / hub id for `AutoTokenizer`; default: the model's.
         image_processor / processor: for image tasks (`processor=` a `CLIPProcessor`, whose parts are used).
+        feature_extractor: for audio tasks (`transformers.WhisperFeatureExtractor`, or a path; default the
+            model's; `processor=` a `WhisperProcessor` gives it too).
         dtype: passed to `from_pretrained` (e.g. "bfloat16"), with `model_kwargs`.
         batch_size: default batch size for list inputs.
         **kwargs: the task's call arguments, defaults for every call (HF's pipeline kwargs).
@@ -113,9 +117,14 @@ def pipeline(task: str | None = None, model=None, tokenizer=None, image_processo
         tokenizer = tokenizer if tokenizer is not None else getattr(processor, "tokenizer", None)
         image_processor = image_processor if image_processor is not None else getattr(processor, "image_processor",
                                                                                      None)
+        feature_extractor = feature_extractor if feature_extractor is not None else \
+            getattr(processor, "feature_extractor", None)
     tokenizer = _load_preprocessor("AutoTokenizer", tokenizer, model, name, "tokenizer")
     if needs_images:
         image_processor = _load_preprocessor("AutoImageProcessor", image_processor, model, name, "image_processor")
+    if name == "automatic-speech-recognition":
+        kwargs["feature_extractor"] = _load_preprocessor("AutoFeatureExtractor", feature_extractor, model, name,
+                                                         "feature_extractor")
     module, cls = class_path.split(":")
     pipeline_class = getattr(importlib.import_module(f"msfx.pipelines.{module}"), cls)
     return pipeline_class(loaded, tokenizer=tokenizer, image_processor=image_processor, batch_size=batch_size,
