@@ -14,6 +14,7 @@ import torch
 import transformers
 from transformers import GenerationConfig
 
+import msfx
 from msfx import AutoModelForSpeechSeq2Seq
 from msfx.models.whisper import WhisperForConditionalGeneration, WhisperModel
 
@@ -209,7 +210,7 @@ def test_whisper_base_transcribes_speech_as_hf(tmp_path):
     path = whisper_ct2.convert(tmp_path / "whisper-base")
     audio = espeak_audio("The quick brown fox jumps over the lazy dog.", tmp_path)
     x = transformers.WhisperFeatureExtractor()(audio, sampling_rate=16000, return_tensors="np").input_features
-    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     hf = transformers.WhisperForConditionalGeneration.from_pretrained(path).eval()
     ours = AutoModelForSpeechSeq2Seq.from_pretrained(path)
     for kwargs in (dict(language="en"), dict(return_timestamps=True)):
@@ -219,3 +220,40 @@ def test_whisper_base_transcribes_speech_as_hf(tmp_path):
     text = tokenizer.batch_decode(ours.generate(x, language="en"), skip_special_tokens=True)[0]
     print(f"\nwhisper-base transcript: {text!r}")
     assert "lazy dog" in text
+    # transformers.pipeline on this checkpoint gave ' The Quick Brown Fox over the the the ...' (to the length
+    # limit) where msfx's stopped after ' over the': not explained yet, so the pipeline is checked against
+    # msfx's own generate
+    asr = msfx.pipeline("automatic-speech-recognition", model=str(path))
+    assert asr(audio, language="en") == {"text": text}
+
+
+def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer over the tiny vocabulary ("t0" ... "t119"; 99-119 special)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(120)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="t99",
+                                                additional_special_tokens=[f"t{i}" for i in range(99, 120)])
+
+
+def test_speech_recognition_pipeline(tiny):
+    """`msfx.pipeline("automatic-speech-recognition")` on numpy audio: the text of `generate`'s tokens
+    (with timestamps, one chunk per segment); other sampling rates and file names are refused."""
+    _, ours, _ = tiny
+    tokenizer = tiny_tokenizer()
+    extractor = transformers.WhisperFeatureExtractor(feature_size=8)
+    extractor.n_samples, extractor.nb_max_frames = FRAMES * 160, FRAMES  # a 0.3 s window, as the tiny encoder's
+    audio = np.random.default_rng(3).normal(0, 0.3, FRAMES * 160 - 500).astype(np.float32)
+    asr = msfx.pipeline("automatic-speech-recognition", model=ours, tokenizer=tokenizer, feature_extractor=extractor)
+    x = extractor(audio, sampling_rate=16000, return_tensors="np").input_features
+    ids = ours.generate(x, language="fr", no_repeat_ngram_size=2)
+    assert asr(audio, language="fr", no_repeat_ngram_size=2) == {"text": tokenizer.decode(ids[0],
+                                                                                          skip_special_tokens=True)}
+    out = asr({"raw": audio, "sampling_rate": 16000}, return_timestamps=True, repetition_penalty=5.0)
+    segments = ours.generate(x, return_timestamps=True, repetition_penalty=5.0, return_segments=True)["segments"][0]
+    assert [c["timestamp"] for c in out["chunks"]] == [(round(s["start"], 2), round(s["end"], 2)) for s in segments]
+    with pytest.raises(ValueError, match="8000 Hz"):
+        asr({"raw": audio, "sampling_rate": 8000})
+    with pytest.raises(TypeError, match="numpy array"):
+        asr("speech.wav")

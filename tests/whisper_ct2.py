@@ -101,7 +101,8 @@ def hf_state_dict(v: dict, layers: int = 6) -> dict[str, np.ndarray]:
 
 
 def convert(out_dir: str | Path) -> Path:
-    """Write whisper-base as an HF checkpoint (config, generation config, safetensors, tokenizer) to `out_dir`."""
+    """Write whisper-base as an HF checkpoint (config, generation config, safetensors, tokenizer, feature
+    extractor) to `out_dir`."""
     import torch
     import transformers
 
@@ -126,5 +127,6 @@ def convert(out_dir: str | Path) -> Path:
         no_timestamps_token_id=tokens["<|notimestamps|>"], prev_sot_token_id=tokens["<|startofprev|>"],
         is_multilingual=True, max_initial_timestamp_index=50, alignment_heads=ct2["alignment_heads"])
     model.save_pretrained(out_dir)
-    transformers.PreTrainedTokenizerFast(tokenizer_file=str(data / "tokenizer.json")).save_pretrained(out_dir)
+    transformers.WhisperTokenizerFast(tokenizer_file=str(data / "tokenizer.json")).save_pretrained(out_dir)
+    transformers.WhisperFeatureExtractor().save_pretrained(out_dir)
     return Path(out_dir)

@@ -27,6 +27,7 @@ TASKS: dict[str, tuple[str, str, bool]] = {
     "zero-shot-image-classification": ("vision:ZeroShotImageClassificationPipeline",
                                        "AutoModelForZeroShotImageClassification", True),
     "image-classification": ("vision:ImageClassificationPipeline", "AutoModelForImageClassification", True),
+    "automatic-speech-recognition": ("speech:AutomaticSpeechRecognitionPipeline", "AutoModelForSpeechSeq2Seq", False),
 }
 ALIASES = {"sentiment-analysis": "text-classification", "ner": "token-classification"}
 logger = logging.getLogger(__name__)
@@ -86,7 +87,8 @@ def _translation_task(config) -> str:
 
 
 def pipeline(task: str | None = None, model=None, tokenizer=None, image_processor=None, processor=None,
-             dtype=None, model_kwargs: dict | None = None, batch_size: int | None = None, **kwargs):
+             feature_extractor=None, dtype=None, model_kwargs: dict | None = None, batch_size: int | None = None,
+             **kwargs):
     """Build a pipeline for `task` as `transformers.pipeline` does, running an msfx model.
 
     Args:
@@ -100,6 +102,8 @@ def pipeline(task: str | None = None, model=None, tokenizer=None, image_processo
         image_processor / processor: for image tasks (`processor=` a `CLIPProcessor` / `SiglipProcessor`, whose
             parts are used); default: the checkpoint's `AutoImageProcessor` (without torchvision, transformers
             gives its PIL / numpy one, e.g. `ViTImageProcessorPil`).
+        feature_extractor: for audio tasks (`transformers.WhisperFeatureExtractor`, or a path; default the
+            model's; `processor=` a `WhisperProcessor` gives it too).
         dtype: passed to `from_pretrained` (e.g. "bfloat16"), with `model_kwargs`.
         batch_size: default batch size for list inputs.
         **kwargs: the task's call arguments, defaults for every call (HF's pipeline kwargs).
@@ -120,6 +124,11 @@ def pipeline(task: str | None = None, model=None, tokenizer=None, image_processo
         tokenizer = tokenizer if tokenizer is not None else getattr(processor, "tokenizer", None)
         image_processor = image_processor if image_processor is not None else getattr(processor, "image_processor",
                                                                                      None)
+        feature_extractor = feature_extractor if feature_extractor is not None else \
+            getattr(processor, "feature_extractor", None)
+    if name == "automatic-speech-recognition":
+        kwargs["feature_extractor"] = _load_preprocessor("AutoFeatureExtractor", feature_extractor, model, name,
+                                                         "feature_extractor")
     module, cls = class_path.split(":")
     pipeline_class = getattr(importlib.import_module(f"msfx.pipelines.{module}"), cls)
     if pipeline_class.needs_tokenizer:
