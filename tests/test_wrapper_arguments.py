@@ -17,7 +17,7 @@ import transformers
 from mindspore import Tensor
 
 import msfx
-from msfx.models import bart, bert, clip, dinov2, gpt2, llava, siglip, t5, vit
+from msfx.models import bart, bert, clip, dinov2, gpt2, llava, siglip, t5, vit, whisper
 from msfx.families import FAMILIES as MSFX_FAMILIES
 
 from conftest import left_padded, make_hf_llama, random_ids
@@ -27,6 +27,7 @@ from test_clip import TEXT, VISION
 from test_gpt2 import TINY_GPT2, make_hf_gpt2
 from test_llama_family import BASE, FAMILIES, make_hf
 from test_t5 import TINY as T5
+from test_whisper import tiny_config as whisper_config
 
 TOL = 1e-4
 STEPS = 5
@@ -179,6 +180,9 @@ CLASSES |= {cls: (transformers.SiglipConfig(text_config=_SIGLIP_TEXT, vision_con
 CLASSES[llava.LlavaForConditionalGeneration] = (
     transformers.LlavaConfig(vision_config=_CLIP_VISION, text_config=transformers.LlamaConfig(**BASE),
                              image_token_id=BASE["vocab_size"] - 1), dict(input_ids=_IDS))
+_FEATURES = np.random.default_rng(1).normal(size=(1, 8, 2 * whisper_config().max_source_positions)).astype(np.float32)
+CLASSES |= {cls: (whisper_config(), dict(input_features=_FEATURES, decoder_input_ids=_IDS[:, :3] % 99))
+            for cls in (whisper.WhisperModel, whisper.WhisperForConditionalGeneration)}
 # HF's defaults, as the HF Trainer and pipelines pass them: accepted by every class
 HF_DEFAULTS = dict(output_attentions=False, output_hidden_states=False, return_dict=True, use_cache=False,
                    past_key_values=None, head_mask=None)
