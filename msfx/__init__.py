@@ -7,6 +7,7 @@ Names are imported on first use (PEP 562), so `msfx --help` and argument errors 
 MindSpore and transformers to import.
 """
 import importlib as _importlib
+import importlib.util as _importlib_util
 import os as _os
 import sys as _sys
 
@@ -61,6 +62,8 @@ def __getattr__(name: str):
         value = sorted(_NAMES) + sorted(_family_table())
     elif not name.startswith("_") and name in (table := _family_table()):
         value = table[name]()
+    elif not name.startswith("_") and _importlib_util.find_spec(f"msfx.{name}") is not None:
+        value = _importlib.import_module(f"msfx.{name}")  # a subpackage (`msfx.train`), as an eager import gave
     else:
         raise AttributeError(f"module 'msfx' has no attribute {name!r}")
     globals()[name] = value

@@ -235,6 +235,7 @@ RESUMABLE_RUN = textwrap.dedent("""
     import numpy as np
     import msfx
     from msfx.train import checkpoint
+    from msfx.train.trainer import TrainerCallback
 
     path, out, kill_at, kill_in_save, resume = sys.argv[1:6]
     rng = np.random.default_rng(0)
@@ -243,7 +244,7 @@ RESUMABLE_RUN = textwrap.dedent("""
         ids = rng.integers(3, 99, 8)
         rows.append({"input_ids": ids.tolist(), "labels": ids.tolist()})
 
-    class Kill(msfx.train.trainer.TrainerCallback):
+    class Kill(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == int(kill_at):
                 os.kill(os.getpid(), signal.SIGKILL)

@@ -37,7 +37,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import mindspore as ms
 import numpy as np
@@ -208,6 +208,42 @@ def length_grouped_indices(lengths: Sequence[int], batch_size: int, order: Seque
     longest = int(np.argmax([lengths[m[0]] for m in megabatches]))
     megabatches[0][0], megabatches[longest][0] = megabatches[longest][0], megabatches[0][0]
     return [i for megabatch in megabatches for i in megabatch]
+
+
+class _TrainPlan(NamedTuple):
+    """A `Trainer.train` run's sizes: per-device batch, accumulation, this worker's rank among
+    `workers`, dataset rows, batches and optimizer updates per epoch, the run's updates and epochs,
+    and the learning-rate schedule (update count -> factor)."""
+
+    batch_size: int
+    gas: int
+    rank: int
+    workers: int
+    rows: int
+    batches_per_epoch: int
+    updates_per_epoch: int
+    max_steps: int
+    epochs: int
+    schedule: Callable[[int], float]
+
+    def windows(self, order: Sequence[int]) -> list[list]:
+        """An epoch's windows in dataset `order`: this worker's micro-batches (row indices) of each
+        global window of `gas * workers` batches (the last window may leave a worker none: zero gradients)."""
+        batches = [order[i * self.batch_size:(i + 1) * self.batch_size] for i in range(self.batches_per_epoch)]
+        size = self.gas * self.workers
+        return [batches[i:i + size][self.rank::self.workers] for i in range(0, len(batches), size)]
+
+
+@dataclass
+class _Tally:
+    """Running sums of one `Trainer.train` call: its start time and step, the losses since the
+    last log and in all."""
+
+    start: float
+    steps_at_start: int
+    last_logged: int
+    logged_loss: float = 0.0
+    total_loss: float = 0.0
 
 
 class Trainer:
@@ -445,35 +481,63 @@ class Trainer:
             CorruptCheckpointError: the checkpoint to resume from is incomplete or damaged (named).
         """
         _warn_ignored(trial=trial, ignore_keys_for_eval=ignore_keys_for_eval)
-        args = self.args
-        dataset = self.train_dataset
+        plan = self._plan()
+        if self.is_world_process_zero():
+            ckpt.clean_partial(self.args.output_dir)
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = ckpt.latest_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        self._start(plan, resume_from_checkpoint)
+        tally = _Tally(time.time(), self.state.global_step, self.state.global_step)
+        epochs_done, windows_done = divmod(self.state.global_step, plan.updates_per_epoch)
+        lengths = self._row_lengths(self.train_dataset)
+        for epoch in range(epochs_done, plan.epochs):
+            windows = plan.windows(self._epoch_order(epoch, plan.rows, lengths))
+            self.control = self.callback_handler.on_epoch_begin(self.args, self.state, self.control)
+            for w, window in enumerate(windows):
+                if epoch == epochs_done and w < windows_done:
+                    continue  # trained before the checkpoint we resumed from
+                self._update(window, epoch + (w + 1) / len(windows), plan, tally)
+                if self.control.should_epoch_stop or self.control.should_training_stop:
+                    break
+            self.control = self.callback_handler.on_epoch_end(self.args, self.state, self.control)
+            self._maybe_evaluate_and_save()
+            if self.control.should_training_stop:
+                break
+        return self._finish(plan, tally)
+
+    def _plan(self) -> _TrainPlan:
+        """The run's sizes from the arguments and the dataset (HF's meaning of each, over `workers`)."""
+        args, dataset = self.args, self.train_dataset
         if dataset is None or len(dataset) == 0:
             raise ValueError("Trainer.train needs a non-empty train_dataset")
-        if self.is_world_process_zero():
-            ckpt.clean_partial(args.output_dir)
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = ckpt.latest_checkpoint(args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"No valid checkpoint found in output directory ({args.output_dir})")
         batch_size, gas = args.per_device_train_batch_size, args.gradient_accumulation_steps
         rank, workers = (self._dp.rank, self._dp.world_size) if self._dp is not None else (0, 1)
         rows = len(dataset)
         batches_per_epoch = rows // batch_size if args.dataloader_drop_last else math.ceil(rows / batch_size)
         if batches_per_epoch == 0:
-            raise ValueError(f"train_dataset has {len(dataset)} rows, fewer than one batch of {batch_size} with "
+            raise ValueError(f"train_dataset has {rows} rows, fewer than one batch of {batch_size} with "
                              "dataloader_drop_last=True")
         updates_per_epoch = max(math.ceil(batches_per_epoch / (gas * workers)), 1)
         if args.max_steps > 0:
             max_steps, epochs = args.max_steps, math.ceil(args.max_steps / updates_per_epoch)
         else:
             max_steps, epochs = math.ceil(args.num_train_epochs * updates_per_epoch), math.ceil(args.num_train_epochs)
-        schedule = self._schedule(max_steps)
+        return _TrainPlan(batch_size, gas, rank, workers, rows, batches_per_epoch, updates_per_epoch, max_steps,
+                          epochs, self._schedule(max_steps))
+
+    def _start(self, plan: _TrainPlan, resume_from_checkpoint) -> None:
+        """Fresh state, train step and optimizer state, then the checkpoint's when resuming."""
+        args = self.args
         _set_seed(args.seed)
         self.state = TrainerState(stateful_callbacks=[cb for cb in self.callback_handler.callbacks
                                                       if isinstance(cb, ExportableState)])
-        self.state.is_world_process_zero = self.state.is_local_process_zero = rank == 0  # HF's callbacks print on 0
-        self.state.compute_steps(args, max_steps)
-        self.state.max_steps, self.state.num_train_epochs, self.state.train_batch_size = max_steps, epochs, batch_size
+        # HF's callbacks print on process 0
+        self.state.is_world_process_zero = self.state.is_local_process_zero = plan.rank == 0
+        self.state.compute_steps(args, plan.max_steps)
+        self.state.max_steps, self.state.num_train_epochs = plan.max_steps, plan.epochs
+        self.state.train_batch_size = plan.batch_size
         self._step = TrainStep(self._loss_fn, self._keys, self.optimizer, count_items=self._count_items,
                                max_grad_norm=args.max_grad_norm, jit=args.jit,
                                mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else None,
@@ -486,61 +550,51 @@ class Trainer:
             self._load_checkpoint(Path(resume_from_checkpoint))
         if self._dp is not None:  # every worker has read the checkpoint before worker 0 may rotate it away
             self._dp.barrier()
-        epochs_done, windows_done = divmod(self.state.global_step, updates_per_epoch)
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
-        start, total_loss, logged_loss, last_logged = time.time(), 0.0, 0.0, self.state.global_step
-        steps_at_start = self.state.global_step
-        grad_norm = None
-        lengths = self._row_lengths(dataset)
-        for epoch in range(epochs_done, epochs):
-            order = self._epoch_order(epoch, len(dataset), lengths)
-            batches = [order[i * batch_size:(i + 1) * batch_size] for i in range(batches_per_epoch)]
-            # this worker's micro-batches of each global window (the last one may hold none: zero gradients)
-            windows = [batches[i:i + gas * workers][rank::workers] for i in range(0, len(batches), gas * workers)]
-            self.control = self.callback_handler.on_epoch_begin(args, self.state, self.control)
-            for w, window in enumerate(windows):
-                if epoch == epochs_done and w < windows_done:
-                    continue  # trained before the checkpoint we resumed from
-                self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
-                micro = [self._batch(dataset, indices, training=True) for indices in window]
-                lr = args.learning_rate * schedule(self._optimizer_steps)
-                self.control = self.callback_handler.on_pre_optimizer_step(args, self.state, self.control)
-                # the dropout masks follow the seed and the step count, both restored on resume
-                result = self._step(self._leaves, self._opt_state, micro, lr, self._optimizer_steps + 1,
-                                    dropout_step=self.state.global_step + 1, frozen_leaves=self._frozen)
-                self.control = self.callback_handler.on_optimizer_step(args, self.state, self.control)
-                if result.applied:
-                    self._leaves, self._opt_state = result.params, result.opt_state
-                    self._optimizer_steps += 1
-                loss = float(result.loss.asnumpy())
-                if args.logging_nan_inf_filter and not math.isfinite(loss):  # as HF: the running mean instead
-                    loss = logged_loss / max(1, self.state.global_step - last_logged)
-                logged_loss += loss
-                total_loss += loss
-                grad_norm = float(result.grad_norm.asnumpy())
-                self.state.global_step += 1
-                self.state.epoch = epoch + (w + 1) / len(windows)
-                self.control = self.callback_handler.on_step_end(args, self.state, self.control)
-                if self.control.should_log and self.state.global_step > last_logged:
-                    self.log({"loss": logged_loss / (self.state.global_step - last_logged), "grad_norm": grad_norm,
-                              "learning_rate": lr})
-                    logged_loss, last_logged = 0.0, self.state.global_step
-                self._maybe_evaluate_and_save()
-                if self.control.should_epoch_stop or self.control.should_training_stop:
-                    break
-            self.control = self.callback_handler.on_epoch_end(args, self.state, self.control)
-            self._maybe_evaluate_and_save()
-            if self.control.should_training_stop:
-                break
+
+    def _update(self, window: list, epoch: float, plan: _TrainPlan, tally: _Tally) -> None:
+        """One optimizer update over `window` (this worker's micro-batches, as row indices), with
+        HF's callbacks, logging, evaluation and saving around it."""
+        args = self.args
+        self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
+        micro = [self._batch(self.train_dataset, indices, training=True) for indices in window]
+        lr = args.learning_rate * plan.schedule(self._optimizer_steps)
+        self.control = self.callback_handler.on_pre_optimizer_step(args, self.state, self.control)
+        # the dropout masks follow the seed and the step count, both restored on resume
+        result = self._step(self._leaves, self._opt_state, micro, lr, self._optimizer_steps + 1,
+                            dropout_step=self.state.global_step + 1, frozen_leaves=self._frozen)
+        self.control = self.callback_handler.on_optimizer_step(args, self.state, self.control)
+        if result.applied:
+            self._leaves, self._opt_state = result.params, result.opt_state
+            self._optimizer_steps += 1
+        loss = float(result.loss.asnumpy())
+        if args.logging_nan_inf_filter and not math.isfinite(loss):  # as HF: the running mean instead
+            loss = tally.logged_loss / max(1, self.state.global_step - tally.last_logged)
+        tally.logged_loss += loss
+        tally.total_loss += loss
+        self.state.global_step += 1
+        self.state.epoch = epoch
+        self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+        if self.control.should_log and self.state.global_step > tally.last_logged:
+            self.log({"loss": tally.logged_loss / (self.state.global_step - tally.last_logged),
+                      "grad_norm": float(result.grad_norm.asnumpy()), "learning_rate": lr})
+            tally.logged_loss, tally.last_logged = 0.0, self.state.global_step
+        self._maybe_evaluate_and_save()
+
+    def _finish(self, plan: _TrainPlan, tally: _Tally) -> TrainOutput:
+        """The best checkpoint's weights when asked, the model's Parameters updated, HF's train metrics."""
+        args = self.args
         if args.load_best_model_at_end and self.state.best_model_checkpoint:
             self._leaves = self._checkpoint_leaves(Path(self.state.best_model_checkpoint))
         self._sync_model()
-        steps = self.state.global_step - steps_at_start
+        steps = self.state.global_step - tally.steps_at_start
         # HF's count: the schedule's samples (rows x epochs, or max_steps full windows), pro rata of the steps run
-        samples = max_steps * batch_size * gas * workers if args.max_steps > 0 else rows * args.num_train_epochs
-        metrics = speed_metrics("train", start, num_samples=samples * steps / max(max_steps, 1), num_steps=steps)
+        samples = plan.max_steps * plan.batch_size * plan.gas * plan.workers if args.max_steps > 0 \
+            else plan.rows * args.num_train_epochs
+        metrics = speed_metrics("train", tally.start, num_samples=samples * steps / max(plan.max_steps, 1),
+                                num_steps=steps)
         metrics["total_flos"] = self.state.total_flos
-        metrics["train_loss"] = total_loss / max(steps, 1)
+        metrics["train_loss"] = tally.total_loss / max(steps, 1)
         if self._step.scaler is not None:
             metrics["train_skipped_steps"] = self._step.scaler.skipped_steps
         self.log(metrics)  # adds `epoch`, which HF's returned metrics hold too
