@@ -22,6 +22,7 @@ from msfx.decode.options import BeamOptions, DecodeOptions, GenerationStats, Rec
 from msfx.decode.processors import build_logits_processors
 from msfx.decode.sampling import make_rng
 from msfx.decode.search import BeamSearchResult, beam_search
+from msfx.decode.seq2seq import DecoderStep, Seq2SeqDecodeState
 from msfx.decode.stopping import StopStringCriteria
 from msfx.backend import lacks_bf16_kernels
 from msfx.inputs import check_token_ids
@@ -454,3 +455,29 @@ class GenerationMixin:
                            f"predefined maximum length ({limit}). Depending on the model, you may observe "
                            "exceptions, performance degradation, or nothing at all.")
         return max_new
+
+
+class Seq2SeqGenerationMixin(GenerationMixin):
+    """`generate` for an encoder-decoder wrapper (T5, BART, Whisper) whose core module `arch` supplies
+    what `msfx.decode.seq2seq` runs (`encoder_forward`, `cross_attention_cache`, `decoder_forward`,
+    `decode_step`, `lm_head`, ...)."""
+
+    _decoder_step = None
+
+    def _decode_state(self, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int,
+                      jit: bool | str, encoder_inputs: tuple[np.ndarray, np.ndarray] | None = None,
+                      use_cache: bool = True) -> Seq2SeqDecodeState:
+        """The encoder-decoder state `generate` decodes with (see `msfx.decode.seq2seq`): the encoder runs
+        eagerly; with `jit` True or "decode" the decoder runs one compiled step per token (the model's
+        `decoder_step`), with False, or bfloat16 on CPU (no graph kernels), eagerly; without `use_cache`
+        eagerly over the whole decoder sequence at each step."""
+        compiled = bool(jit) and use_cache and not lacks_bf16_kernels(self.weights[0])
+        return Seq2SeqDecodeState(self.arch, self.params, self.config, *encoder_inputs, input_ids, max_new_tokens,
+                                  step=self.decoder_step if compiled else None, use_cache=use_cache)
+
+    @property
+    def decoder_step(self) -> DecoderStep:
+        """The model's compiled decoder step (built on first use; its `compiles` counts the graphs traced)."""
+        if self._decoder_step is None:
+            self._decoder_step = DecoderStep(self.arch, self.params, self.config)
+        return self._decoder_step

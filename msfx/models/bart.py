@@ -16,9 +16,7 @@ from mindspore import Tensor
 from transformers.utils import ModelOutput
 
 from msfx.architectures import bart
-from msfx.backend import lacks_bf16_kernels
-from msfx.decode.seq2seq import DecoderStep, Seq2SeqDecodeState
-from msfx.generation import GenerationMixin
+from msfx.generation import Seq2SeqGenerationMixin
 from msfx.inputs import check_token_ids
 from msfx.modeling import PreTrainedModel, as_tensor, masked_cross_entropy, sequence_classification_loss, token_ids
 from msfx.models.t5 import Seq2SeqLMOutput, Seq2SeqModelOutput
@@ -121,7 +119,7 @@ class BartModel(_BartBase):
         return out if return_dict else out.to_tuple()
 
 
-class BartForConditionalGeneration(GenerationMixin, _BartBase):
+class BartForConditionalGeneration(Seq2SeqGenerationMixin, _BartBase):
     """BART with its language-model head (`model.shared`, or `lm_head` when untied, plus `final_logits_bias`):
     `logits` `[batch, target_seq, vocab]`. `labels` `[batch, target_seq]` give the mean cross-entropy
     (-100 ignored) and, without decoder inputs, the decoder inputs (`shift_tokens_right(labels)`).
@@ -136,7 +134,6 @@ class BartForConditionalGeneration(GenerationMixin, _BartBase):
 
     _head = "lm"
     _learned_positions = True  # the decoder's position table ends at `max_position_embeddings`
-    _decoder_step: DecoderStep | None = None
 
     def construct(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                   encoder_outputs=None, inputs_embeds=None, decoder_inputs_embeds=None, labels=None,
@@ -156,21 +153,6 @@ class BartForConditionalGeneration(GenerationMixin, _BartBase):
         loss = None if labels is None else masked_cross_entropy(logits, Tensor(labels.astype(np.int32)))
         out = Seq2SeqLMOutput(loss=loss, logits=logits, encoder_last_hidden_state=out.encoder_last_hidden_state)
         return out if return_dict else out.to_tuple()
-
-    def _decode_state(self, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int,
-                      jit: bool | str, encoder_inputs: tuple[np.ndarray, np.ndarray] | None = None,
-                      use_cache: bool = True) -> Seq2SeqDecodeState:
-        """The encoder-decoder state `generate` decodes with (see `msfx.decode.seq2seq`), as T5's."""
-        compiled = bool(jit) and use_cache and not lacks_bf16_kernels(self.weights[0])
-        return Seq2SeqDecodeState(bart, self.params, self.config, *encoder_inputs, input_ids, max_new_tokens,
-                                  step=self.decoder_step if compiled else None, use_cache=use_cache)
-
-    @property
-    def decoder_step(self) -> DecoderStep:
-        """The model's compiled decoder step (built on first use; its `compiles` counts the graphs traced)."""
-        if self._decoder_step is None:
-            self._decoder_step = DecoderStep(bart, self.params, self.config)
-        return self._decoder_step
 
 
 class BartForSequenceClassification(_BartBase):

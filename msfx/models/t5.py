@@ -15,9 +15,7 @@ from mindspore import Tensor
 from transformers.utils import ModelOutput
 
 from msfx.architectures import t5
-from msfx.decode.seq2seq import DecoderStep, Seq2SeqDecodeState
-from msfx.generation import GenerationMixin
-from msfx.backend import lacks_bf16_kernels
+from msfx.generation import Seq2SeqGenerationMixin
 from msfx.modeling import PreTrainedModel, as_tensor, masked_cross_entropy, token_ids
 from msfx.params import resolve_model_dir
 
@@ -130,7 +128,7 @@ class T5EncoderModel(_T5Base):
         return out if return_dict else out.to_tuple()
 
 
-class T5ForConditionalGeneration(GenerationMixin, _T5Base):
+class T5ForConditionalGeneration(Seq2SeqGenerationMixin, _T5Base):
     """T5 with its language-model head: `logits` `[batch, target_seq, vocab]`. `labels` `[batch,
     target_seq]` give the mean cross-entropy over positions not labelled `-100` as `loss`, and, without
     decoder inputs, the decoder inputs (`_shift_right(labels)`). The head is `lm_head.weight` when the
@@ -144,7 +142,6 @@ class T5ForConditionalGeneration(GenerationMixin, _T5Base):
             inputs (see `msfx.architectures.t5.forward`).
     """
 
-    _decoder_step: DecoderStep | None = None
 
     @classmethod
     def param_shapes(cls, config):
@@ -185,22 +182,4 @@ class T5ForConditionalGeneration(GenerationMixin, _T5Base):
         loss = None if labels is None else masked_cross_entropy(logits, labels)
         out = Seq2SeqLMOutput(loss=loss, logits=logits, encoder_last_hidden_state=encoded)
         return out if return_dict else out.to_tuple()
-
-    def _decode_state(self, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int,
-                      jit: bool | str, encoder_inputs: tuple[np.ndarray, np.ndarray] | None = None,
-                      use_cache: bool = True) -> Seq2SeqDecodeState:
-        """The encoder-decoder state `generate` decodes with (see `msfx.decode.seq2seq`): the encoder runs
-        eagerly; with `jit` True or "decode" the decoder runs one compiled step per token (the model's
-        `decoder_step`), with False, or bfloat16 on CPU (no graph kernels), eagerly; without `use_cache`
-        eagerly over the whole decoder sequence at each step."""
-        compiled = bool(jit) and use_cache and not lacks_bf16_kernels(self.weights[0])
-        return Seq2SeqDecodeState(t5, self.params, self.config, *encoder_inputs, input_ids, max_new_tokens,
-                                  step=self.decoder_step if compiled else None, use_cache=use_cache)
-
-    @property
-    def decoder_step(self) -> DecoderStep:
-        """The model's compiled decoder step (built on first use; its `compiles` counts the graphs traced)."""
-        if self._decoder_step is None:
-            self._decoder_step = DecoderStep(t5, self.params, self.config)
-        return self._decoder_step
 

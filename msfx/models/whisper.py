@@ -10,10 +10,8 @@ from mindspore import Tensor
 
 from msfx.architectures import whisper
 from msfx.decode import whisper as rules
-from msfx.decode.seq2seq import DecoderStep, Seq2SeqDecodeState
 from msfx.decode.search import BeamSearchResult
-from msfx.generation import GenerationMixin, _Hooks
-from msfx.backend import lacks_bf16_kernels
+from msfx.generation import Seq2SeqGenerationMixin, _Hooks
 from msfx.layers.losses import masked_cross_entropy
 from msfx.modeling import PreTrainedModel, token_ids
 from msfx.models.t5 import Seq2SeqLMOutput, Seq2SeqModelOutput
@@ -77,7 +75,7 @@ def shift_tokens_right(labels: np.ndarray, pad_token_id: int, decoder_start_toke
     return np.where(shifted == -100, pad_token_id, shifted)
 
 
-class WhisperForConditionalGeneration(GenerationMixin, _WhisperBase):
+class WhisperForConditionalGeneration(Seq2SeqGenerationMixin, _WhisperBase):
     """Whisper with its head (`proj_out`, tied to the decoder's embeddings unless the config unties it):
     `logits` `[batch, target_seq, vocab]`; `labels` `[batch, target_seq]` give the mean cross-entropy
     (-100 ignored) and, without decoder inputs, the decoder inputs (`shift_tokens_right`).
@@ -92,7 +90,6 @@ class WhisperForConditionalGeneration(GenerationMixin, _WhisperBase):
         ValueError: no decoder inputs and no labels, labels longer than `max_target_positions`, or bad inputs.
     """
 
-    _decoder_step: DecoderStep | None = None
 
     def construct(self, input_features=None, attention_mask=None, decoder_input_ids=None,
                   decoder_attention_mask=None, encoder_outputs=None, labels=None, return_dict=True):
@@ -253,18 +250,3 @@ class WhisperForConditionalGeneration(GenerationMixin, _WhisperBase):
         logits = self(input_features, decoder_input_ids=start).logits[:, -1].asnumpy()
         languages = np.asarray(list(config.lang_to_id.values()))
         return languages[np.argmax(logits[:, languages], -1)]
-
-    def _decode_state(self, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int,
-                      jit: bool | str, encoder_inputs: tuple[np.ndarray, np.ndarray] | None = None,
-                      use_cache: bool = True) -> Seq2SeqDecodeState:
-        """The encoder-decoder state `generate` decodes with (see `msfx.decode.seq2seq`), as T5's."""
-        compiled = bool(jit) and use_cache and not lacks_bf16_kernels(self.weights[0])
-        return Seq2SeqDecodeState(whisper, self.params, self.config, *encoder_inputs, input_ids, max_new_tokens,
-                                  step=self.decoder_step if compiled else None, use_cache=use_cache)
-
-    @property
-    def decoder_step(self) -> DecoderStep:
-        """The model's compiled decoder step (built on first use)."""
-        if self._decoder_step is None:
-            self._decoder_step = DecoderStep(whisper, self.params, self.config)
-        return self._decoder_step
