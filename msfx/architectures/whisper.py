@@ -23,7 +23,8 @@ from transformers import WhisperConfig
 
 from msfx.decode.cache import KVCache, write_cache
 from msfx.families import family
-from msfx.layers.attention import attention_bias, padding_bias, scaled_dot_product_attention
+from msfx.layers.attention import attention_bias, padding_bias, scaled_dot_product_attention, split_heads
+from msfx.layers.attention import cross_attention_cache as cross_kv, key_values
 from msfx.layers.basic import activation, embedding, linear
 from msfx.inputs import check_model_inputs
 from msfx.layers.dropout import dropout
@@ -135,17 +136,6 @@ def _conv(x: Tensor, p: dict, stride: int) -> Tensor:
     return linear(ops.concat(windows, -1), weight, p["bias"])
 
 
-def _heads(x: Tensor, batch: int, heads: int) -> Tensor:
-    """`[batch * seq, d_model]` -> `[batch, heads, seq, head_dim]`."""
-    return x.reshape(batch, -1, heads, x.shape[-1] // heads).transpose(0, 2, 1, 3)
-
-
-def key_values(x: Tensor, p: dict, batch: int, heads: int) -> tuple[Tensor, Tensor]:
-    """Keys and values `[batch, heads, seq, head_dim]` of attention module `p` over `x` `[batch * seq, d_model]`."""
-    return _heads(linear(x, p["k_proj"]["weight"]), batch, heads), \
-        _heads(linear(x, p["v_proj"]["weight"], p["v_proj"]["bias"]), batch, heads)
-
-
 def attention(x: Tensor, p: dict, bias: Tensor, batch: int, heads: int, config,
               kv: tuple[Tensor, Tensor] | None = None, layer_cache: tuple[Tensor, Tensor] | None = None,
               cache_position: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
@@ -153,7 +143,7 @@ def attention(x: Tensor, p: dict, bias: Tensor, batch: int, heads: int, config,
     computed once) or from `x`, written into `layer_cache` at `cache_position` when given. Returns
     `[batch * seq, d_model]` and the `(keys, values)` attended to."""
     d = x.shape[-1]
-    q = _heads(linear(x, p["q_proj"]["weight"], p["q_proj"]["bias"]) * ((d // heads) ** -0.5), batch, heads)
+    q = split_heads(linear(x, p["q_proj"]["weight"], p["q_proj"]["bias"]) * ((d // heads) ** -0.5), batch, heads)
     if kv is None:
         k, v = key_values(x, p, batch, heads)
         if layer_cache is not None:
@@ -241,11 +231,7 @@ def decoder_params(params: dict) -> dict:
 def cross_attention_cache(params: dict, encoder_hidden_states: Tensor, config) -> KVCache:
     """Every decoder layer's cross-attention keys and values `[batch, heads, frames, head_dim]` over
     `encoder_hidden_states` `[batch, frames, d_model]`: computed once per generation."""
-    b, s = encoder_hidden_states.shape[:2]
-    x = encoder_hidden_states.reshape(b * s, -1)
-    kv = [key_values(x, layer["encoder_attn"], b, config.decoder_attention_heads)
-          for layer in params["model"]["decoder"]["layers"]]
-    return KVCache(tuple(k for k, _ in kv), tuple(v for _, v in kv))
+    return cross_kv(params["model"]["decoder"]["layers"], encoder_hidden_states, config.decoder_attention_heads)
 
 
 def _decoder_layers(params: dict, x: Tensor, batch: int, self_bias: Tensor, cross_bias: Tensor,

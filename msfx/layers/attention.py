@@ -9,7 +9,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, ops
 
-from msfx.layers.basic import tanh
+from msfx.decode.cache import KVCache
+from msfx.layers.basic import linear, tanh
 from msfx.backend import lacks_bf16_kernels
 from msfx.layers.dropout import dropout
 
@@ -137,3 +138,25 @@ def _bmm(op, a: Tensor, b: Tensor) -> Tensor:
     if lacks_bf16_kernels(a):  # float32 product rounded to bfloat16 (see `lacks_bf16_kernels`)
         return op(a.astype(ms.float32), b.astype(ms.float32)).astype(a.dtype)
     return op(a, b)
+
+
+def split_heads(x: Tensor, batch: int, heads: int) -> Tensor:
+    """`[batch * seq, d_model]` -> `[batch, heads, seq, head_dim]`."""
+    return x.reshape(batch, -1, heads, x.shape[-1] // heads).transpose(0, 2, 1, 3)
+
+
+def key_values(x: Tensor, p: dict, batch: int, heads: int) -> tuple[Tensor, Tensor]:
+    """Keys and values `[batch, heads, seq, head_dim]` of an attention module `p` (`k_proj`, `v_proj`;
+    Whisper's `k_proj` has no bias) over `x` `[batch * seq, d_model]`."""
+    return (split_heads(linear(x, p["k_proj"]["weight"], p["k_proj"].get("bias")), batch, heads),
+            split_heads(linear(x, p["v_proj"]["weight"], p["v_proj"].get("bias")), batch, heads))
+
+
+def cross_attention_cache(layers: list, encoder_hidden_states: Tensor, heads: int) -> KVCache:
+    """Each decoder layer's cross-attention (`encoder_attn`) keys and values `[batch, heads, source_seq,
+    head_dim]` over `encoder_hidden_states` `[batch, source_seq, d_model]`: computed once per generation
+    (BART, Whisper)."""
+    b, s = encoder_hidden_states.shape[:2]
+    x = encoder_hidden_states.reshape(b * s, -1)
+    kv = [key_values(x, layer["encoder_attn"], b, heads) for layer in layers]
+    return KVCache(tuple(k for k, _ in kv), tuple(v for _, v in kv))
