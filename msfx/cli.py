@@ -103,7 +103,7 @@ def _add_serve_parser(sub) -> None:
     srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server over the model")
     _add_model_args(srv)
     srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=_positive_int, default=8000)
+    srv.add_argument("--port", type=_port, default=8000)
     srv.add_argument("--served-model-name", default=None,
                      help="the `model` clients pass; default: --model, else the GGUF file's name")
     srv.add_argument("--default-max-tokens", type=_positive_int, default=512,
@@ -136,6 +136,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 < value < 65536:  # checked before the model loads, not by bind() after it
+        raise argparse.ArgumentTypeError(f"must be a TCP port in 1..65535, got {value}")
     return value
 
 

@@ -255,9 +255,12 @@ print("heavy:", heavy)
 """
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["generate", "--help"], ["generate", "--max-new-tokens", "-1"]])
+@pytest.mark.parametrize("argv", [["--help"], ["generate", "--help"], ["generate", "--max-new-tokens", "-1"],
+                                  ["serve", "--port", "99999"]])
 def test_help_and_argument_errors_import_neither_mindspore_nor_transformers(argv):
     """`import msfx` is lazy (PEP 562): the CLI answers these before any heavy import (< 1 s)."""
     out = subprocess.run([sys.executable, "-c", _NO_HEAVY_IMPORTS, *argv], capture_output=True, text=True,
                          timeout=60, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert "heavy: []" in out.stdout, out.stdout + out.stderr
+    if "--port" in argv:
+        assert "must be a TCP port in 1..65535, got 99999" in out.stderr, out.stderr

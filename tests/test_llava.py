@@ -139,5 +139,5 @@ def test_bad_inputs_are_refused_before_the_model(llava):
         model.generate(ids, pixel_values=pixels[:1], max_new_tokens=2)
     with pytest.raises(ValueError, match="image size"):
         model(input_ids=ids, pixel_values=pixels[:, :, :24, :24])  # not the configured 32x32
-    with pytest.raises(ValueError, match="token ids"):
+    with pytest.raises(ValueError, match="token id 1[0-9][0-9] in input_ids is out of range"):
         model(input_ids=ids + 100, pixel_values=pixels)

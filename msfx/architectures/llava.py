@@ -17,6 +17,7 @@ from transformers import LlavaConfig
 
 from msfx.architectures import clip
 from msfx.families import family
+from msfx.inputs import check_token_ids
 from msfx.layers.basic import activation, embedding, linear
 from msfx.params.tree import Params, config_of
 
@@ -144,9 +145,7 @@ def forward(params: dict, input_ids, pixel_values: Tensor | None = None, attenti
         ValueError: ids out of range, image tokens that do not match the features, bad pixel values.
     """
     config = config or config_of(params)
-    ids = input_ids.asnumpy() if isinstance(input_ids, Tensor) else np.asarray(input_ids)
-    if ids.size and (ids.min() < 0 or ids.max() >= config.text_config.vocab_size):
-        raise ValueError(f"token ids must be in [0, {config.text_config.vocab_size}), got {ids.min()}..{ids.max()}")
+    ids = check_token_ids(input_ids, config.text_config.vocab_size)
     core, tree, text = language_params(params, config)
     embeds = input_embeddings(params, ids, pixel_values, config)
     return core.forward(tree, None, attention_mask, position_ids, cache, cache_position, config=text,
