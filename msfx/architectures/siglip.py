@@ -37,7 +37,7 @@ TEXT_PREFIX = "text_model"
 VISION_PREFIX = "vision_model"
 
 
-class SiglipOutput(NamedTuple):
+class SiglipLogits(NamedTuple):
     """`logits_per_image` `[images, texts]`, `logits_per_text` `[texts, images]`; `text_embeds` /
     `image_embeds` `[n, hidden]`, the towers' pooled outputs L2-normalized; the towers' outputs."""
 
@@ -200,7 +200,7 @@ def _l2_normalize(x: Tensor) -> Tensor:
 
 def forward(params: dict, input_ids: Tensor, pixel_values: Tensor, attention_mask: Tensor | None = None,
             position_ids: Tensor | None = None, *, config: SiglipConfig | None = None,
-            interpolate_pos_encoding: bool = False, output_hidden_states: bool = False) -> SiglipOutput:
+            interpolate_pos_encoding: bool = False, output_hidden_states: bool = False) -> SiglipLogits:
     """`SiglipModel`: both towers, their pooled outputs L2-normalized, and `logits_per_text =
     text_embeds @ image_embeds.T * exp(logit_scale) + logit_bias` (`logits_per_image` its
     transpose). Arguments and errors as `text_forward` and `vision_forward`; `config` defaults to
@@ -226,7 +226,7 @@ def forward(params: dict, input_ids: Tensor, pixel_values: Tensor, attention_mas
     cosine = ops.matmul(text_embeds.astype(ms.float32), image_embeds.astype(ms.float32).T).astype(dtype)
     scale = ops.exp(params["logit_scale"].astype(ms.float32)).astype(dtype)
     logits_per_text = cosine * scale + params["logit_bias"].astype(dtype)
-    return SiglipOutput(logits_per_text.T, logits_per_text, text_embeds, image_embeds, text, vision)
+    return SiglipLogits(logits_per_text.T, logits_per_text, text_embeds, image_embeds, text, vision)
 
 
 def sigmoid_loss(logits_per_text: Tensor) -> Tensor:

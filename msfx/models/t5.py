@@ -16,17 +16,8 @@ from transformers.utils import ModelOutput
 
 from msfx.architectures import t5
 from msfx.generation import Seq2SeqGenerationMixin
-from msfx.modeling import PreTrainedModel, as_tensor, masked_cross_entropy, token_ids
+from msfx.modeling import BaseModelOutput, PreTrainedModel, as_tensor, masked_cross_entropy, token_ids
 from msfx.params import resolve_model_dir
-
-
-@dataclass
-class BaseModelOutput(ModelOutput):
-    """HF's `BaseModelOutput` (`T5EncoderModel`): `last_hidden_state` `[batch, seq, d_model]`."""
-
-    last_hidden_state: Tensor | None = None
-    hidden_states: tuple | None = None
-    attentions: tuple | None = None
 
 
 @dataclass
