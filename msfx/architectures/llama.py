@@ -22,6 +22,7 @@ from transformers import LlamaConfig
 
 from msfx.architectures.decoder_spec import DecoderSpec
 from msfx.decode.cache import KVCache, write_cache, write_ring
+from msfx import kernels
 from msfx.families import family
 from msfx.layers.attention import arange, attention_bias, ring_attention_bias, scaled_dot_product_attention
 from msfx.layers.basic import activation, embedding, gated_mlp, linear, tanh
@@ -238,6 +239,11 @@ def _attention(x, p, config, spec, plan, cos, sin, bias, layer_cache, cache_posi
         q, k, v = (ops.clamp(y, -attn.clip_qkv, attn.clip_qkv) for y in (q, k, v))
     if attn.qk_norm == "projection":  # OLMo2: over the whole projection, before the split into heads
         q, k = _qk_norm(q, k, p, config, spec)
+    scale = d ** -0.5 if attn.scale is None else attn.scale
+    if _fused_attention(q, spec, plan, layer_cache, s):
+        q, *new_kv = kernels.rope_cache_write(q, k, v, cos, sin, *layer_cache, cache_position)
+        out = kernels.cache_attention(q, *new_kv, bias, scale)
+        return linear(out, p[names.o]["weight"], p[names.o].get("bias")), tuple(new_kv)
     q, k, v = (y.reshape(b, s, n, d) for y, n in ((q, heads), (k, n_kv), (v, n_kv)))
     if attn.qk_norm not in (None, "projection"):  # per head, before the rotation
         q, k = _qk_norm(q, k, p, config, spec)
@@ -254,10 +260,19 @@ def _attention(x, p, config, spec, plan, cos, sin, bias, layer_cache, cache_posi
     else:
         k, v = write_cache(layer_cache[0], k, cache_position), write_cache(layer_cache[1], v, cache_position)
         new_kv = (k, v)
-    scale = d ** -0.5 if attn.scale is None else attn.scale
     out = scaled_dot_product_attention(q, k, v, bias, scale, attn.softcap, config.attention_dropout)
     out = out.transpose(0, 2, 1, 3).reshape(b * s, -1)
     return linear(out, p[names.o]["weight"], p[names.o].get("bias")), new_kv
+
+
+def _fused_attention(q, spec, plan, layer_cache, queries: int) -> bool:
+    """Whether a layer attends through `msfx.kernels` (rotary, cache write and attention in two ops):
+    in a compiled float32 inference step over a full-length cache, with rotary, no per-head q/k norm
+    and no softcap, for up to `kernels.MAX_QUERIES` queries."""
+    attn = spec.attention
+    return (kernels.active() and q.dtype == ms.float32 and layer_cache is not None and plan.ring is None
+            and plan.rotary and attn.qk_norm in (None, "projection") and attn.softcap is None
+            and queries <= kernels.MAX_QUERIES)
 
 
 def _qk_norm(q, k, p, config, spec):
@@ -274,16 +289,17 @@ def _qk_norm(q, k, p, config, spec):
             rms_norm(k, p["k_norm"]["weight"], config.rms_norm_eps, spec.norms.offset))
 
 
-def _mlp(x, p, spec, act, sparse: bool):
-    """The layer's MLP (the sparse mixture of experts `p[spec.moe.module]` when `sparse`); returns
-    `(y, router_logits or None)`."""
+def _mlp(x, p, spec, hidden_act: str, sparse: bool):
+    """The layer's MLP (the sparse mixture of experts `p[spec.moe.module]` when `sparse`) with HF's
+    activation `hidden_act`; returns `(y, router_logits or None)`."""
+    if not (sparse or spec.mlp.plain):
+        return gated_mlp(x, p["mlp"], hidden_act, spec.mlp.fused_gate_up), None
+    act = activation(hidden_act)
     if sparse:
         moe = spec.moe
         return sparse_moe(x, p[moe.module], moe.expert_names, moe.top_k, moe.normalize_top_k, act)
-    if spec.mlp.plain:
-        up, down = (p["mlp"][name] for name in spec.mlp.plain)
-        return linear(act(linear(x, up["weight"], up.get("bias"))), down["weight"], down.get("bias")), None
-    return gated_mlp(x, p["mlp"], act, spec.mlp.fused_gate_up), None
+    up, down = (p["mlp"][name] for name in spec.mlp.plain)
+    return linear(act(linear(x, up["weight"], up.get("bias"))), down["weight"], down.get("bias")), None
 
 
 def norm(x: Tensor, p: dict | None, config, spec: DecoderSpec) -> Tensor:
@@ -314,7 +330,7 @@ def decoder_layer(x, p, config, cos, sin, bias, layer_cache=None, cache_position
     """
     spec = spec or spec_of(config)
     plan = plan or LayerPlan(None, None, "shared", True, False)
-    act, placement = activation(spec.mlp.hidden_act or config.hidden_act), spec.norms.placement
+    hidden_act, placement = spec.mlp.hidden_act or config.hidden_act, spec.norms.placement
 
     def normed(y, name):
         return norm(y, p.get(name), config, spec)
@@ -329,21 +345,21 @@ def decoder_layer(x, p, config, cos, sin, bias, layer_cache=None, cache_position
     if placement in ("parallel", "shared"):
         y = normed(x, "input_layernorm")
         h, kv = attention(y)
-        g, router_logits = _mlp(y if placement == "shared" else normed(x, "post_attention_layernorm"), p, spec, act,
-                                plan.sparse)
+        g, router_logits = _mlp(y if placement == "shared" else normed(x, "post_attention_layernorm"), p, spec,
+                                hidden_act, plan.sparse)
         return x + branch(h) + branch(g), kv, router_logits
     if placement == "post":
         h, kv = attention(x)
         x = x + normed(h, "post_attention_layernorm")
-        h, router_logits = _mlp(x, p, spec, act, plan.sparse)
+        h, router_logits = _mlp(x, p, spec, hidden_act, plan.sparse)
         return x + normed(h, "post_feedforward_layernorm"), kv, router_logits
     h, kv = attention(normed(x, "input_layernorm"))
     if placement == "sandwich":
         x = x + normed(h, "post_attention_layernorm")
-        h, router_logits = _mlp(normed(x, "pre_feedforward_layernorm"), p, spec, act, plan.sparse)
+        h, router_logits = _mlp(normed(x, "pre_feedforward_layernorm"), p, spec, hidden_act, plan.sparse)
         return x + normed(h, "post_feedforward_layernorm"), kv, router_logits
     x = x + branch(h)
-    h, router_logits = _mlp(normed(x, "post_attention_layernorm"), p, spec, act, plan.sparse)
+    h, router_logits = _mlp(normed(x, "post_attention_layernorm"), p, spec, hidden_act, plan.sparse)
     return x + branch(h), kv, router_logits
 
 

@@ -9,6 +9,7 @@ cache_position, *step_inputs, *param_leaves, *cache_leaves)` and returns `(last_
 int argument recompiles per value). One graph is compiled per distinct input shape: one decode
 step per (batch, cache length). The float32 cast happens inside the graph: an eager op on a
 compiled step's output made the following steps 2-4x slower (measured, MindSpore 2.10 CPU).
+Steps are traced inside `msfx.kernels.enabled()`: float32 layers use the fused CPU kernels.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from types import ModuleType
 import mindspore as ms
 from mindspore.common.tensor import Tensor
 
+from msfx import kernels
 from msfx.decode.cache import KVCache, reorder_cache
 from msfx.jit import Graph
 from msfx.params.tree import flatten, unflatten
@@ -42,9 +44,10 @@ class CompiledStep:
             inputs, leaves = rest[:n_inputs], rest[n_inputs:]
             tree = unflatten(leaves[:n], keys)
             ids, vectors = (None, input_ids) if embeds else (input_ids, None)
-            out = arch.forward(tree, ids, attention_mask, position_ids, KVCache.from_leaves(leaves[n:]),
-                               cache_position, *inputs, config=config, inputs_embeds=vectors, logits_to_keep=1,
-                               check_ids=False)
+            with kernels.enabled():
+                out = arch.forward(tree, ids, attention_mask, position_ids, KVCache.from_leaves(leaves[n:]),
+                                   cache_position, *inputs, config=config, inputs_embeds=vectors, logits_to_keep=1,
+                                   check_ids=False)
             logits = out.logits  # [batch, 1, vocab]: a reshape, where `[:, -1]` took ~1.5 ms (CPU StridedSlice)
             logits = logits.reshape(logits.shape[0], logits.shape[2])
             return (logits if logits.dtype == ms.float32 else logits.astype(ms.float32), *out.cache.leaves())

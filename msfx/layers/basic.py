@@ -6,6 +6,7 @@ from typing import Callable, NamedTuple
 import mindspore as ms
 from mindspore import Tensor, ops
 
+from msfx import kernels
 from msfx.backend import lacks_bf16_kernels
 from msfx.layers.dropout import dropout
 
@@ -106,15 +107,20 @@ def activation(name: str) -> Callable[[Tensor], Tensor]:
     return lambda x: fn(x.astype(ms.float32)).astype(x.dtype) if lacks_bf16_kernels(x) else fn(x)
 
 
-def gated_mlp(x: Tensor, p: dict, act: Callable[[Tensor], Tensor], fused: bool = False) -> Tensor:
-    """Llama's SwiGLU-style MLP: `down_proj(act(gate_proj(x)) * up_proj(x))`.
+def gated_mlp(x: Tensor, p: dict, hidden_act: str, fused: bool = False) -> Tensor:
+    """Llama's SwiGLU-style MLP: `down_proj(act(gate_proj(x)) * up_proj(x))`, `act` HF's `hidden_act`.
 
     `p` holds `gate_proj`, `up_proj`, `down_proj` sub-dicts with `weight` (and optional `bias`),
     or with `fused`, `gate_up_proj` (gate rows first, then up: Phi-3's layout) and `down_proj`.
+    In a compiled float32 inference step, `silu(gate) * up` is one fused kernel (`msfx.kernels`).
     """
     if fused:
         gate, up = ops.chunk(linear(x, p["gate_up_proj"]["weight"], p["gate_up_proj"].get("bias")), 2, -1)
     else:
         gate = linear(x, p["gate_proj"]["weight"], p["gate_proj"].get("bias"))
         up = linear(x, p["up_proj"]["weight"], p["up_proj"].get("bias"))
-    return linear(act(gate) * up, p["down_proj"]["weight"], p["down_proj"].get("bias"))
+    if hidden_act in ("silu", "swish") and gate.dtype == ms.float32 and kernels.active():
+        h = kernels.silu_mul(gate, up)
+    else:
+        h = activation(hidden_act)(gate) * up
+    return linear(h, p["down_proj"]["weight"], p["down_proj"].get("bias"))

@@ -1,0 +1,155 @@
+"""Fused float32 CPU kernels for compiled inference steps: C++ (`cpu_kernels.cc`) run by
+`mindspore.ops.Custom(func_type="aot")` inside `jit` graphs.
+
+A compiled CPU step pays ~10-20 µs per op whatever its size (MindSpore 2.10), and a SmolLM2
+decode step spent about as long in ~60 small ops per layer as in its matrix products. These
+kernels do a layer's rotary, cache write, attention, RMSNorm and SwiGLU product in 5 ops.
+
+The library is compiled once per source and machine with the system's C++ compiler (`$CXX`, else
+`g++`) into `cache_dir()/kernels/`. Without a compiler, or with `MSFX_KERNELS=0`, `available()` is
+False and the model code runs its MindSpore ops instead (same numbers to ~1e-7). Kernels run only
+inside `enabled()`, which compiled inference steps enter: they have no gradient.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cc")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+MAX_QUERIES = 64  # longer inputs (prompts) attend with MindSpore's batched products: the kernel loops per query
+
+_ENABLED = contextvars.ContextVar("msfx_kernels", default=False)
+_log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def enabled() -> Iterator[None]:
+    """Within (per thread): float32 inference code uses the kernels where `available()`."""
+    token = _ENABLED.set(True)
+    try:
+        yield
+    finally:
+        _ENABLED.reset(token)
+
+
+def active() -> bool:
+    """Inside `enabled()` with the library built."""
+    return _ENABLED.get() and available()
+
+
+def available() -> bool:
+    return library() is not None
+
+
+@functools.cache
+def library() -> str | None:
+    """Path of the compiled kernel library, building it on first use; None without a compiler, if the
+    build fails (logged once) or with `MSFX_KERNELS=0`."""
+    if os.environ.get("MSFX_KERNELS", "1") == "0":
+        return None
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        _log.warning("msfx: no C++ compiler (g++) found; compiled steps run without fused kernels (slower)")
+        return None
+    from msfx.params.gguf import cache_dir
+
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join((compiler, *FLAGS, platform.processor(), _cpu_flags())).encode())
+    path = cache_dir() / "kernels" / f"msfx_kernels_{key.hexdigest()[:16]}.so"
+    if path.exists():
+        return str(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # built aside, then renamed: atomic for other processes
+        built = Path(tmp) / path.name
+        result = subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], capture_output=True, text=True)
+        if result.returncode != 0:
+            _log.warning("msfx: building the fused kernels failed; compiled steps run without them:\n%s",
+                         result.stderr[-2000:])
+            return None
+        os.replace(built, path)
+    return str(path)
+
+
+def _cpu_flags() -> str:
+    # -march=native code is only valid on CPUs with the same instruction sets
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+@functools.cache
+def _op(name: str, out_shape, out_dtype):
+    from mindspore import ops
+
+    return ops.Custom(f"{library()}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
+
+
+def _first(*args):
+    return args[0]
+
+
+def _three(*args):
+    return args[0], args[0], args[0]
+
+
+def _rope_shapes(q, k, v, cos, sin, keys, values, position):
+    return [cos[0], q[1] // keys[3], cos[2], keys[3]], keys, values
+
+
+def _token_major(q, *args):
+    return [q[0] * q[2], q[1] * q[3]]
+
+
+def _product(x, w):
+    return [x[0], w[0]]
+
+
+def _scalar(value: float):
+    from mindspore import Tensor
+
+    return Tensor(np.array([value], np.float32))
+
+
+def rms_norm(x, weight, eps: float):
+    """`weight * (x * rsqrt(mean(x^2, -1) + eps))` for float32 `x` `[..., hidden]`, `weight` `[hidden]`."""
+    return _op("MsfxRmsNorm", _first, _first)(x, weight, _scalar(eps))
+
+
+def silu_mul(gate, up):
+    """`silu(gate) * up`, float32, same shapes."""
+    return _op("MsfxSiluMul", _first, _first)(gate, up)
+
+
+def rope_cache_write(q, k, v, cos, sin, keys, values, cache_position):
+    """Rotary on `q` `[b * s, heads * d]` and `k` `[b * s, kv * d]` by `cos`, `sin` `[b, 1, s, rotary_dim]`,
+    then `k` and `v` written at slots `cache_position` (int32 `[s]`) of copies of the caches `keys`,
+    `values` `[b, kv, slots, d]`. Returns `(q [b, heads, s, d], keys, values)`, all float32."""
+    return _op("MsfxRopeCacheWrite", _rope_shapes, _three)(q, k, v, cos, sin, keys, values, cache_position)
+
+
+def cache_attention(q, keys, values, bias, scale: float):
+    """`softmax(q keys^T * scale + bias) values`, float32, grouped-query heads, for `q` `[b, heads, s, d]`
+    over `keys`, `values` `[b, kv, slots, d]` with the additive mask `bias` `[b or 1, 1, 1, s or 1, slots]`
+    (`msfx.layers.attention.attention_bias`). Returns `[b * s, heads * d]`."""
+    return _op("MsfxCacheAttention", _token_major, _first)(q, keys, values, bias, _scalar(scale))
+
+
+def linear(x, weight):
+    """`x @ weight.T` for float32 `x` `[m, in]` with few rows and `weight` `[out, in]`: one pass over
+    the weight (a memory-bound matrix-vector product)."""
+    return _op("MsfxLinear", _product, _first)(x, weight)
