@@ -1,5 +1,5 @@
 import sys
 
-from msfx.cli import main
+from msfx.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

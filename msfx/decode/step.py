@@ -3,25 +3,42 @@
 `mindspore.jit` keys tensors inside container arguments by identity, so a cache fed back as a
 tuple of new tensors would recompile on every call; flat positional tensors are keyed by shape
 and dtype only. A compiled step therefore takes `(input_ids, attention_mask, position_ids,
-cache_position, *step_inputs, *param_leaves, *cache_leaves)` and returns `(last_logits_float32,
+cache_position, *step_inputs, *cache_leaves)` and returns `(last_logits_float32,
 *cache_leaves)`; `step_inputs` are what the architecture's `step_inputs(config)` gives per call
 (a rotary model's frequencies, nothing for GPT-2). Positions are tensors, never Python ints (an
 int argument recompiles per value). One graph is compiled per distinct input shape: one decode
-step per (batch, cache length). The float32 cast happens inside the graph: an eager op on a
-compiled step's output made the following steps 2-4x slower (measured, MindSpore 2.10 CPU).
+step per (batch, cache length). The weights are not arguments: they are the graphs' own
+`Parameter`s, sharing the leaves' memory (`graph_weights`). The float32 cast happens inside the
+graph: an eager op on a compiled step's output made the following steps 2-4x slower (measured,
+MindSpore 2.10 CPU).
 Steps are traced inside `msfx.kernels.enabled()`: float32 layers use the fused CPU kernels.
 """
 from __future__ import annotations
 
+import itertools
 from types import ModuleType
 
 import mindspore as ms
+from mindspore import Parameter
 from mindspore.common.tensor import Tensor
 
 from msfx import kernels
 from msfx.decode.cache import KVCache, reorder_cache
 from msfx.jit import Graph
 from msfx.params.tree import flatten, unflatten
+
+
+_STEP_IDS = itertools.count()
+
+
+def graph_weights(leaves: list[Tensor]) -> list[Parameter]:
+    """`leaves` as `Parameter`s sharing their memory, for a compiled graph to close over: each tensor
+    argument of a compiled CPU call costs host and launch time (a SmolLM2 decode step took 25% longer
+    with its 272 weights as arguments; measured, MindSpore 2.10). Unique names per call."""
+    prefix = f"msfx_step{next(_STEP_IDS)}"
+    # positional arguments and a fresh `Tensor` view: MindSpore 2.10's `Parameter` copies the data
+    # unless its argument's reference count shows no other holder
+    return [Parameter(Tensor(leaf), f"{prefix}_{i}", False) for i, leaf in enumerate(leaves)]
 
 
 class CompiledStep:
@@ -36,16 +53,15 @@ class CompiledStep:
     def __init__(self, arch: ModuleType, params: dict, config, jit: bool = True, embeds: bool = False):
         self.arch = arch
         self.leaves, keys = flatten(dict(params))
-        n = len(self.leaves)
+        weights = graph_weights(self.leaves) if jit else self.leaves
         n_cache = 2 * config.num_hidden_layers  # keys and values per layer (`generate.new_cache`)
 
         def step(input_ids, attention_mask, position_ids, cache_position, *rest):
-            n_inputs = len(rest) - n - n_cache
-            inputs, leaves = rest[:n_inputs], rest[n_inputs:]
-            tree = unflatten(leaves[:n], keys)
+            inputs, cache = rest[:len(rest) - n_cache], rest[len(rest) - n_cache:]
+            tree = unflatten(weights, keys)
             ids, vectors = (None, input_ids) if embeds else (input_ids, None)
             with kernels.enabled():
-                out = arch.forward(tree, ids, attention_mask, position_ids, KVCache.from_leaves(leaves[n:]),
+                out = arch.forward(tree, ids, attention_mask, position_ids, KVCache.from_leaves(cache),
                                    cache_position, *inputs, config=config, inputs_embeds=vectors, logits_to_keep=1,
                                    check_ids=False)
             logits = out.logits  # [batch, 1, vocab]: a reshape, where `[:, -1]` took ~1.5 ms (CPU StridedSlice)
@@ -66,7 +82,7 @@ class CompiledStep:
     def __call__(self, input_ids, attention_mask, position_ids, cache_position, step_inputs: tuple, cache: KVCache,
                  beam_idx: Tensor | None = None):
         signature = (tuple(input_ids.shape), tuple(attention_mask.shape), tuple(cache.keys[0].shape))
-        args = (input_ids, attention_mask, position_ids, cache_position, *step_inputs, *self.leaves, *cache.leaves())
+        args = (input_ids, attention_mask, position_ids, cache_position, *step_inputs, *cache.leaves())
         if beam_idx is None:
             logits, *leaves = self._graph(*args, signature=signature)
         else:

@@ -115,10 +115,6 @@ def _token_major(q, *args):
     return [q[0] * q[2], q[1] * q[3]]
 
 
-def _product(x, w):
-    return [x[0], w[0]]
-
-
 def _scalar(value: float):
     from mindspore import Tensor
 
@@ -148,8 +144,3 @@ def cache_attention(q, keys, values, bias, scale: float):
     (`msfx.layers.attention.attention_bias`). Returns `[b * s, heads * d]`."""
     return _op("MsfxCacheAttention", _token_major, _first)(q, keys, values, bias, _scalar(scale))
 
-
-def linear(x, weight):
-    """`x @ weight.T` for float32 `x` `[m, in]` with few rows and `weight` `[out, in]`: one pass over
-    the weight (a memory-bound matrix-vector product)."""
-    return _op("MsfxLinear", _product, _first)(x, weight)
