@@ -21,6 +21,7 @@ from mindspore import Tensor, ops
 from transformers import LlamaConfig
 
 from msfx.architectures.decoder_spec import DecoderSpec
+from msfx.backend import lacks_bf16_kernels
 from msfx.decode.cache import KVCache, write_cache, write_ring
 from msfx.families import family
 from msfx.layers.attention import arange, attention_bias, ring_attention_bias, scaled_dot_product_attention
@@ -234,8 +235,10 @@ def _attention(x, p, config, spec, plan, cos, sin, bias, layer_cache, cache_posi
             q, k, v = ops.split(qkv, (heads * d, n_kv * d, n_kv * d), -1)
     else:
         q, k, v = (linear(x, p[name]["weight"], p[name].get("bias")) for name in ("q_proj", "k_proj", "v_proj"))
-    if attn.clip_qkv is not None:  # OLMo
-        q, k, v = (ops.clamp(y, -attn.clip_qkv, attn.clip_qkv) for y in (q, k, v))
+    if attn.clip_qkv is not None:  # OLMo; bfloat16 on CPU (no Maximum kernel) clamps in float32, exactly
+        wide = lacks_bf16_kernels(x)
+        q, k, v = (ops.clamp(y.astype(ms.float32) if wide else y, -attn.clip_qkv, attn.clip_qkv).astype(y.dtype)
+                   for y in (q, k, v))
     if attn.qk_norm == "projection":  # OLMo2: over the whole projection, before the split into heads
         q, k = _qk_norm(q, k, p, config, spec)
     q, k, v = (y.reshape(b, s, n, d) for y, n in ((q, heads), (k, n_kv), (v, n_kv)))

@@ -128,7 +128,8 @@ def _conv(x: Tensor, p: dict, stride: int) -> Tensor:
     """`nn.Conv1d(kernel_size=3, padding=1, stride)` as one product over the three shifted windows:
     `x` `[batch, frames, channels]` (time-major) -> `[batch, frames // stride, out]`."""
     b, t, c = x.shape
-    padded = ops.pad(x, (0, 0, 1, 1))
+    zeros = ops.zeros((b, 1, c), x.dtype)  # Concat, not Pad: MindSpore's CPU Pad has no bfloat16 kernel
+    padded = ops.concat((zeros, x, zeros), 1)
     out_len = (t - 1) // stride + 1
     windows = [padded[:, k:k + stride * (out_len - 1) + 1:stride] for k in range(3)]
     # weight [out, in, 3] -> [out, 3 * in], matching the windows' (tap, channel) order
