@@ -25,7 +25,7 @@ from msfx.backend import lacks_bf16_kernels
 from msfx.decode.cache import KVCache, write_cache, write_ring
 from msfx.families import family
 from msfx.layers.attention import arange, attention_bias, ring_attention_bias, scaled_dot_product_attention
-from msfx.layers.basic import activation, embedding, gated_mlp, linear, tanh
+from msfx.layers.basic import activation, embedding, gated_mlp, linear, scaled, tanh
 from msfx.inputs import check_model_inputs
 from msfx.jit import host_reads_allowed
 from msfx.layers.dropout import dropout
@@ -327,7 +327,7 @@ def decoder_layer(x, p, config, cos, sin, bias, layer_cache=None, cache_position
 
     def branch(h):  # a residual branch's output as it is added
         h = dropout(h, spec.resid_pdrop)
-        return h if spec.residual_multiplier == 1.0 else h * spec.residual_multiplier
+        return h if spec.residual_multiplier == 1.0 else scaled(h, spec.residual_multiplier)
 
     if placement in ("parallel", "shared"):
         y = normed(x, "input_layernorm")
@@ -428,7 +428,7 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
     else:
         x = inputs_embeds
     if spec.embedding_multiplier != 1.0:  # Granite: also on given `inputs_embeds`
-        x = x * spec.embedding_multiplier
+        x = scaled(x, spec.embedding_multiplier)
     x = dropout(x, spec.embed_pdrop)
     b, s = x.shape[0], x.shape[1]
     # positions 0..s-1 unless given: the rope table's length is known without reading them back

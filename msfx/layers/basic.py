@@ -62,6 +62,15 @@ def linear(x: Tensor, weight: Tensor | LoraWeight, bias: Tensor | None = None) -
     return y if bias is None else y + bias
 
 
+def scaled(x: Tensor, factor: float) -> Tensor:
+    """`x * factor` for a Python float, rounded once to `x`'s dtype: torch multiplies a half-precision
+    tensor by a float in float32, MindSpore rounds the float to the tensor's dtype first (48% of
+    bfloat16 products by 0.3 differed from torch's; exact for powers of two). Shapes: any."""
+    if x.dtype == ms.float32:
+        return x * factor
+    return (x.astype(ms.float32) * factor).astype(x.dtype)
+
+
 def embedding(ids: Tensor, weight: Tensor) -> Tensor:
     """Rows of `weight` `[vocab, hidden]` for integer `ids` `[...]` -> `[..., hidden]`."""
     if lacks_bf16_kernels(weight):  # exact; `Tensor.view(int16)` would avoid the copy but cannot be traced
