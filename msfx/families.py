@@ -204,14 +204,17 @@ def qwen3_moe_spec(config) -> DecoderSpec:
 
 
 def olmo_spec(config) -> DecoderSpec:
-    """Parameter-free LayerNorms (eps 1e-5, HF's `OlmoLayerNorm`); q, k, v clamped to `clip_qkv`."""
+    """Parameter-free LayerNorms (eps 1e-5, HF's `OlmoLayerNorm`); q, k, v clamped to `clip_qkv`;
+    float32 rotary tables."""
     return DecoderSpec(_biases(config)._replace(clip_qkv=config.clip_qkv),
-                       norms=NormSpec(kind="parameter_free", eps=1e-5))
+                       norms=NormSpec(kind="parameter_free", eps=1e-5), rope=RopeSpec(float32_tables=True))
 
 
 def olmo2_spec(config) -> DecoderSpec:
-    """Norms on the attention and MLP outputs only; RMSNorm on q and k over the whole projection."""
-    return DecoderSpec(_biases(config)._replace(qk_norm="projection"), norms=NormSpec("post"))
+    """Norms on the attention and MLP outputs only, scaled in float32; RMSNorm on q and k over the
+    whole projection; float32 rotary tables."""
+    return DecoderSpec(_biases(config)._replace(qk_norm="projection"),
+                       norms=NormSpec("post", scale_in_float32=True), rope=RopeSpec(float32_tables=True))
 
 
 def smollm3_spec(config) -> DecoderSpec:

@@ -273,8 +273,9 @@ def _qk_norm(q, k, p, config, spec):
     if kind == "per_head_layer":  # StableLM: the heads' weights stacked `[heads, head_dim]`
         return tuple(layer_norm(y, ops.stack([h["weight"] for h in p[n]["norms"]]), None, eps)
                      for y, n in ((q, "q_layernorm"), (k, "k_layernorm")))
-    return (rms_norm(q, p["q_norm"]["weight"], config.rms_norm_eps, spec.norms.offset),
-            rms_norm(k, p["k_norm"]["weight"], config.rms_norm_eps, spec.norms.offset))
+    norms = spec.norms
+    return (rms_norm(q, p["q_norm"]["weight"], config.rms_norm_eps, norms.offset, norms.scale_in_float32),
+            rms_norm(k, p["k_norm"]["weight"], config.rms_norm_eps, norms.offset, norms.scale_in_float32))
 
 
 def _mlp(x, p, spec, act, sparse: bool):
@@ -294,7 +295,7 @@ def norm(x: Tensor, p: dict | None, config, spec: DecoderSpec) -> Tensor:
     norms = spec.norms
     eps = config.rms_norm_eps if norms.eps is None else norms.eps
     if norms.kind == "rms":
-        return rms_norm(x, p["weight"], eps, norms.offset)
+        return rms_norm(x, p["weight"], eps, norms.offset, norms.scale_in_float32)
     if norms.kind == "layer":
         return layer_norm(x, p["weight"], p["bias"], eps)
     return layer_norm(x, None, None, eps)
@@ -366,8 +367,8 @@ def layer_rotations(config, spec: DecoderSpec, plans, position_ids: Tensor, inv_
                     table_len: int | None, dtype) -> list[tuple[Tensor, Tensor]]:
     """Each layer's rotary `(cos, sin)` `[batch, 1, seq, rotary_dim]`: its layer type's static
     table (Gemma 3), else one table from `inv_freq` or, without it, from the config's rope for
-    `table_len` positions (dynamic scalings depend on it)."""
-    partial = spec.rope.partial_default
+    `table_len` positions (dynamic scalings depend on it); in `dtype`, float32 with `float32_tables`."""
+    partial, dtype = spec.rope.partial_default, ms.float32 if spec.rope.float32_tables else dtype
     if spec.rope.by_layer_type:
         tables = {}
         for kind, rope in config.rope_parameters.items():

@@ -5,14 +5,15 @@ import mindspore as ms
 from mindspore import Tensor, ops
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float, offset: float = 0.0) -> Tensor:
+def rms_norm(x: Tensor, weight: Tensor, eps: float, offset: float = 0.0, scale_in_float32: bool = False) -> Tensor:
     """RMSNorm (Zhang & Sennrich 2019) as HF's `LlamaRMSNorm`.
 
     `x` `[..., hidden]` is normalized in float32, cast back to its dtype, then scaled by
     `weight` `[hidden]`. With `offset` (Gemma: 1.0) the scale is `offset + weight`, applied in
-    float32 before the cast, as HF's `Gemma2RMSNorm`.
+    float32 before the cast, as HF's `Gemma2RMSNorm`; `scale_in_float32` does that for `weight`
+    (HF's `Olmo2RMSNorm`).
     """
-    if offset:
+    if offset or scale_in_float32:
         h = x.astype(ms.float32)
         h = h * ops.rsqrt(ops.mean(h * h, -1, keep_dims=True) + eps) * (offset + weight.astype(ms.float32))
         return h if x.dtype == ms.float32 else h.astype(x.dtype)
