@@ -46,6 +46,9 @@ class NormSpec(NamedTuple):
     kind: str = "rms"
     eps: float | None = None  # instead of `config.rms_norm_eps`
     scale_in_float32: bool = False  # RMSNorm scales before the cast back, one rounding (OLMo2)
+    # "parallel" / "shared": attention and MLP outputs summed before the residual is added (GPT-NeoX,
+    # Phi; StableLM adds the attention output first), HF's rounding order in half precision
+    branches_first: bool = False
 
 
 class ModuleNames(NamedTuple):
@@ -77,6 +80,7 @@ class MoESpec(NamedTuple):
     intermediate: int
     expert_names: tuple = ("gate_proj", "up_proj", "down_proj")  # each expert's gate, up, down
     normalize_top_k: bool = True
+    float32_weights: bool = False  # routing weights stay float32 in the experts' products (Mixtral)
 
 
 class DecoderSpec(NamedTuple):

@@ -283,7 +283,7 @@ def _mlp(x, p, spec, act, sparse: bool):
     `(y, router_logits or None)`."""
     if sparse:
         moe = spec.moe
-        return sparse_moe(x, p[moe.module], moe.expert_names, moe.top_k, moe.normalize_top_k, act)
+        return sparse_moe(x, p[moe.module], moe.expert_names, moe.top_k, moe.normalize_top_k, act, moe.float32_weights)
     if spec.mlp.plain:
         up, down = (p["mlp"][name] for name in spec.mlp.plain)
         return linear(act(linear(x, up["weight"], up.get("bias"))), down["weight"], down.get("bias")), None
@@ -335,7 +335,8 @@ def decoder_layer(x, p, config, cos, sin, bias, layer_cache=None, cache_position
         h, kv = attention(y)
         g, router_logits = _mlp(y if placement == "shared" else normed(x, "post_attention_layernorm"), p, spec, act,
                                 plan.sparse)
-        return x + branch(h) + branch(g), kv, router_logits
+        out = branch(h) + branch(g) + x if spec.norms.branches_first else x + branch(h) + branch(g)
+        return out, kv, router_logits
     if placement == "post":
         h, kv = attention(x)
         x = x + normed(h, "post_attention_layernorm")
