@@ -124,7 +124,8 @@ def phi_spec(config) -> DecoderSpec:
     `qk_layernorm` a LayerNorm on each head's q and k."""
     attention = AttentionSpec(qkv_bias=True, o_bias=True, qk_norm="head_layer" if config.qk_layernorm else None)
     return DecoderSpec(attention, MLPSpec(bias=True, plain=("fc1", "fc2")),
-                       NormSpec("shared", kind="layer", eps=config.layer_norm_eps), RopeSpec(partial_default=True),
+                       NormSpec("shared", kind="layer", eps=config.layer_norm_eps, branches_first=True),
+                       RopeSpec(partial_default=True),
                        names=ModuleNames(o="dense", final_norm="final_layernorm"), lm_head_bias=True,
                        resid_pdrop=config.resid_pdrop, embed_pdrop=config.embd_pdrop)
 
@@ -180,7 +181,7 @@ def gpt_neox_spec(config) -> DecoderSpec:
     return DecoderSpec(AttentionSpec(qkv_bias=config.attention_bias, o_bias=config.attention_bias, fused_qkv="heads"),
                        MLPSpec(bias=True, plain=("dense_h_to_4h", "dense_4h_to_h")),
                        NormSpec("parallel" if config.use_parallel_residual else "pre", kind="layer",
-                                eps=config.layer_norm_eps),
+                                eps=config.layer_norm_eps, branches_first=True),
                        RopeSpec(partial_default=True),
                        names=ModuleNames("embed_in", "attention", "query_key_value", "dense", "final_layer_norm",
                                          "embed_out"),
@@ -191,7 +192,7 @@ def mixtral_spec(config) -> DecoderSpec:
     """Mistral with a sparse mixture of experts (`block_sparse_moe`, experts `w1`/`w3`/`w2`) on every layer."""
     return mistral_spec(config)._replace(moe=MoESpec(
         "block_sparse_moe", (True,) * config.num_hidden_layers, config.num_local_experts,
-        config.num_experts_per_tok, config.intermediate_size, expert_names=("w1", "w3", "w2")))
+        config.num_experts_per_tok, config.intermediate_size, expert_names=("w1", "w3", "w2"), float32_weights=True))
 
 
 def qwen3_moe_spec(config) -> DecoderSpec:
@@ -204,14 +205,17 @@ def qwen3_moe_spec(config) -> DecoderSpec:
 
 
 def olmo_spec(config) -> DecoderSpec:
-    """Parameter-free LayerNorms (eps 1e-5, HF's `OlmoLayerNorm`); q, k, v clamped to `clip_qkv`."""
+    """Parameter-free LayerNorms (eps 1e-5, HF's `OlmoLayerNorm`); q, k, v clamped to `clip_qkv`;
+    float32 rotary tables."""
     return DecoderSpec(_biases(config)._replace(clip_qkv=config.clip_qkv),
-                       norms=NormSpec(kind="parameter_free", eps=1e-5))
+                       norms=NormSpec(kind="parameter_free", eps=1e-5), rope=RopeSpec(float32_tables=True))
 
 
 def olmo2_spec(config) -> DecoderSpec:
-    """Norms on the attention and MLP outputs only; RMSNorm on q and k over the whole projection."""
-    return DecoderSpec(_biases(config)._replace(qk_norm="projection"), norms=NormSpec("post"))
+    """Norms on the attention and MLP outputs only, scaled in float32; RMSNorm on q and k over the
+    whole projection; float32 rotary tables."""
+    return DecoderSpec(_biases(config)._replace(qk_norm="projection"),
+                       norms=NormSpec("post", scale_in_float32=True), rope=RopeSpec(float32_tables=True))
 
 
 def smollm3_spec(config) -> DecoderSpec:

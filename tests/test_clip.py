@@ -14,6 +14,7 @@ Run with `-s` to see the table of measured max abs diffs printed at the end of t
 """
 from __future__ import annotations
 
+import mindspore as ms
 import numpy as np
 import pytest
 import torch
@@ -114,6 +115,28 @@ def test_clip_model_matches_hf(hf_clip):
     as_tuple = model(ids, pixels, mask, return_dict=False)  # no loss: the tuple starts at logits_per_image
     np.testing.assert_array_equal(as_tuple[0].asnumpy(), out.logits_per_image.asnumpy())
     assert isinstance(as_tuple[-1], tuple)  # the vision tower's output, as a tuple too
+
+
+def test_bf16_error_within_torch_bf16_error(hf_clip):
+    """bfloat16 `CLIPModel` against the float32 torch reference: msfx's error at most 1.5x (max) /
+    1.2x (mean) torch-bf16's (`test_bf16_encoders`' criterion), for quick_gelu and gelu. The 3x3
+    `logits_per_image` get the max bound only: a mean of 9 values is noise (gelu: 1.28x torch's mean,
+    from embeddings within 1.05x)."""
+    from test_bf16_encoders import MAX_FACTOR, _check, _errors, _torch_runs
+
+    case, torch_model, path = hf_clip
+    ids, mask = _token_batch(torch_model.config.text_config.eos_token_id)
+    pixels = _pixels()
+    ref, bf16 = _torch_runs(transformers.CLIPModel, path, input_ids=ids, pixel_values=pixels, attention_mask=mask)
+    out = CLIPModel.from_pretrained(path, dtype="bfloat16")(ids, pixels, mask)
+    ours_max, torch_max, _, _ = _errors(out.logits_per_image.astype(ms.float32).asnumpy(),
+                                        bf16.logits_per_image.float().numpy(), ref.logits_per_image.numpy(), slice(None))
+    assert 0 < ours_max <= MAX_FACTOR * torch_max, (ours_max, torch_max)
+    for field in ("text_embeds", "image_embeds"):
+        _check(f"{case} {field}", getattr(out, field), getattr(bf16, field), getattr(ref, field))
+    for field in ("last_hidden_state", "pooler_output"):
+        _check(f"{case} vision {field}", getattr(out.vision_model_output, field),
+               getattr(bf16.vision_model_output, field), getattr(ref.vision_model_output, field))
 
 
 def test_towers_load_from_the_full_checkpoint_and_their_own(hf_clip, tmp_path):

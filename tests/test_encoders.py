@@ -288,7 +288,7 @@ def test_trainer_trains_token_classification_and_question_answering(hf_encoder, 
 
 # ---------------------------------------------------------------- bfloat16
 
-@pytest.mark.parametrize("family", ["roberta", "distilbert", "modernbert_biases"])
+@pytest.mark.parametrize("family", ["roberta", "xlm-roberta", "distilbert", "modernbert", "modernbert_biases"])
 def test_bf16_error_within_torch_bf16_error(hf_encoder, family):
     """bfloat16 msfx against the float32 torch reference: at most 1.5x (max) / 1.2x (mean) the
     error of torch's own bfloat16 run (see `test_bf16_encoders`), over the real tokens."""

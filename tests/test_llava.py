@@ -93,6 +93,20 @@ def test_beam_search_with_images_matches_hf(llava):
     np.testing.assert_array_equal(ours, theirs.numpy())
 
 
+def test_bf16_error_within_torch_bf16_error(llava):
+    """bfloat16 logits with images against the float32 torch reference: msfx's error at most 1.5x
+    (max) / 1.2x (mean) torch-bf16's (`test_bf16_encoders`' criterion); generation with images runs
+    (eagerly: no CPU bf16 graphs)."""
+    from test_bf16_encoders import _check, _torch_runs
+
+    case, _, path, _ = llava
+    ids, pixels = prompts(case)
+    ref, bf16 = _torch_runs(transformers.LlavaForConditionalGeneration, path, input_ids=ids, pixel_values=pixels)
+    model = msfx.AutoModelForImageTextToText.from_pretrained(path, dtype="bfloat16")
+    _check(f"{case} logits", model(input_ids=ids, pixel_values=pixels).logits, bf16.logits, ref.logits)
+    assert model.generate(ids, pixel_values=pixels, max_new_tokens=2).shape == (2, ids.shape[1] + 2)
+
+
 def test_processor_numpy_path_and_chat_prompt(tmp_path):
     """`LlavaProcessor` with `return_tensors="np"` expands `<image>` to the patch tokens as HF does;
     generate on its output equals HF's."""

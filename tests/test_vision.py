@@ -319,3 +319,5 @@ def test_bad_pixel_values_raise_clear_errors(vit_dirs, dinov2_dirs, siglip_dirs)
         siglip(np.zeros((1, 3, 20, 20), np.float32))
     with pytest.raises(ValueError, match=r"\[batch, channels, height, width\]"):
         siglip(np.zeros((3, IMAGE, IMAGE), np.float32))
+    with pytest.raises(ValueError, match="1 channels, the model expects num_channels=3"):
+        siglip(np.zeros((1, 1, IMAGE, IMAGE), np.float32))

@@ -173,6 +173,27 @@ def test_bad_inputs_raise(tiny):
         extractor(np.zeros(8000, np.float32), sampling_rate=8000, return_tensors="np")
 
 
+def test_bf16_error_within_hf_bf16_error(tiny):
+    """bfloat16 encoder output and logits against HF's float32 ones: msfx's error at most 1.5x (max) /
+    1.2x (mean) HF bfloat16's (`test_bf16_encoders`' criterion; HF's run takes the features in
+    bfloat16, msfx rounds them itself); generation runs (eagerly: no CPU bf16 graphs)."""
+    from test_bf16_encoders import _check
+
+    hf, _, path = tiny
+    x, ids = features(), np.random.default_rng(1).integers(0, 120, (3, 7))
+    half = transformers.WhisperForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16,
+                                                                        attn_implementation="eager").eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor(x), decoder_input_ids=torch.tensor(ids))
+        bf16 = half(torch.tensor(x, dtype=torch.bfloat16), decoder_input_ids=torch.tensor(ids))
+    model = WhisperForConditionalGeneration.from_pretrained(path, dtype="bfloat16")
+    out = model(x, decoder_input_ids=ids)
+    _check("encoder output", out.encoder_last_hidden_state, bf16.encoder_last_hidden_state,
+           ref.encoder_last_hidden_state)
+    _check("logits", out.logits, bf16.logits, ref.logits)
+    assert model.generate(x, language="en", max_new_tokens=3).shape == (3, 3)  # as HF: without the start tokens
+
+
 def test_forced_decoder_ids_match_hf(tiny):
     """The older way to give language and task: `forced_decoder_ids` in the generation config."""
     hf, ours, _ = tiny

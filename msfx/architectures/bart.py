@@ -31,7 +31,7 @@ from msfx.families import family
 from msfx.inputs import check_model_inputs
 from msfx.layers.attention import attention_bias, padding_bias, scaled_dot_product_attention, split_heads
 from msfx.layers.attention import cross_attention_cache as cross_kv, key_values
-from msfx.layers.basic import activation, embedding, linear
+from msfx.layers.basic import activation, embedding, linear, scaled
 from msfx.layers.dropout import dropout
 from msfx.params import load_params
 from msfx.params.tree import Params, config_of, unflatten_keys
@@ -187,7 +187,7 @@ def token_embeddings(params: dict, stack: str, ids: Tensor, config) -> Tensor:
     stack's own `embed_tokens`, times `sqrt(d_model)` with `scale_embedding`."""
     table = params["model"]["shared"] if config.tie_word_embeddings else params["model"][stack]["embed_tokens"]
     x = embedding(ids, table["weight"])
-    return x * math.sqrt(config.d_model) if config.scale_embedding else x
+    return scaled(x, math.sqrt(config.d_model)) if config.scale_embedding else x
 
 
 def _embed(params: dict, stack: str, x: Tensor, positions: Tensor, config) -> Tensor:

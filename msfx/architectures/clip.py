@@ -250,7 +250,11 @@ def project(params: dict, name: str, pooled: Tensor) -> Tensor:
 
 
 def _l2_normalize(x: Tensor) -> Tensor:
-    return x / ops.sqrt((x * x).sum(-1, keepdims=True))
+    """`x / ||x||` over the last axis, rounded to `x`'s dtype where HF's `_get_vector_norm` rounds in
+    bfloat16: the squares, their (float32-accumulated) sum and its square root. The sum runs in
+    float32: MindSpore 2.10's CPU reductions have no bfloat16 kernel."""
+    total = (x * x).astype(ms.float32).sum(-1, keepdims=True).astype(x.dtype)
+    return x / ops.sqrt(total.astype(ms.float32)).astype(x.dtype)
 
 
 def forward(params: dict, input_ids: Tensor, pixel_values: Tensor, attention_mask: Tensor | None = None,
@@ -269,7 +273,9 @@ def forward(params: dict, input_ids: Tensor, pixel_values: Tensor, attention_mas
     text = text._replace(pooler_output=project(params, "text_projection", text.pooler_output))
     vision = vision._replace(pooler_output=project(params, "visual_projection", vision.pooler_output))
     text_embeds, image_embeds = _l2_normalize(text.pooler_output), _l2_normalize(vision.pooler_output)
-    logits_per_text = ops.matmul(text_embeds, image_embeds.T) * ops.exp(params["logit_scale"]).astype(text_embeds.dtype)
+    dtype = text_embeds.dtype  # float32 product and exp, each rounded once, as torch's bfloat16 CPU kernels
+    cosine = ops.matmul(text_embeds.astype(ms.float32), image_embeds.astype(ms.float32).T).astype(dtype)
+    logits_per_text = cosine * ops.exp(params["logit_scale"].astype(ms.float32)).astype(dtype)
     return CLIPLogits(logits_per_text.T, logits_per_text, text_embeds, image_embeds, text, vision)
 
 

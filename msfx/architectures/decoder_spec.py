@@ -45,6 +45,10 @@ class NormSpec(NamedTuple):
     # "parameter_free": LayerNorm with neither (OLMo)
     kind: str = "rms"
     eps: float | None = None  # instead of `config.rms_norm_eps`
+    scale_in_float32: bool = False  # RMSNorm scales before the cast back, one rounding (OLMo2)
+    # "parallel" / "shared": attention and MLP outputs summed before the residual is added (GPT-NeoX,
+    # Phi; StableLM adds the attention output first), HF's rounding order in half precision
+    branches_first: bool = False
 
 
 class ModuleNames(NamedTuple):
@@ -63,6 +67,7 @@ class RopeSpec(NamedTuple):
     partial_default: bool = False  # the default rope honours `partial_rotary_factor` (Phi-3)
     layers: tuple = ()  # per layer: False where the layer skips rotary (SmolLM3's `no_rope_layers`)
     by_layer_type: bool = False  # `rope_parameters` per layer type (Gemma 3)
+    float32_tables: bool = False  # cos/sin stay float32: q, k rotate in float32, rounded once (OLMo, OLMo2)
 
 
 class MoESpec(NamedTuple):
@@ -75,6 +80,7 @@ class MoESpec(NamedTuple):
     intermediate: int
     expert_names: tuple = ("gate_proj", "up_proj", "down_proj")  # each expert's gate, up, down
     normalize_top_k: bool = True
+    float32_weights: bool = False  # routing weights stay float32 in the experts' products (Mixtral)
 
 
 class DecoderSpec(NamedTuple):

@@ -21,11 +21,12 @@ from mindspore import Tensor, ops
 from transformers import LlamaConfig
 
 from msfx.architectures.decoder_spec import DecoderSpec
+from msfx.backend import lacks_bf16_kernels
 from msfx.decode.cache import KVCache, write_cache, write_ring
 from msfx import kernels
 from msfx.families import family
 from msfx.layers.attention import arange, attention_bias, ring_attention_bias, scaled_dot_product_attention
-from msfx.layers.basic import activation, embedding, gated_mlp, linear, tanh
+from msfx.layers.basic import activation, embedding, gated_mlp, linear, scaled, tanh
 from msfx.inputs import check_model_inputs
 from msfx.jit import host_reads_allowed
 from msfx.layers.dropout import dropout
@@ -235,8 +236,10 @@ def _attention(x, p, config, spec, plan, cos, sin, bias, layer_cache, cache_posi
             q, k, v = ops.split(qkv, (heads * d, n_kv * d, n_kv * d), -1)
     else:
         q, k, v = (linear(x, p[name]["weight"], p[name].get("bias")) for name in ("q_proj", "k_proj", "v_proj"))
-    if attn.clip_qkv is not None:  # OLMo
-        q, k, v = (ops.clamp(y, -attn.clip_qkv, attn.clip_qkv) for y in (q, k, v))
+    if attn.clip_qkv is not None:  # OLMo; bfloat16 on CPU (no Maximum kernel) clamps in float32, exactly
+        wide = lacks_bf16_kernels(x)
+        q, k, v = (ops.clamp(y.astype(ms.float32) if wide else y, -attn.clip_qkv, attn.clip_qkv).astype(y.dtype)
+                   for y in (q, k, v))
     if attn.qk_norm == "projection":  # OLMo2: over the whole projection, before the split into heads
         q, k = _qk_norm(q, k, p, config, spec)
     scale = d ** -0.5 if attn.scale is None else attn.scale
@@ -285,8 +288,9 @@ def _qk_norm(q, k, p, config, spec):
     if kind == "per_head_layer":  # StableLM: the heads' weights stacked `[heads, head_dim]`
         return tuple(layer_norm(y, ops.stack([h["weight"] for h in p[n]["norms"]]), None, eps)
                      for y, n in ((q, "q_layernorm"), (k, "k_layernorm")))
-    return (rms_norm(q, p["q_norm"]["weight"], config.rms_norm_eps, spec.norms.offset),
-            rms_norm(k, p["k_norm"]["weight"], config.rms_norm_eps, spec.norms.offset))
+    norms = spec.norms
+    return (rms_norm(q, p["q_norm"]["weight"], config.rms_norm_eps, norms.offset, norms.scale_in_float32),
+            rms_norm(k, p["k_norm"]["weight"], config.rms_norm_eps, norms.offset, norms.scale_in_float32))
 
 
 def _mlp(x, p, spec, hidden_act: str, sparse: bool):
@@ -297,7 +301,7 @@ def _mlp(x, p, spec, hidden_act: str, sparse: bool):
     act = activation(hidden_act)
     if sparse:
         moe = spec.moe
-        return sparse_moe(x, p[moe.module], moe.expert_names, moe.top_k, moe.normalize_top_k, act)
+        return sparse_moe(x, p[moe.module], moe.expert_names, moe.top_k, moe.normalize_top_k, act, moe.float32_weights)
     up, down = (p["mlp"][name] for name in spec.mlp.plain)
     return linear(act(linear(x, up["weight"], up.get("bias"))), down["weight"], down.get("bias")), None
 
@@ -307,7 +311,7 @@ def norm(x: Tensor, p: dict | None, config, spec: DecoderSpec) -> Tensor:
     norms = spec.norms
     eps = config.rms_norm_eps if norms.eps is None else norms.eps
     if norms.kind == "rms":
-        return rms_norm(x, p["weight"], eps, norms.offset)
+        return rms_norm(x, p["weight"], eps, norms.offset, norms.scale_in_float32)
     if norms.kind == "layer":
         return layer_norm(x, p["weight"], p["bias"], eps)
     return layer_norm(x, None, None, eps)
@@ -340,14 +344,15 @@ def decoder_layer(x, p, config, cos, sin, bias, layer_cache=None, cache_position
 
     def branch(h):  # a residual branch's output as it is added
         h = dropout(h, spec.resid_pdrop)
-        return h if spec.residual_multiplier == 1.0 else h * spec.residual_multiplier
+        return h if spec.residual_multiplier == 1.0 else scaled(h, spec.residual_multiplier)
 
     if placement in ("parallel", "shared"):
         y = normed(x, "input_layernorm")
         h, kv = attention(y)
         g, router_logits = _mlp(y if placement == "shared" else normed(x, "post_attention_layernorm"), p, spec,
                                 hidden_act, plan.sparse)
-        return x + branch(h) + branch(g), kv, router_logits
+        out = branch(h) + branch(g) + x if spec.norms.branches_first else x + branch(h) + branch(g)
+        return out, kv, router_logits
     if placement == "post":
         h, kv = attention(x)
         x = x + normed(h, "post_attention_layernorm")
@@ -379,8 +384,8 @@ def layer_rotations(config, spec: DecoderSpec, plans, position_ids: Tensor, inv_
                     table_len: int | None, dtype) -> list[tuple[Tensor, Tensor]]:
     """Each layer's rotary `(cos, sin)` `[batch, 1, seq, rotary_dim]`: its layer type's static
     table (Gemma 3), else one table from `inv_freq` or, without it, from the config's rope for
-    `table_len` positions (dynamic scalings depend on it)."""
-    partial = spec.rope.partial_default
+    `table_len` positions (dynamic scalings depend on it); in `dtype`, float32 with `float32_tables`."""
+    partial, dtype = spec.rope.partial_default, ms.float32 if spec.rope.float32_tables else dtype
     if spec.rope.by_layer_type:
         tables = {}
         for kind, rope in config.rope_parameters.items():
@@ -441,7 +446,7 @@ def model_forward(params: dict, input_ids: Tensor | None = None, attention_mask:
     else:
         x = inputs_embeds
     if spec.embedding_multiplier != 1.0:  # Granite: also on given `inputs_embeds`
-        x = x * spec.embedding_multiplier
+        x = scaled(x, spec.embedding_multiplier)
     x = dropout(x, spec.embed_pdrop)
     b, s = x.shape[0], x.shape[1]
     # positions 0..s-1 unless given: the rope table's length is known without reading them back

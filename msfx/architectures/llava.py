@@ -16,6 +16,7 @@ from mindspore import Tensor, ops
 from transformers import LlavaConfig
 
 from msfx.architectures import clip
+from msfx.backend import lacks_bf16_kernels
 from msfx.families import family
 from msfx.inputs import check_token_ids
 from msfx.layers.basic import activation, embedding, linear
@@ -119,9 +120,11 @@ def merge_image_features(embeds: Tensor, input_ids: np.ndarray, features: Tensor
     if where.size != flat.shape[0]:
         raise ValueError(f"Image features and image tokens do not match, tokens: {where.size}, features: "
                          f"{flat.shape[0]}")
-    rows = embeds.reshape(b * s, hidden)
-    rows = ops.tensor_scatter_update(rows, Tensor(where.reshape(-1, 1).astype(np.int32)), flat.astype(rows.dtype))
-    return rows.reshape(b, s, hidden)
+    # bfloat16 on CPU has no TensorScatterUpdate kernel: scatter in float32 (exact both ways)
+    wide = ms.float32 if lacks_bf16_kernels(embeds) else embeds.dtype
+    rows = embeds.reshape(b * s, hidden).astype(wide)
+    rows = ops.tensor_scatter_update(rows, Tensor(where.reshape(-1, 1).astype(np.int32)), flat.astype(wide))
+    return rows.reshape(b, s, hidden).astype(embeds.dtype)
 
 
 def input_embeddings(params: dict, input_ids: np.ndarray, pixel_values: Tensor | None, config) -> Tensor:

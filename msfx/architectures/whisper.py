@@ -25,7 +25,7 @@ from msfx.decode.cache import KVCache, write_cache
 from msfx.families import family
 from msfx.layers.attention import attention_bias, padding_bias, scaled_dot_product_attention, split_heads
 from msfx.layers.attention import cross_attention_cache as cross_kv, key_values
-from msfx.layers.basic import activation, embedding, linear
+from msfx.layers.basic import activation, embedding, linear, scaled
 from msfx.inputs import check_model_inputs
 from msfx.layers.dropout import dropout
 from msfx.layers.norms import layer_norm
@@ -128,7 +128,8 @@ def _conv(x: Tensor, p: dict, stride: int) -> Tensor:
     """`nn.Conv1d(kernel_size=3, padding=1, stride)` as one product over the three shifted windows:
     `x` `[batch, frames, channels]` (time-major) -> `[batch, frames // stride, out]`."""
     b, t, c = x.shape
-    padded = ops.pad(x, (0, 0, 1, 1))
+    zeros = ops.zeros((b, 1, c), x.dtype)  # Concat, not Pad: MindSpore's CPU Pad has no bfloat16 kernel
+    padded = ops.concat((zeros, x, zeros), 1)
     out_len = (t - 1) // stride + 1
     windows = [padded[:, k:k + stride * (out_len - 1) + 1:stride] for k in range(3)]
     # weight [out, in, 3] -> [out, 3 * in], matching the windows' (tap, channel) order
@@ -143,7 +144,7 @@ def attention(x: Tensor, p: dict, bias: Tensor, batch: int, heads: int, config,
     computed once) or from `x`, written into `layer_cache` at `cache_position` when given. Returns
     `[batch * seq, d_model]` and the `(keys, values)` attended to."""
     d = x.shape[-1]
-    q = split_heads(linear(x, p["q_proj"]["weight"], p["q_proj"]["bias"]) * ((d // heads) ** -0.5), batch, heads)
+    q = split_heads(scaled(linear(x, p["q_proj"]["weight"], p["q_proj"]["bias"]), (d // heads) ** -0.5), batch, heads)
     if kv is None:
         k, v = key_values(x, p, batch, heads)
         if layer_cache is not None:

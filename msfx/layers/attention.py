@@ -10,7 +10,7 @@ import numpy as np
 from mindspore import Tensor, ops
 
 from msfx.decode.cache import KVCache
-from msfx.layers.basic import linear, tanh
+from msfx.layers.basic import linear, scaled, tanh
 from msfx.backend import lacks_bf16_kernels
 from msfx.layers.dropout import dropout
 
@@ -122,7 +122,7 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float, softcap
     kv_heads, keys = k.shape[1], k.shape[2]
     groups = h // kv_heads
     # Folding the query groups into the sequence axis shares each kv head without copying it.
-    scores = _bmm(_BMM_T, q.reshape(b, kv_heads, groups * s, d), k) * scale
+    scores = scaled(_bmm(_BMM_T, q.reshape(b, kv_heads, groups * s, d), k), scale)
     if softcap is not None:
         scores = tanh(scores / softcap) * softcap
     if scores.dtype != ms.float32:

@@ -29,25 +29,30 @@ def route(router_logits: Tensor, top_k: int, normalize: bool) -> Tensor:
 
 
 def sparse_moe(x: Tensor, p: dict, expert_names: tuple[str, str, str], top_k: int, normalize: bool,
-               act: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+               act: Callable[[Tensor], Tensor], float32_weights: bool = False) -> tuple[Tensor, Tensor]:
     """The MoE block on `x` `[tokens, hidden]`: returns `(y [tokens, hidden], router_logits [tokens, experts])`.
 
     `p` holds `gate.weight` `[experts, hidden]` (the router) and `experts` (a list of dicts or a
     dict keyed "0", "1", ...), each with the three projections named by `expert_names`
     (gate, up, down: `("w1", "w3", "w2")` for Mixtral, `("gate_proj", "up_proj", "down_proj")`
-    for Qwen3-MoE).
+    for Qwen3-MoE). In half precision the weighted expert outputs are summed in float32 and rounded
+    once, as HF's default `grouped_mm` experts; each product is rounded first unless
+    `float32_weights` (HF's Mixtral keeps its float32 routing weights, Qwen3-MoE casts them to `x`'s dtype).
     """
     router_logits = linear(x, p["gate"]["weight"])
-    weights = route(router_logits, top_k, normalize).astype(x.dtype)
+    half = x.dtype != ms.float32
+    weights = route(router_logits, top_k, normalize)
+    weights = weights if float32_weights else weights.astype(x.dtype)
     experts = p["experts"]
     experts = [experts[str(i)] for i in range(len(experts))] if isinstance(experts, dict) else experts
     gate, up, down = expert_names
     y = None
-    for i, e in enumerate(experts):  # ascending expert order, as HF's index_add_ accumulation
+    for i, e in enumerate(experts):
         out = linear(act(linear(x, e[gate]["weight"])) * linear(x, e[up]["weight"]), e[down]["weight"])
-        out = out * weights[:, i:i + 1]
+        out = (out.astype(ms.float32) if half and float32_weights else out) * weights[:, i:i + 1]
+        out = out.astype(ms.float32) if half and not float32_weights else out
         y = out if y is None else y + out
-    return y, router_logits
+    return (y.astype(x.dtype) if half else y), router_logits
 
 
 def load_balancing_loss(router_logits: tuple[Tensor, ...], num_experts: int, top_k: int,

@@ -7,20 +7,21 @@ from mindspore import Tensor, ops
 from msfx import kernels
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float, offset: float = 0.0) -> Tensor:
+def rms_norm(x: Tensor, weight: Tensor, eps: float, offset: float = 0.0, scale_in_float32: bool = False) -> Tensor:
     """RMSNorm (Zhang & Sennrich 2019) as HF's `LlamaRMSNorm`.
 
     `x` `[..., hidden]` is normalized in float32, cast back to its dtype, then scaled by
-    `weight` `[hidden]` (one fused kernel in a compiled float32 inference step, `msfx.kernels`). With `offset` (Gemma: 1.0) the scale is `offset + weight`, applied in
-    float32 before the cast, as HF's `Gemma2RMSNorm`.
+    `weight` `[hidden]`. With `offset` (Gemma: 1.0) the scale is `offset + weight`, applied in
+    float32 before the cast, as HF's `Gemma2RMSNorm`; `scale_in_float32` does that for `weight`
+    (HF's `Olmo2RMSNorm`). In a compiled float32 inference step: one fused kernel (`msfx.kernels`).
     """
-    if offset:
+    if x.dtype == ms.float32 and weight.dtype == ms.float32 and not offset and kernels.active():
+        return kernels.rms_norm(x, weight, eps)
+    if offset or scale_in_float32:
         h = x.astype(ms.float32)
         h = h * ops.rsqrt(ops.mean(h * h, -1, keep_dims=True) + eps) * (offset + weight.astype(ms.float32))
         return h if x.dtype == ms.float32 else h.astype(x.dtype)
     if x.dtype == ms.float32:  # skip two no-op casts: each op costs ~10 us in a compiled CPU step
-        if weight.dtype == ms.float32 and kernels.active():
-            return kernels.rms_norm(x, weight, eps)
         return weight * (x * ops.rsqrt(ops.mean(x * x, -1, keep_dims=True) + eps))
     h = x.astype(ms.float32)
     h = h * ops.rsqrt(ops.mean(h * h, -1, keep_dims=True) + eps)

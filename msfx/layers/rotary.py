@@ -144,6 +144,8 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     With a partial rotary factor only the first `rotary_dim` channels rotate (HF's GPT-NeoX /
     Phi convention); the rest pass through.
     """
+    if cos.dtype != x.dtype:  # float32 tables (OLMo): rotated in float32, rounded once, as HF
+        return apply_rotary(x.astype(cos.dtype), cos, sin).astype(x.dtype)
     rot = cos.shape[-1]
     if rot == x.shape[-1]:
         return x * cos + _rotate_half(x) * sin

@@ -6,6 +6,7 @@ step (the text path's KV cache and jit). See `transformers.models.llava.modeling
 """
 from __future__ import annotations
 
+import mindspore as ms
 import numpy as np
 from mindspore import Tensor, ops
 
@@ -105,4 +106,8 @@ def _features_per_row(features, input_ids: np.ndarray, copies: int, image_token_
     per_row = tokens // patches
     first = np.concatenate([[0], np.cumsum(per_row[::copies])])  # each prompt's first image
     order = [i for row in range(len(per_row)) for i in range(first[row // copies], first[row // copies] + per_row[row])]
-    return ops.gather(features, Tensor(np.asarray(order, np.int32)), 0) if order else features[:0]
+    if not order:
+        return features[:0]
+    # exact in float32: MindSpore's CPU Gather has no bfloat16 kernel
+    wide = features.astype(ms.float32) if lacks_bf16_kernels(features) else features
+    return ops.gather(wide, Tensor(np.asarray(order, np.int32)), 0).astype(features.dtype)
