@@ -14,6 +14,7 @@ from mindspore import Tensor, ops
 
 from msfx.decode.cache import KVCache, reorder_cache
 from msfx.decode.generate import CACHE_BUCKET
+from msfx.decode.step import graph_weights
 from msfx.jit import Graph
 from msfx.layers.attention import padding_bias
 from msfx.inputs import check_token_ids
@@ -23,7 +24,8 @@ from msfx.params.tree import flatten, unflatten
 class DecoderStep:
     """`arch.decode_step` compiled with `mindspore.jit` (trace mode) over flat positional tensors, as
     `msfx.decode.step.CompiledStep` does for decoder-only models: `(tokens, position, cross_bias,
-    *param_leaves, *cross_leaves, *cache_leaves) -> (logits, *cache_leaves)`. The cross-attention
+    *cross_leaves, *cache_leaves) -> (logits, *cache_leaves)`, closing over the decoder's weights
+    (`graph_weights`). The cross-attention
     keys/values are inputs only (computed once per generation); the self-attention cache goes in and
     comes back. Called with `beam_idx` (int32 `[batch]`), the step first gathers the self-attention
     cache rows by it, inside the same graph.
@@ -33,13 +35,13 @@ class DecoderStep:
     """
 
     def __init__(self, arch: ModuleType, params: dict, config):
-        self.leaves, keys = flatten(arch.decoder_params(params))  # not the encoder's leaves
-        n, layers = len(self.leaves), arch.decoder_cache_shape(config)[0]
-        cache_start = n + 2 * layers
+        leaves, keys = flatten(arch.decoder_params(params))  # not the encoder's leaves
+        weights = graph_weights(leaves)
+        cache_start = 2 * arch.decoder_cache_shape(config)[0]
 
         def step(tokens, position, cross_bias, *leaves):
-            logits, cache = arch.decode_step(unflatten(leaves[:n], keys), tokens, position, cross_bias,
-                                           KVCache.from_leaves(leaves[n:cache_start]),
+            logits, cache = arch.decode_step(unflatten(weights, keys), tokens, position, cross_bias,
+                                           KVCache.from_leaves(leaves[:cache_start]),
                                            KVCache.from_leaves(leaves[cache_start:]), config)
             return (logits, *cache.leaves())
 
@@ -60,7 +62,7 @@ class DecoderStep:
         """`arch.decode_step`'s logits (float32 `[batch, vocab]`) and updated cache; arguments as there, all
         validated by the caller (an error while tracing would hang the process at exit)."""
         signature = (tuple(tokens.shape), tuple(cross_bias.shape), tuple(cache.keys[0].shape))
-        args = (tokens, position, cross_bias, *self.leaves, *cross_cache.leaves(), *cache.leaves())
+        args = (tokens, position, cross_bias, *cross_cache.leaves(), *cache.leaves())
         if beam_idx is None:
             logits, *leaves = self._graph(*args, signature=signature)
         else:
