@@ -28,7 +28,7 @@ from typing import Iterator
 import numpy as np
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")  # no errno: sqrt vectorises
 MAX_QUERIES = 64  # longer inputs (prompts) attend with MindSpore's batched products: the kernel loops per query
 
 _ENABLED = contextvars.ContextVar("msfx_kernels", default=False)
@@ -153,3 +153,10 @@ def linear(x, weight):
     """`x @ weight.T` for float32 `x` `[m, in]` with few rows and `weight` `[out, in]`: one pass over
     the weight (a memory-bound matrix-vector product)."""
     return _op("MsfxLinear", _product, _first)(x, weight)
+
+
+def adamw(p, g, m, v, scalars):
+    """One leaf's AdamW step (`msfx.train.optim.AdamW.update`'s arithmetic, bit for bit) on float32 `p`,
+    `g`, `m`, `v` of one shape, `scalars` float32 `[8]`: step_size, bc2_sqrt, shrink, clip coefficient,
+    1 - beta1, beta2, 1 - beta2, eps. Returns the new `(p, m, v)`; the inputs are not written."""
+    return _op("MsfxAdamW", _three, _three)(p, g, m, v, scalars)
