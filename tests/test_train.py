@@ -114,8 +114,9 @@ def test_adamw_linear_warmup_clipping_matches_torch(tiny):
 
 
 def test_fused_adamw_equals_op_path(tiny, monkeypatch):
-    """The fused AdamW kernel (`msfx.kernels.adamw`) gives the op path's leaves, moments and gradient
-    norms bit for bit over 3 compiled steps with weight decay and clipping; every leaf takes it."""
+    """The fused AdamW and sum-of-squares kernels (`msfx.kernels`) give the op path's leaves, moments
+    and gradient norms to ~1e-7 over 3 compiled steps with weight decay and clipping; every leaf takes
+    the fused update."""
     from msfx import kernels
 
     if not kernels.available():
@@ -137,9 +138,11 @@ def test_fused_adamw_equals_op_path(tiny, monkeypatch):
         results[fused] = norms, [t.asnumpy() for t in (*current, *state)]
     assert len(calls) == len(leaves)  # one trace, one kernel per leaf
     assert min(results[True][0]) > 1.0  # clipping was active on every step
-    assert results[True][0] == results[False][0]
-    for a, b in zip(results[True][1], results[False][1]):
-        np.testing.assert_array_equal(a, b)
+    # the kernels sum the squared norms in float64: the norms, and so the clip factors, differ by ~1 ulp
+    norm_rel = max(abs(a - b) / b for a, b in zip(*(results[f][0] for f in (True, False))))
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(results[True][1], results[False][1]))
+    print(f"\nfused vs op path: grad-norm rel {norm_rel:.2g}, leaves and moments max abs {diff:.2g}")
+    assert norm_rel < 1e-6 and diff < 1e-7
 
 
 def test_fused_adamw_update_clip_factor_and_dtypes(monkeypatch):

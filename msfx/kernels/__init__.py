@@ -160,3 +160,13 @@ def adamw(p, g, m, v, scalars):
     `g`, `m`, `v` of one shape, `scalars` float32 `[8]`: step_size, bc2_sqrt, shrink, clip coefficient,
     1 - beta1, beta2, 1 - beta2, eps. Returns the new `(p, m, v)`; the inputs are not written."""
     return _op("MsfxAdamW", _three, _three)(p, g, m, v, scalars)
+
+
+def _count(*tensors):
+    return [len(tensors)]
+
+
+def sum_squares(tensors):
+    """`[sum(t * t) for t in tensors]` as float32 `[len(tensors)]` for float32 tensors of any shapes,
+    each read once and summed in float64 (one op for all of them)."""
+    return _op("MsfxSumSquares", _count, _first)(*tensors)

@@ -193,3 +193,19 @@ MSFX_KERNEL(MsfxAdamW) {
   return 0;
 }
 #pragma GCC pop_options
+
+// Sums of squares of k float32 tensors (any shapes) in one pass each, accumulated in double: inputs the
+// tensors, output [k] float32 (clip_grad_norm_'s per-tensor squared norms).
+MSFX_KERNEL(MsfxSumSquares) {
+  const int k = nparam - 1;
+  float *out = static_cast<float *>(params[k]);
+  for (int t = 0; t < k; ++t) {
+    const float *g = static_cast<const float *>(params[t]);
+    const int64_t n = numel(ndims[t], shapes[t]);
+    double s = 0.0;
+#pragma omp parallel for simd reduction(+ : s) schedule(static) if (n >= 32768)
+    for (int64_t i = 0; i < n; ++i) s += static_cast<double>(g[i]) * g[i];
+    out[t] = static_cast<float>(s);
+  }
+  return 0;
+}
