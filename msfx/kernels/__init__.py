@@ -1,4 +1,4 @@
-"""Fused float32 CPU kernels for compiled inference steps: C++ (`cpu_kernels.cc`) run by
+"""Fused float32 CPU kernels for compiled inference and training steps: C++ (`cpu_kernels.cc`) run by
 `mindspore.ops.Custom(func_type="aot")` inside `jit` graphs.
 
 A compiled CPU step pays ~10-20 µs per op whatever its size (MindSpore 2.10), and a SmolLM2
@@ -7,8 +7,10 @@ kernels do a layer's rotary, cache write, attention, RMSNorm and SwiGLU product 
 
 The library is compiled once per source and machine with the system's C++ compiler (`$CXX`, else
 `g++`) into `cache_dir()/kernels/`. Without a compiler, or with `MSFX_KERNELS=0`, `available()` is
-False and the model code runs its MindSpore ops instead (same numbers to ~1e-7). Kernels run only
-inside `enabled()`, which compiled inference steps enter: they have no gradient.
+False and the model code runs its MindSpore ops instead (same numbers to ~1e-7). Model kernels run only
+inside `enabled()`, which compiled inference steps enter: they have no gradient. The optimizer's
+kernels (`adamw`, `sum_squares`) run in the training step's update graph wherever `available()`
+(`msfx.train.optim`): the update is not differentiated.
 """
 from __future__ import annotations
 

@@ -92,7 +92,8 @@ class AdamW:
         return zeros + [ops.zeros(tuple(p.shape), ms.float32) for p in leaves]
 
     def update(self, leaves: Sequence[Tensor], grads: Sequence[Tensor], state: Sequence[Tensor], lr: Tensor,
-               step: Tensor, decay: Sequence[bool], grad_scale: Tensor | None = None) -> tuple[list[Tensor], list[Tensor]]:
+               step: Tensor, decay: Sequence[bool],
+               grad_scale: Tensor | None = None) -> tuple[list[Tensor], list[Tensor]]:
         """One update. `lr`: 0-d float32; `step`: 0-d, the number of this update (1 for the first, as
         torch's `state["step"]` after its increment); `grad_scale`: 0-d float32 every gradient is first
         multiplied by (`clip_coefficient`'s factor), None for 1. Returns `(new_leaves, new_state)`; leaves
@@ -170,7 +171,8 @@ class SGD:
         return [ops.zeros(tuple(p.shape), ms.float32) for p in leaves] if self.momentum else []
 
     def update(self, leaves: Sequence[Tensor], grads: Sequence[Tensor], state: Sequence[Tensor], lr: Tensor,
-               step: Tensor, decay: Sequence[bool], grad_scale: Tensor | None = None) -> tuple[list[Tensor], list[Tensor]]:
+               step: Tensor, decay: Sequence[bool],
+               grad_scale: Tensor | None = None) -> tuple[list[Tensor], list[Tensor]]:
         """One update; arguments and result as `AdamW.update`."""
         first = step <= 1
         new_leaves, new_state = [], []
