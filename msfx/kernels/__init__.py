@@ -1,4 +1,4 @@
-"""Fused float32 CPU kernels for compiled inference steps: C++ (`cpu_kernels.cc`) run by
+"""Fused float32 CPU kernels for compiled inference and training steps: C++ (`cpu_kernels.cc`) run by
 `mindspore.ops.Custom(func_type="aot")` inside `jit` graphs.
 
 A compiled CPU step pays ~10-20 µs per op whatever its size (MindSpore 2.10), and a SmolLM2
@@ -7,8 +7,10 @@ kernels do a layer's rotary, cache write, attention, RMSNorm and SwiGLU product 
 
 The library is compiled once per source and machine with the system's C++ compiler (`$CXX`, else
 `g++`) into `cache_dir()/kernels/`. Without a compiler, or with `MSFX_KERNELS=0`, `available()` is
-False and the model code runs its MindSpore ops instead (same numbers to ~1e-7). Kernels run only
-inside `enabled()`, which compiled inference steps enter: they have no gradient.
+False and the model code runs its MindSpore ops instead (same numbers to ~1e-7). Model kernels run only
+inside `enabled()`, which compiled inference steps enter: they have no gradient. The optimizer's
+kernels (`adamw`, `sum_squares`) run in the training step's update graph wherever `available()`
+(`msfx.train.optim`): the update is not differentiated.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from typing import Iterator
 import numpy as np
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")  # no errno: sqrt vectorises
 MAX_QUERIES = 64  # longer inputs (prompts) attend with MindSpore's batched products: the kernel loops per query
 
 _ENABLED = contextvars.ContextVar("msfx_kernels", default=False)
@@ -144,3 +146,19 @@ def cache_attention(q, keys, values, bias, scale: float):
     (`msfx.layers.attention.attention_bias`). Returns `[b * s, heads * d]`."""
     return _op("MsfxCacheAttention", _token_major, _first)(q, keys, values, bias, _scalar(scale))
 
+
+def adamw(p, g, m, v, scalars):
+    """One leaf's AdamW step (`msfx.train.optim.AdamW.update`'s arithmetic, bit for bit) on float32 `p`,
+    `g`, `m`, `v` of one shape, `scalars` float32 `[8]`: step_size, bc2_sqrt, shrink, clip coefficient,
+    1 - beta1, beta2, 1 - beta2, eps. Returns the new `(p, m, v)`; the inputs are not written."""
+    return _op("MsfxAdamW", _three, _three)(p, g, m, v, scalars)
+
+
+def _count(*tensors):
+    return [len(tensors)]
+
+
+def sum_squares(tensors):
+    """`[sum(t * t) for t in tensors]` as float32 `[len(tensors)]` for float32 tensors of any shapes,
+    each read once and summed in float64 (one op for all of them)."""
+    return _op("MsfxSumSquares", _count, _first)(*tensors)

@@ -149,16 +149,48 @@ MSFX_KERNEL(MsfxCacheAttention) {
   return 0;
 }
 
-// y = x @ w^T for few rows: x [m, k], w [n, k] (PyTorch layout) -> y [m, n]; each weight row is read
-// once for all m rows, the rows of w split over threads (a matrix-vector product bound by memory).
-MSFX_KERNEL(MsfxLinear) {
-  const float *x = static_cast<const float *>(params[0]), *w = static_cast<const float *>(params[1]);
-  float *y = static_cast<float *>(params[2]);
-  const int64_t k = shapes[0][ndims[0] - 1], m = numel(ndims[0], shapes[0]) / k, n = shapes[1][0];
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < n; ++r) {
-    const float *wr = w + r * k;
-    for (int64_t i = 0; i < m; ++i) y[i * n + r] = dot(x + i * k, wr, k);
+// One leaf's AdamW step, functional, in the arithmetic order of msfx.train.optim.AdamW.update (torch's
+// single-tensor AdamW): g *= clip; p *= shrink; m += (g - m) * (1 - b1); v = v * b2 + g * g * (1 - b2);
+// p -= step_size * (m / (sqrt(v) / bc2_sqrt + eps)). Inputs: p, g, m, v float32 of one shape, scalars [8] =
+// step_size, bc2_sqrt, shrink, clip, 1 - b1, b2, 1 - b2, eps. Outputs: p, m, v. Contraction into FMAs is off
+// so that each product rounds to float32 as the separate ops do: both paths agree bit for bit.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+MSFX_KERNEL(MsfxAdamW) {
+  const float *p = static_cast<const float *>(params[0]), *g = static_cast<const float *>(params[1]);
+  const float *m = static_cast<const float *>(params[2]), *v = static_cast<const float *>(params[3]);
+  const float *s = static_cast<const float *>(params[4]);
+  float *po = static_cast<float *>(params[5]), *mo = static_cast<float *>(params[6]);
+  float *vo = static_cast<float *>(params[7]);
+  const float step_size = s[0], bc2_sqrt = s[1], shrink = s[2], clip = s[3], c1 = s[4], b2 = s[5], c2 = s[6];
+  const float eps = s[7];
+  const int64_t n = numel(ndims[0], shapes[0]);
+#pragma omp parallel for simd schedule(static) if (n >= 32768)
+  for (int64_t i = 0; i < n; ++i) {
+    const float gi = g[i] * clip;
+    const float mi = m[i] + (gi - m[i]) * c1;
+    const float vi = v[i] * b2 + gi * gi * c2;
+    const float denom = __builtin_sqrtf(vi) / bc2_sqrt + eps;
+    po[i] = p[i] * shrink - step_size * (mi / denom);
+    mo[i] = mi;
+    vo[i] = vi;
+  }
+  return 0;
+}
+#pragma GCC pop_options
+
+// Sums of squares of k float32 tensors (any shapes) in one pass each, accumulated in double: inputs the
+// tensors, output [k] float32 (clip_grad_norm_'s per-tensor squared norms).
+MSFX_KERNEL(MsfxSumSquares) {
+  const int k = nparam - 1;
+  float *out = static_cast<float *>(params[k]);
+  for (int t = 0; t < k; ++t) {
+    const float *g = static_cast<const float *>(params[t]);
+    const int64_t n = numel(ndims[t], shapes[t]);
+    double s = 0.0;
+#pragma omp parallel for simd reduction(+ : s) schedule(static) if (n >= 32768)
+    for (int64_t i = 0; i < n; ++i) s += static_cast<double>(g[i]) * g[i];
+    out[t] = static_cast<float>(s);
   }
   return 0;
 }

@@ -57,7 +57,7 @@ from msfx.layers.dropout import dropout_rng, step_key
 from msfx.params.tree import unflatten
 from msfx.train.losses import IGNORE_INDEX, causal_lm_loss_fn
 from msfx.train.distributed import DataParallel
-from msfx.train.optim import AdamW, SGD, clip_by_global_norm, decay_mask
+from msfx.train.optim import AdamW, SGD, clip_coefficient, decay_mask
 
 MIXED_PRECISION = (None, "bf16", "fp16")
 
@@ -234,10 +234,10 @@ class TrainStep:
                     grads, loss = dp.reduce(grads, loss)
                 if skip_overflow:
                     grads = [g * inv_scale for g in grads]
-                grads, grad_norm = clip_by_global_norm(grads, self.max_grad_norm)
+                coef, grad_norm = clip_coefficient(grads, self.max_grad_norm)
                 if dp is not None:  # ZeRO-1: this worker's slice only (plain data parallel: all of it)
                     grads, local, decay = dp.local(grads), dp.local(leaves), dp.local_decay(decay)
-                new_local, new_state = self.optimizer.update(local, grads, state, lr, step, decay)
+                new_local, new_state = self.optimizer.update(local, grads, state, lr, step, decay, grad_scale=coef)
                 if skip_overflow:  # torch's GradScaler skips the optimizer step on inf/NaN gradients
                     finite = ops.isfinite(grad_norm)
                     new_local = [ops.where(finite, a, b) for a, b in zip(new_local, local)]
