@@ -62,9 +62,11 @@ def library() -> str | None:
     build fails (logged once) or with `MSFX_KERNELS=0`."""
     if os.environ.get("MSFX_KERNELS", "1") == "0":
         return None
-    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    wanted = os.environ.get("CXX", "g++")
+    compiler = shutil.which(wanted)
     if compiler is None:
-        _log.warning("msfx: no C++ compiler (g++) found; compiled steps run without fused kernels (slower)")
+        _log.warning("msfx: C++ compiler %r ($CXX, else g++) not found; compiled steps run without fused kernels "
+                     "(slower)", wanted)
         return None
     from msfx.params.gguf import cache_dir
 
