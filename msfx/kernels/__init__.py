@@ -53,7 +53,10 @@ def active() -> bool:
 
 
 def available() -> bool:
-    return library() is not None
+    """The backend is MindSpore's CPU (the kernels read and write host memory) and the library is built."""
+    import mindspore as ms
+
+    return ms.get_context("device_target") == "CPU" and library() is not None
 
 
 @functools.cache

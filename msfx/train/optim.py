@@ -37,11 +37,6 @@ def _f32(x: Tensor) -> Tensor:
     return x if x.dtype == ms.float32 else x.astype(ms.float32)
 
 
-def _on_cpu_kernels() -> bool:
-    """The fused CPU kernels (`msfx.kernels`) are built and the backend is the CPU."""
-    return kernels.available() and ms.get_context("device_target") == "CPU"
-
-
 def clip_coefficient(grads: Sequence[Tensor], max_norm: float | None) -> tuple[Tensor | None, Tensor]:
     """The factor `torch.nn.utils.clip_grad_norm_(params, max_norm)` multiplies every gradient by.
 
@@ -52,7 +47,7 @@ def clip_coefficient(grads: Sequence[Tensor], max_norm: float | None) -> tuple[T
     squares are summed by `msfx.kernels.sum_squares` in float64 (the ops' float32 sums agree to ~1e-7).
     """
     grads = [_f32(g) for g in grads]
-    if _on_cpu_kernels() and all(g.size for g in grads):  # one pass each: 24 vs 78 ms for 83M (measured)
+    if kernels.available() and all(g.size for g in grads):  # one pass each: 24 vs 78 ms for 83M (measured)
         squares = kernels.sum_squares(grads)
     else:  # rows first: a whole-tensor ReduceSum is slow on MindSpore's CPU backend (165 vs 38 ms for a
         # [32000, 768] gradient, measured), and the squares are summed without a sqrt per tensor
@@ -137,7 +132,7 @@ def _fused_scalars(opt: AdamW, step_size: Tensor, bc2_sqrt: Tensor, shrink: Tens
     """`kernels.adamw`'s float32 `[8]` scalars for undecayed (False) and decayed (True) leaves, or None
     where the kernels are not built or the backend is not the CPU. The constants are rounded to float32
     as MindSpore rounds a Python float multiplying a float32 tensor."""
-    if not _on_cpu_kernels():
+    if not kernels.available():
         return None
     b1, b2 = opt.betas
     one = Tensor(np.float32(1.0))
