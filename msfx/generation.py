@@ -23,6 +23,7 @@ from msfx.decode.processors import build_logits_processors
 from msfx.decode.sampling import make_rng
 from msfx.decode.search import BeamSearchResult, beam_search
 from msfx.decode.seq2seq import DecoderStep, Seq2SeqDecodeState
+from msfx.decode.step import widens
 from msfx.decode.stopping import StopStringCriteria
 from msfx.backend import lacks_bf16_kernels
 from msfx.inputs import check_token_ids
@@ -379,11 +380,12 @@ class GenerationMixin:
         the encoder's `(input_ids, attention_mask)` as `encoder_inputs`, runs the encoder once,
         and decodes from `input_ids` (the `decoder_start_token_id` column). Without `use_cache`
         each step runs the whole sequence (`generate` passes `jit` False then)."""
-        # MindSpore 2.10's CPU graph compiler has no bfloat16 kernels at all (not even Reshape)
-        if lacks_bf16_kernels(self.weights[0]):
+        # a half-precision Llama-like model on CPU computes in float32 over its half matrices when compiled
+        widening = bool(jit) and widens(self.arch, self.params, self.config)
+        if lacks_bf16_kernels(self.weights[0]) and not widening:  # no bfloat16 CPU graph kernels, not even Reshape
             jit = False
-        step = self._compiled_step(bool(jit))
-        prefill = step if jit is True else self._compiled_step(False)
+        step = self._compiled_step(bool(jit), widening)
+        prefill = step if jit is True else self._compiled_step(False, widening)
         return DecodeState(self.config, prefill, step, input_ids, attention_mask, max_new_tokens,
                            prefill_bucket=PREFILL_BUCKET if jit is True else None, use_cache=use_cache)
 

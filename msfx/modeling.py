@@ -355,7 +355,7 @@ class PreTrainedModel(nn.Cell):
         leaves, self._param_keys = flatten(dict(params))
         self.weights = ParameterTuple([_as_parameter(t, k) for t, k in zip(leaves, self._param_keys)])
         self.params = Params(unflatten(list(self.weights), self._param_keys), config)
-        self._steps: dict[bool, CompiledStep] = {}
+        self._steps: dict[tuple[bool, bool], CompiledStep] = {}  # by (jit, widening)
         self.last_generation_stats = GenerationStats()
 
     @classmethod
@@ -425,7 +425,7 @@ class PreTrainedModel(nn.Cell):
     def dtype(self):
         return self.weights[0].dtype
 
-    def _compiled_step(self, jit: bool) -> CompiledStep:
-        if jit not in self._steps:
-            self._steps[jit] = CompiledStep(self.arch, self.params, self.config, jit=jit)
-        return self._steps[jit]
+    def _compiled_step(self, jit: bool, widening: bool = False) -> CompiledStep:
+        if (jit, widening) not in self._steps:
+            self._steps[jit, widening] = CompiledStep(self.arch, self.params, self.config, jit=jit, widening=widening)
+        return self._steps[jit, widening]

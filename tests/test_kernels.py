@@ -68,6 +68,27 @@ def test_rope_cache_write_and_attention_match_numpy():
         np.testing.assert_allclose(got, want.reshape(b * s, heads * d), atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [ms.float32, ms.bfloat16, ms.float16])
+def test_linear_and_embedding_widen_the_weights_exactly(dtype):
+    """Products for 1-9 input rows (every tile shape), 7 outputs (not a multiple of 4) and 37 inputs (not
+    of 16), embedding rows and whole widened matrices, against numpy on the weights widened to float32."""
+    rng = np.random.default_rng(2)
+    weight = Tensor(rng.standard_normal((7, 37)).astype(np.float32)).astype(dtype)
+    wide = weight.astype(ms.float32).asnumpy()
+    for rows in range(1, 10):
+        x = rng.standard_normal((rows, 37)).astype(np.float32)
+        for got in both(kernels.linear, Tensor(x), weight):
+            np.testing.assert_allclose(got, x @ wide.T, atol=1e-5)
+    for ids in (np.array([[6, 0], [3, 3]], np.int64), np.array([1, 5], np.int32)):
+        for got in both(kernels.embedding, Tensor(ids), weight):
+            np.testing.assert_array_equal(got, wide[ids])
+    with pytest.raises(RuntimeError):
+        kernels.embedding(Tensor(np.array([7], np.int32)), weight).asnumpy()
+    if dtype != ms.float32:
+        for got in both(kernels.widen, weight):
+            np.testing.assert_array_equal(got, wide)
+
+
 def test_compiled_decode_with_and_without_kernels(monkeypatch):
     """The same greedy tokens and last logits with the kernels as with MindSpore's ops; a perturbed
     kernel changes them (the kernels are on the compiled path)."""

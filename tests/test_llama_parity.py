@@ -22,7 +22,7 @@ import transformers
 from mindspore import Parameter, Tensor
 
 import msfx
-from msfx import KVCache, LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel
+from msfx import KVCache, LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel, kernels
 from msfx.architectures import llama as llama_arch
 from msfx.decode.generate import left_padding_positions
 from msfx.jit import call_in_fresh_thread
@@ -377,15 +377,16 @@ def test_half_precision_logits_match_torch_in_the_same_dtype(hf_llama, dtype):
     DIFFS[f"{dtype}: msfx {dtype} vs float32"] = ours_error
     assert 0 < ours_error <= 3 * torch_error
 
-    # greedy decoding over a half-precision KV cache gives torch's tokens. (Eager only for bf16 on
-    # CPU: MindSpore 2.10's CPU graph compiler has no bfloat16 kernels, not even Reshape, so a
-    # jit-compiled bf16 step cannot be built there.)
+    # greedy decoding over a half-precision KV cache gives torch's tokens; a compiled CPU step computes in
+    # float32 over the half-precision weights (`msfx.decode.step.widens`): HF float32's tokens on them
     prompt, prompt_mask = left_padded(2, 8, pads=[0, 3], seed=11)
-    with torch.no_grad():
-        expected = torch_half.generate(torch.tensor(prompt), attention_mask=torch.tensor(prompt_mask),
+    wide = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    wide.load_state_dict({k: v.float() for k, v in torch_half.state_dict().items()})
+    widened = ms.get_context("device_target") == "CPU" and kernels.available()
+    for jit, oracle in [(False, torch_half), (True, wide if widened else torch_half)]:
+        with torch.no_grad():
+            expected = oracle.generate(torch.tensor(prompt), attention_mask=torch.tensor(prompt_mask),
                                        max_new_tokens=6, do_sample=False).numpy()
-    cpu_bf16 = dtype == "bfloat16" and ms.get_context("device_target") == "CPU"
-    for jit in [False] if cpu_bf16 else [False, True]:
         tokens = model.generate(ms_ids(prompt), attention_mask=prompt_mask, max_new_tokens=6, jit=jit)
         np.testing.assert_array_equal(to_np(tokens), expected, err_msg=f"jit={jit}")
 

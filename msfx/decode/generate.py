@@ -74,7 +74,7 @@ class DecodeState:
         max_len = -(-(self.prompt_len + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
         rules = family(config.model_type)
         lengths = rules.arch.cache_lengths(config, max_len) if rules.ring_cache else None  # sliding-window rings
-        self.cache = new_cache(config, batch, max_len, prefill.leaves[0].dtype, lengths)
+        self.cache = new_cache(config, batch, max_len, prefill.dtype, lengths)
         refill = rules.cache_refill_length
         self._refill_slot = None if refill is None else refill(config) + extra
         key_mask = np.ones((batch, max_len), np.int32)

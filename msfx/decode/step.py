@@ -11,7 +11,8 @@ step per (batch, cache length). The weights are not arguments: they are the grap
 `Parameter`s, sharing the leaves' memory (`graph_weights`). The float32 cast happens inside the
 graph: an eager op on a compiled step's output made the following steps 2-4x slower (measured,
 MindSpore 2.10 CPU).
-Steps are traced inside `msfx.kernels.enabled()`: float32 layers use the fused CPU kernels.
+Steps are traced inside `msfx.kernels.enabled()`: float32 layers use the fused CPU kernels. A Llama-like
+model in half precision on CPU computes in float32 over its half-precision matrices (`widens`).
 """
 from __future__ import annotations
 
@@ -41,6 +42,19 @@ def graph_weights(leaves: list[Tensor]) -> list[Parameter]:
     return [Parameter(Tensor(leaf), f"{prefix}_{i}", False) for i, leaf in enumerate(leaves)]
 
 
+def widens(arch: ModuleType, params: dict, config) -> bool:
+    """Whether this model's steps compute in float32 over its half-precision matrices, widened inside the
+    product and embedding kernels (`kernels.enabled(widening=True)`): a Llama-like model without experts
+    or adapters, with bfloat16 or float16 matrices, on MindSpore's CPU with the kernels built. MindSpore
+    2.10's CPU graphs have no bfloat16 kernels, and its float16 ones decoded SmolLM2 at 5.4 tok/s against
+    26.5 in float32 (measured); the widened step reads half the bytes of float32 weights."""
+    from msfx.architectures import llama
+
+    leaves, _ = flatten(dict(params))
+    return (arch is llama and llama.spec_of(config).moe is None and all(isinstance(t, Tensor) for t in leaves)
+            and any(t.ndim >= 2 and t.dtype in (ms.float16, ms.bfloat16) for t in leaves) and kernels.available())
+
+
 class CompiledStep:
     """The architecture's `forward` (last-position logits + cache) compiled with `mindspore.jit`.
 
@@ -48,11 +62,16 @@ class CompiledStep:
     search's reordering), inside the same graph. `compiles` counts the distinct input signatures
     seen, i.e. the graphs built (0 when `jit` is False). With `embeds`, the step's first input is
     `inputs_embeds` `[batch, seq, hidden]` instead of ids (a multimodal prompt, `msfx.architectures.llava`).
+    With `widening` (see `widens`), the step holds its vectors (norms, biases) in float32, computes in
+    float32 and its cache is float32 (`dtype`).
     """
 
-    def __init__(self, arch: ModuleType, params: dict, config, jit: bool = True, embeds: bool = False):
+    def __init__(self, arch: ModuleType, params: dict, config, jit: bool = True, embeds: bool = False,
+                 widening: bool = False):
         self.arch = arch
         self.leaves, keys = flatten(dict(params))
+        if widening:
+            self.leaves = [t if t.ndim >= 2 else t.astype(ms.float32) for t in self.leaves]
         weights = graph_weights(self.leaves) if jit else self.leaves
         n_cache = 2 * config.num_hidden_layers  # keys and values per layer (`generate.new_cache`)
 
@@ -60,7 +79,7 @@ class CompiledStep:
             inputs, cache = rest[:len(rest) - n_cache], rest[len(rest) - n_cache:]
             tree = unflatten(weights, keys)
             ids, vectors = (None, input_ids) if embeds else (input_ids, None)
-            with kernels.enabled():
+            with kernels.enabled(widening):
                 out = arch.forward(tree, ids, attention_mask, position_ids, KVCache.from_leaves(cache),
                                    cache_position, *inputs, config=config, inputs_embeds=vectors, logits_to_keep=1,
                                    check_ids=False)
@@ -72,7 +91,7 @@ class CompiledStep:
             cache = reorder_cache(KVCache.from_leaves(rest[-n_cache:]), beam_idx)
             return step(input_ids, attention_mask, position_ids, cache_position, *rest[:-n_cache], *cache.leaves())
 
-        self.jit = jit
+        self.jit, self.dtype = jit, ms.float32 if widening else self.leaves[0].dtype  # the cache's
         self._graph, self._reordered = Graph(step, "step", jit), Graph(reordered_step, "reordered_step", jit)
 
     @property

@@ -3,7 +3,10 @@
 
 A compiled CPU step pays ~10-20 µs per op whatever its size (MindSpore 2.10), and a SmolLM2
 decode step spent about as long in ~60 small ops per layer as in its matrix products. These
-kernels do a layer's rotary, cache write, attention, RMSNorm and SwiGLU product in 5 ops.
+kernels do a layer's rotary, cache write, attention, RMSNorm and SwiGLU product in 5 ops. `linear`
+and `embedding` read bfloat16 / float16 weights and compute in float32 (`enabled(widening=True)`):
+MindSpore 2.10's CPU graphs have no bfloat16 kernels, and half the bytes per token makes decoding
+faster than in float32.
 
 The library is compiled once per source and machine with the system's C++ compiler (`$CXX`, else
 `g++`) into `cache_dir()/kernels/`. Without a compiler, or with `MSFX_KERNELS=0`, `available()` is
@@ -32,24 +35,35 @@ import numpy as np
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")  # no errno: sqrt vectorises
 MAX_QUERIES = 64  # longer inputs (prompts) attend with MindSpore's batched products: the kernel loops per query
+MAX_WIDENING_ROWS = 64  # more rows (a prompt's): the weights are widened whole for MindSpore's MatMul
 
 _ENABLED = contextvars.ContextVar("msfx_kernels", default=False)
+_WIDENING = contextvars.ContextVar("msfx_kernels_widening", default=False)
 _log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def enabled() -> Iterator[None]:
-    """Within (per thread): float32 inference code uses the kernels where `available()`."""
-    token = _ENABLED.set(True)
+def enabled(widening: bool = False) -> Iterator[None]:
+    """Within (per thread): float32 inference code uses the kernels where `available()`. With `widening`,
+    the code computes in float32 over half-precision matrices: `msfx.layers.basic.linear` and `embedding`
+    widen them (exactly) inside `linear` and `embedding` here, and the caller gives every other weight
+    in float32 (`msfx.decode.step.CompiledStep`)."""
+    tokens = _ENABLED.set(True), _WIDENING.set(widening)
     try:
         yield
     finally:
-        _ENABLED.reset(token)
+        _WIDENING.reset(tokens[1])
+        _ENABLED.reset(tokens[0])
 
 
 def active() -> bool:
     """Inside `enabled()` with the library built."""
     return _ENABLED.get() and available()
+
+
+def widening() -> bool:
+    """Inside `enabled(widening=True)` with the library built."""
+    return _WIDENING.get() and active()
 
 
 def available() -> bool:
@@ -131,6 +145,37 @@ def _scalar(value: float):
 def rms_norm(x, weight, eps: float):
     """`weight * (x * rsqrt(mean(x^2, -1) + eps))` for float32 `x` `[..., hidden]`, `weight` `[hidden]`."""
     return _op("MsfxRmsNorm", _first, _first)(x, weight, _scalar(eps))
+
+
+def _product_shape(x, w):
+    return [x[0], w[0]]
+
+
+def linear(x, weight):
+    """`x @ weight.T` for float32 `x` `[m, k]` and `weight` `[n, k]` in float32, bfloat16 or float16 (widened
+    exactly) -> float32 `[m, n]`, split over worker threads (a decode step's matrix-vector products)."""
+    return _op("MsfxLinear", _product_shape, _first)(x, weight)
+
+
+def widen(weight):
+    """A bfloat16 or float16 tensor widened exactly to float32 (same shape), split over worker threads."""
+    return _op("MsfxWiden", _first, _float32)(weight)
+
+
+def _rows_shape(ids, table):
+    return [*ids, table[1]]
+
+
+def _float32(*dtypes):
+    from mindspore import float32
+
+    return float32
+
+
+def embedding(ids, table):
+    """Rows `ids` (int32 or int64, any shape) of `table` `[vocab, hidden]` in float32, bfloat16 or float16,
+    widened exactly to float32 -> `[*ids.shape, hidden]`. An id outside the table fails the op."""
+    return _op("MsfxEmbedding", _rows_shape, _float32)(ids, table)
 
 
 def silu_mul(gate, up):
