@@ -1,4 +1,4 @@
-"""Fused float32 CPU kernels for compiled inference and training steps: C++ (`cpu_kernels.cc`) run by
+"""Fused CPU kernels for compiled inference and training steps: C++ (`cpu_kernels.cc`) run by
 `mindspore.ops.Custom(func_type="aot")` inside `jit` graphs.
 
 A compiled CPU step pays ~10-20 µs per op whatever its size (MindSpore 2.10), and a SmolLM2
@@ -45,9 +45,8 @@ _log = logging.getLogger(__name__)
 @contextlib.contextmanager
 def enabled(widening: bool = False) -> Iterator[None]:
     """Within (per thread): float32 inference code uses the kernels where `available()`. With `widening`,
-    the code computes in float32 over half-precision matrices: `msfx.layers.basic.linear` and `embedding`
-    widen them (exactly) inside `linear` and `embedding` here, and the caller gives every other weight
-    in float32 (`msfx.decode.step.CompiledStep`)."""
+    it computes in float32 over half-precision matrices, which `linear`, `embedding` and `widen` here widen
+    exactly; the caller gives every other weight in float32 (`msfx.decode.step.CompiledStep`)."""
     tokens = _ENABLED.set(True), _WIDENING.set(widening)
     try:
         yield
