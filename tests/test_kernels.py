@@ -89,6 +89,25 @@ def test_linear_and_embedding_widen_the_weights_exactly(dtype):
             np.testing.assert_array_equal(got, wide)
 
 
+@pytest.mark.parametrize("dtype", [ms.float32, ms.bfloat16, ms.float16])
+def test_products_of_several_weights_in_one_op(dtype):
+    """q, k and v in one op: each output equals its own product bit for bit (outputs of 7, 9 and 17 rows,
+    split over the workers end to end); `gated_linear` is `silu_mul` of the gate and up products (to an ulp:
+    the exponential may be vectorised differently)."""
+    rng = np.random.default_rng(4)
+    weights = [Tensor(rng.standard_normal((n, 37)).astype(np.float32)).astype(dtype) for n in (7, 9, 17)]
+    for rows in (1, 2, 3, 8):
+        x = Tensor(rng.standard_normal((rows, 37)).astype(np.float32))
+        alone = [kernels.linear(x, w).asnumpy() for w in weights]
+        for got in both(kernels.linear, x, *weights):
+            for a, want in zip(got, alone):
+                np.testing.assert_array_equal(a, want)
+        up = (weights[1].astype(ms.float32) * 0.5).astype(dtype)  # x up^T = (x gate^T) / 2, exactly
+        want = kernels.silu_mul(Tensor(alone[1]), Tensor(alone[1] * 0.5)).asnumpy()
+        for got in both(kernels.gated_linear, x, weights[1], up):
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
 def test_compiled_decode_with_and_without_kernels(monkeypatch):
     """The same greedy tokens and last logits with the kernels as with MindSpore's ops; a perturbed
     kernel changes them (the kernels are on the compiled path)."""

@@ -288,6 +288,22 @@ def test_compiled_bf16_decodes_as_float32_over_the_bf16_weights(family, tmp_path
     np.testing.assert_allclose(np.stack(out.scores), np.stack([s.numpy() for s in expected.scores]), atol=1e-4, rtol=0)
 
 
+def test_compiled_float32_batch_one_decodes_in_the_product_kernels(family):
+    """At batch 1 a compiled float32 step's products run in `msfx.kernels` (q, k, v and gate, up fused):
+    greedy tokens and scores are HF float32's."""
+    name, _, path, _ = family
+    hf = getattr(transformers, FAMILIES[name][1]).from_pretrained(path, dtype=torch.float32,
+                                                                 attn_implementation="eager").eval()
+    ids = random_ids(1, 7, seed=5)
+    kwargs = dict(max_new_tokens=4, do_sample=False, eos_token_id=None, output_scores=True,
+                  return_dict_in_generate=True)
+    with torch.no_grad():
+        expected = hf.generate(torch.tensor(ids), **kwargs)
+    out = msfx.AutoModelForCausalLM.from_pretrained(path).generate(ids, **kwargs)
+    np.testing.assert_array_equal(out.sequences, expected.sequences.numpy())
+    np.testing.assert_allclose(np.stack(out.scores), np.stack([s.numpy() for s in expected.scores]), atol=1e-4, rtol=0)
+
+
 @pytest.mark.slow
 def test_bf16_greedy_generate_matches_torch_bf16(family):
     """bfloat16 greedy decoding (eager: HF's roundings) gives torch-bf16's tokens on a left-padded batch

@@ -26,7 +26,7 @@ from msfx.decode.cache import KVCache, write_cache, write_ring
 from msfx import kernels
 from msfx.families import family
 from msfx.layers.attention import arange, attention_bias, ring_attention_bias, scaled_dot_product_attention
-from msfx.layers.basic import activation, embedding, gated_mlp, linear, scaled, tanh
+from msfx.layers.basic import activation, embedding, gated_mlp, linear, linears, scaled, tanh
 from msfx.inputs import check_model_inputs
 from msfx.jit import host_reads_allowed
 from msfx.layers.dropout import dropout
@@ -235,7 +235,7 @@ def _attention(x, p, config, spec, plan, cos, sin, bias, layer_cache, cache_posi
         else:  # Phi-3: q | k | v blocks
             q, k, v = ops.split(qkv, (heads * d, n_kv * d, n_kv * d), -1)
     else:
-        q, k, v = (linear(x, p[name]["weight"], p[name].get("bias")) for name in ("q_proj", "k_proj", "v_proj"))
+        q, k, v = linears(x, [p[name] for name in ("q_proj", "k_proj", "v_proj")])
     if attn.clip_qkv is not None:  # OLMo; bfloat16 on CPU (no Maximum kernel) clamps in float32, exactly
         wide = lacks_bf16_kernels(x)
         q, k, v = (ops.clamp(y.astype(ms.float32) if wide else y, -attn.clip_qkv, attn.clip_qkv).astype(y.dtype)

@@ -146,14 +146,32 @@ def rms_norm(x, weight, eps: float):
     return _op("MsfxRmsNorm", _first, _first)(x, weight, _scalar(eps))
 
 
-def _product_shape(x, w):
-    return [x[0], w[0]]
+def _product_shapes(x, *weights):
+    shapes = tuple([x[0], w[0]] for w in weights)
+    return shapes[0] if len(shapes) == 1 else shapes
 
 
-def linear(x, weight):
-    """`x @ weight.T` for float32 `x` `[m, k]` and `weight` `[n, k]` in float32, bfloat16 or float16 (widened
-    exactly) -> float32 `[m, n]`, split over worker threads (a decode step's matrix-vector products)."""
-    return _op("MsfxLinear", _product_shape, _first)(x, weight)
+def _float32_each(x, *weights):
+    from mindspore import float32
+
+    return float32 if len(weights) == 1 else (float32,) * len(weights)
+
+
+def linear(x, *weights):
+    """`x @ w.T` for float32 `x` `[m, k]` and each of one to four `weights` `[n, k]` in float32, bfloat16 or
+    float16 (one storage for all, widened exactly) -> float32 `[m, n]` each (a tuple for several), split over
+    worker threads in one op (a decode step's matrix-vector products: q, k and v at once)."""
+    return _op("MsfxLinear", _product_shapes, _float32_each)(x, *weights)
+
+
+def gated_linear(x, gate, up):
+    """`silu(x @ gate.T) * (x @ up.T)` (Llama's MLP before `down_proj`) for float32 `x` `[m, k]`, `gate` and
+    `up` `[n, k]` as `linear`'s weights -> float32 `[m, n]`: `linear` then `silu_mul`'s numbers, in one op."""
+    return _op("MsfxGatedLinear", _first_product, _float32)(x, gate, up)
+
+
+def _first_product(x, gate, up):
+    return [x[0], gate[0]]
 
 
 def widen(weight):
