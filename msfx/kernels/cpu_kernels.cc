@@ -41,6 +41,9 @@ float dot(const float *a, const float *b, int64_t n) {
   return s;
 }
 
+// silu(g) * u, HF's SiLU as g / (1 + e^-g): MsfxSiluMul and the gated products share it.
+inline float silu_times(float g, float u) { return g / (1.0f + std::exp(-g)) * u; }
+
 // HF's rotate-half rotary over the first rd channels of one head (x * cos + rotate_half(x) * sin);
 // the remaining channels pass through (partial rotary, GPT-NeoX / Phi).
 void rotate(const float *x, const float *cos, const float *sin, int64_t rd, int64_t d, float *out) {
@@ -205,7 +208,7 @@ void tile(const Products &p, int o, int64_t r, int64_t i) {
   product_tile<S, R, M>(p.x, p.w[0], p.k, r, i, g, R);
   product_tile<S, R, M>(p.x, p.w[1], p.k, r, i, u, R);
   for (int b = 0; b < M; ++b)
-    for (int a = 0; a < R; ++a) p.y[0][(i + b) * p.n[0] + r + a] = g[b * R + a] / (1.0f + std::exp(-g[b * R + a])) * u[b * R + a];
+    for (int a = 0; a < R; ++a) p.y[0][(i + b) * p.n[0] + r + a] = silu_times(g[b * R + a], u[b * R + a]);
 }
 
 // Tiles of 8 weight rows x 3 inputs: 24 accumulators, within the 32 vector registers (batch-8 products 1.5x
@@ -363,7 +366,7 @@ MSFX_KERNEL(MsfxSiluMul) {
   const float *g = static_cast<const float *>(params[0]), *u = static_cast<const float *>(params[1]);
   float *y = static_cast<float *>(params[2]);
   const int64_t n = numel(ndims[0], shapes[0]);
-  for (int64_t i = 0; i < n; ++i) y[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  for (int64_t i = 0; i < n; ++i) y[i] = silu_times(g[i], u[i]);
   return 0;
 }
 

@@ -56,10 +56,12 @@ def linear(x: Tensor, weight: Tensor | LoraWeight, bias: Tensor | None = None) -
         y = _MATMUL_T(x.reshape(-1, x.shape[-1]).astype(ms.float32), weight.astype(ms.float32))
         y = y if bias is None else y + bias.astype(ms.float32)  # one rounding, as torch's addmm
         return y.astype(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
-    if x.dtype == ms.float32 and _product_kernel(x, weight):
-        y = _kernel_product(x.reshape(-1, x.shape[-1]), weight)
+    if x.dtype == ms.float32 and _in_product_kernel(x, weight):
+        y = kernels.linear(x.reshape(-1, x.shape[-1]), weight)
         y = y if x.ndim == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
         return y if bias is None else y + bias
+    if x.dtype == ms.float32 and weight.dtype != ms.float32 and kernels.widening():
+        weight = kernels.widen(weight)  # a prompt's many rows: widened whole for MindSpore's MatMul
     if x.ndim == 2:  # the decoder keeps activations 2-D: no reshapes around each product
         y = _MATMUL_T(x, weight)
     else:
@@ -83,24 +85,17 @@ def _fusable(x: Tensor, weights: Sequence) -> bool:
     """Whether `weights` (plain tensors of one dtype) multiply float32 `x` in one product kernel op."""
     if x.dtype != ms.float32 or any(not isinstance(w, Tensor) or w.dtype != weights[0].dtype for w in weights):
         return False
+    return _in_product_kernel(x, weights[0])
+
+
+def _in_product_kernel(x: Tensor, weight: Tensor) -> bool:
+    """Whether float32 `x` times `weight` runs in `kernels.linear`: half-precision weights when widening, up to
+    `kernels.MAX_WIDENING_ROWS` rows; float32 ones for one row (batch-1 decode: SmolLM2 +10%, where at 8 rows
+    MindSpore's `MatMul` was 8% faster; measured)."""
     rows = math.prod(x.shape[:-1])
-    return _product_kernel(x, weights[0]) and (weights[0].dtype == ms.float32 or rows <= kernels.MAX_WIDENING_ROWS)
-
-
-def _product_kernel(x: Tensor, weight: Tensor) -> bool:
-    """Whether `linear` runs in `msfx.kernels`: half-precision weights when widening; float32 ones for one
-    row (batch-1 decode: SmolLM2 +10%, where at 8 rows MindSpore's `MatMul` was 8% faster; measured)."""
     if weight.dtype == ms.float32:
-        return math.prod(x.shape[:-1]) == 1 and kernels.active()
-    return kernels.widening()
-
-
-def _kernel_product(x: Tensor, weight: Tensor) -> Tensor:
-    """float32 `x` `[m, in]` times `weight` (float32, or half precision widened exactly to float32): in the
-    product kernel for a decode step's few rows, else widened whole for MindSpore's `MatMul` (a prompt's)."""
-    if weight.dtype == ms.float32 or x.shape[0] <= kernels.MAX_WIDENING_ROWS:
-        return kernels.linear(x, weight)
-    return _MATMUL_T(x, kernels.widen(weight))
+        return rows == 1 and kernels.active()
+    return kernels.widening() and rows <= kernels.MAX_WIDENING_ROWS
 
 
 def scaled(x: Tensor, factor: float) -> Tensor:
