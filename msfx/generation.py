@@ -17,7 +17,7 @@ from mindspore import Tensor
 from transformers import GenerationConfig
 from transformers.utils import ModelOutput
 
-from msfx.decode.generate import PREFILL_BUCKET, DecodeState, decode_loop
+from msfx.decode.generate import DecodeState, decode_loop
 from msfx.decode.options import BeamOptions, DecodeOptions, GenerationStats, Recorder
 from msfx.decode.processors import build_logits_processors
 from msfx.decode.sampling import make_rng
@@ -387,7 +387,7 @@ class GenerationMixin:
         step = self._compiled_step(bool(jit), widening)
         prefill = step if jit is True else self._compiled_step(False, widening)
         return DecodeState(self.config, prefill, step, input_ids, attention_mask, max_new_tokens,
-                           prefill_bucket=PREFILL_BUCKET if jit is True else None, use_cache=use_cache)
+                           bucket_prompt=jit is True, use_cache=use_cache)
 
     def _merge_generation_config(self, generation_config: GenerationConfig | None,
                                  kwargs: dict) -> tuple[GenerationConfig, bool]:

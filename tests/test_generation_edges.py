@@ -148,3 +148,12 @@ def test_encoder_decoder_without_attention_mask_attends_to_pads_as_hf(hf_t5):
             np.testing.assert_array_equal(got.sequences, expected.sequences.numpy())
             if "num_beams" not in kwargs:
                 assert_same_generation(got, expected)
+
+
+def test_prefill_widths_pad_under_a_quarter_with_four_graphs_per_doubling():
+    from msfx.decode.generate import prefill_width
+
+    assert [prefill_width(n) for n in (1, 7, 8, 9, 37, 40, 64, 65, 297)] == [8, 8, 8, 16, 40, 40, 64, 80, 320]
+    widths = [prefill_width(n) for n in range(1, 4097)]
+    assert all(w >= n and (w - n < 8 or w - n < n / 4) for n, w in enumerate(widths, 1))
+    assert len(set(w for w in widths if 1024 < w <= 2048)) == 4

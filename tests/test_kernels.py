@@ -70,23 +70,25 @@ def test_rope_cache_write_and_attention_match_numpy():
 
 @pytest.mark.parametrize("dtype", [ms.float32, ms.bfloat16, ms.float16])
 def test_linear_and_embedding_widen_the_weights_exactly(dtype):
-    """Products for 1-9 input rows (every tile shape), 7 outputs (not a multiple of 4) and 37 inputs (not
-    of 16), embedding rows and whole widened matrices, against numpy on the weights widened to float32."""
+    """Products for 1-9 input rows (every dot-product tile shape) and 9-40 (packed panels, every remainder of 8
+    rows), 7 outputs (not a multiple of 4) and 37 inputs (not of 16), panels past the first (71 outputs) and
+    depths past the first (600 inputs), and embedding rows, against numpy on the weights widened to float32."""
     rng = np.random.default_rng(2)
     weight = Tensor(rng.standard_normal((7, 37)).astype(np.float32)).astype(dtype)
     wide = weight.astype(ms.float32).asnumpy()
-    for rows in range(1, 10):
+    for rows in (*range(1, 26), 40):
         x = rng.standard_normal((rows, 37)).astype(np.float32)
         for got in both(kernels.linear, Tensor(x), weight):
             np.testing.assert_allclose(got, x @ wide.T, atol=1e-5)
+    deep = Tensor(rng.standard_normal((71, 600)).astype(np.float32)).astype(dtype)
+    x = rng.standard_normal((19, 600)).astype(np.float32)
+    for got in both(kernels.linear, Tensor(x), deep):
+        np.testing.assert_allclose(got, x @ deep.astype(ms.float32).asnumpy().T, atol=1e-4)
     for ids in (np.array([[6, 0], [3, 3]], np.int64), np.array([1, 5], np.int32)):
         for got in both(kernels.embedding, Tensor(ids), weight):
             np.testing.assert_array_equal(got, wide[ids])
     with pytest.raises(RuntimeError):
         kernels.embedding(Tensor(np.array([7], np.int32)), weight).asnumpy()
-    if dtype != ms.float32:
-        for got in both(kernels.widen, weight):
-            np.testing.assert_array_equal(got, wide)
 
 
 @pytest.mark.parametrize("dtype", [ms.float32, ms.bfloat16, ms.float16])
@@ -96,7 +98,7 @@ def test_products_of_several_weights_in_one_op(dtype):
     the exponential may be vectorised differently)."""
     rng = np.random.default_rng(4)
     weights = [Tensor(rng.standard_normal((n, 37)).astype(np.float32)).astype(dtype) for n in (7, 9, 17)]
-    for rows in (1, 2, 3, 8):
+    for rows in (1, 2, 3, 8, 9, 21):
         x = Tensor(rng.standard_normal((rows, 37)).astype(np.float32))
         alone = [kernels.linear(x, w).asnumpy() for w in weights]
         for got in both(kernels.linear, x, *weights):

@@ -276,7 +276,7 @@ def test_compiled_bf16_decodes_as_float32_over_the_bf16_weights(family, tmp_path
         return
     assert model.dtype == msfx.llama.ms.bfloat16 and widens(model.arch, model.params, model.config)
     wide = torch_cls.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager").eval()
-    ids = random_ids(2, 33, seed=3)  # 66 prompt rows: the prompt's products widen whole matrices (`linear`)
+    ids = random_ids(2, 33, seed=3)  # padded to 2 x 40 prompt rows: the prompt's products run in packed panels
     mask = np.ones_like(ids)
     ids[1, :2] = mask[1, :2] = 0
     kwargs = dict(max_new_tokens=4, do_sample=False, eos_token_id=None, output_scores=True,
@@ -289,12 +289,12 @@ def test_compiled_bf16_decodes_as_float32_over_the_bf16_weights(family, tmp_path
 
 
 def test_compiled_float32_batch_one_decodes_in_the_product_kernels(family):
-    """At batch 1 a compiled float32 step's products run in `msfx.kernels` (q, k, v and gate, up fused):
-    greedy tokens and scores are HF float32's."""
+    """At batch 1 a compiled float32 step's products run in `msfx.kernels` (q, k, v and gate, up fused), the
+    prompt's 16 rows (13 tokens, padded) in packed panels: greedy tokens and scores are HF float32's."""
     name, _, path, _ = family
     hf = getattr(transformers, FAMILIES[name][1]).from_pretrained(path, dtype=torch.float32,
                                                                  attn_implementation="eager").eval()
-    ids = random_ids(1, 7, seed=5)
+    ids = random_ids(1, 13, seed=5)
     kwargs = dict(max_new_tokens=4, do_sample=False, eos_token_id=None, output_scores=True,
                   return_dict_in_generate=True)
     with torch.no_grad():

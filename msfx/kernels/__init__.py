@@ -35,7 +35,8 @@ import numpy as np
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")  # no errno: sqrt vectorises
 MAX_QUERIES = 64  # longer inputs (prompts) attend with MindSpore's batched products: the kernel loops per query
-MAX_WIDENING_ROWS = 64  # more rows (a prompt's): the weights are widened whole for MindSpore's MatMul
+DOT_ROWS = 8  # products of up to this many rows run as dot-product tiles, of more as packed panels (cpu_kernels.cc)
+MAX_FLOAT32_ROWS = 128  # float32 products of more rows run in MindSpore's MatMul, ~10% faster at 192-320 rows
 
 _ENABLED = contextvars.ContextVar("msfx_kernels", default=False)
 _WIDENING = contextvars.ContextVar("msfx_kernels_widening", default=False)
@@ -45,8 +46,8 @@ _log = logging.getLogger(__name__)
 @contextlib.contextmanager
 def enabled(widening: bool = False) -> Iterator[None]:
     """Within (per thread): float32 inference code uses the kernels where `available()`. With `widening`,
-    it computes in float32 over half-precision matrices, which `linear`, `embedding` and `widen` here widen
-    exactly; the caller gives every other weight in float32 (`msfx.decode.step.CompiledStep`)."""
+    it computes in float32 over half-precision matrices, which `linear` and `embedding` here widen exactly; the
+    caller gives every other weight in float32 (`msfx.decode.step.CompiledStep`)."""
     tokens = _ENABLED.set(True), _WIDENING.set(widening)
     try:
         yield
@@ -172,11 +173,6 @@ def gated_linear(x, gate, up):
 
 def _first_product(x, gate, up):
     return [x[0], gate[0]]
-
-
-def widen(weight):
-    """A bfloat16 or float16 tensor widened exactly to float32 (same shape), split over worker threads."""
-    return _op("MsfxWiden", _first, _float32)(weight)
 
 
 def _rows_shape(ids, table):

@@ -60,8 +60,6 @@ def linear(x: Tensor, weight: Tensor | LoraWeight, bias: Tensor | None = None) -
         y = kernels.linear(x.reshape(-1, x.shape[-1]), weight)
         y = y if x.ndim == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
         return y if bias is None else y + bias
-    if x.dtype == ms.float32 and weight.dtype != ms.float32 and kernels.widening():
-        weight = kernels.widen(weight)  # a prompt's many rows: widened whole for MindSpore's MatMul
     if x.ndim == 2:  # the decoder keeps activations 2-D: no reshapes around each product
         y = _MATMUL_T(x, weight)
     else:
@@ -89,13 +87,14 @@ def _fusable(x: Tensor, weights: Sequence) -> bool:
 
 
 def _in_product_kernel(x: Tensor, weight: Tensor) -> bool:
-    """Whether float32 `x` times `weight` runs in `kernels.linear`: half-precision weights when widening, up to
-    `kernels.MAX_WIDENING_ROWS` rows; float32 ones for one row (batch-1 decode: SmolLM2 +10%, where at 8 rows
-    MindSpore's `MatMul` was 8% faster; measured)."""
+    """Whether float32 `x` times `weight` runs in `kernels.linear`: half-precision weights whenever widening;
+    float32 ones for one row (batch-1 decode: SmolLM2 +10%) or a prompt's `kernels.DOT_ROWS` to
+    `kernels.MAX_FLOAT32_ROWS` rows (packed panels: 1.2-2x MindSpore's `MatMul` at 40 rows); at 2-8 rows and
+    above 128 `MatMul` was as fast or faster (measured)."""
     rows = math.prod(x.shape[:-1])
     if weight.dtype == ms.float32:
-        return rows == 1 and kernels.active()
-    return kernels.widening() and rows <= kernels.MAX_WIDENING_ROWS
+        return (rows == 1 or kernels.DOT_ROWS < rows <= kernels.MAX_FLOAT32_ROWS) and kernels.active()
+    return kernels.widening()
 
 
 def scaled(x: Tensor, factor: float) -> Tensor:

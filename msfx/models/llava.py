@@ -12,7 +12,7 @@ from mindspore import Tensor, ops
 
 from msfx.architectures import llava
 from msfx.backend import lacks_bf16_kernels
-from msfx.decode.generate import PREFILL_BUCKET, DecodeState
+from msfx.decode.generate import DecodeState
 from msfx.decode.step import CompiledStep
 from msfx.generation import GenerationMixin
 from msfx.modeling import CausalLMOutputWithPast, PreTrainedModel, as_tensor
@@ -79,7 +79,7 @@ class LlavaForConditionalGeneration(GenerationMixin, PreTrainedModel):
         step = self._language_step(bool(jit), False)
         prefill = self._language_step(jit is True, embeds is not None)
         return DecodeState(self.config.text_config, prefill, step, input_ids, attention_mask, max_new_tokens,
-                           prefill_bucket=PREFILL_BUCKET if jit is True else None, use_cache=use_cache,
+                           bucket_prompt=jit is True, use_cache=use_cache,
                            prompt_embeds=embeds)
 
 
