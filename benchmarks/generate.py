@@ -10,16 +10,16 @@ for torch, msfx with the jit-compiled decode step and msfx eager, the msfx/torch
 asserts that msfx produced torch's greedy tokens.
 
 `--config.dtypes=float32,bfloat16,float16` also runs both libraries with half-precision weights and
-prints msfx's ratio to its own float32 figures.
-
-With `llama-cpp-python` installed (not a dependency: `pip install llama-cpp-python`, built from source, ~8
-minutes on 2 cores), `--config.model=smollm2` also runs llama.cpp at batch 1 (its Python API runs one
-sequence) on the same GGUF rewritten with float32, bfloat16 or float16 tensors (msfx's dtype), and on the
-original Q4_1 file, and prints msfx's ratio to it. Its tokens are compared, not asserted: its arithmetic
-(Q4_1's most) is its own. msfx's compiled CPU step computes in float32 over
+prints msfx's ratio to its own float32 figures. msfx's compiled CPU step computes in float32 over
 half-precision weights (`msfx.decode.step.widens`), so its tokens are checked against torch float32 on
 the same rounded weights; torch's half-precision model gives the timings. (msfx's eager bfloat16,
 HF's roundings op by op, is not timed: ~0.3 tok/s.)
+
+With `llama-cpp-python` installed (not a dependency: the `llama-cpp` extra, `pip install -e ".[llama-cpp]"`,
+built from source, ~8 minutes on 2 cores), `--config.model=smollm2` also runs llama.cpp at batch 1 (its
+Python API runs one sequence) on the same GGUF rewritten with float32, bfloat16 or float16 tensors
+(msfx's dtype), and on the original Q4_1 file, and prints msfx's ratio to it. Its tokens are compared,
+not asserted: its arithmetic (Q4_1's most) is its own.
 
 Run: python benchmarks/generate.py [--config.model=random|smollm2] [--config.batch_sizes=1,8]
 [--config.new_tokens=128] [--config.dtypes=float32,bfloat16,float16] (an `ml_collections` config, `get_config()`;
@@ -208,6 +208,8 @@ def main(config: ConfigDict) -> None:
     with tempfile.TemporaryDirectory() as directory:
         hf, ms_models, make_batch = load_models(config.model, directory, dtypes)
         gguf_path = smollm2_gguf_path() if config.model == "smollm2" and llama_cpp_installed() else None
+        if config.model == "smollm2" and gguf_path is None:
+            print('llama.cpp: not run (llama-cpp-python is not installed: pip install -e ".[llama-cpp]")')
         compare(config, dtypes, hf, ms_models, make_batch, gguf_path, directory)
 
 

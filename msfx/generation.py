@@ -263,7 +263,9 @@ class GenerationMixin:
             jit: True compiles the prompt's forward and the decode step with `mindspore.jit`
                 (one graph per shape bucket, see `msfx.decode.generate`); "decode" compiles only
                 the decode step (for a single prompt, compiling its graph costs more than it
-                saves); False runs eagerly. bfloat16 on CPU and `use_cache=False` always run eagerly.
+                saves); False runs eagerly. `use_cache=False` always runs eagerly, and so does bfloat16
+                on CPU except a Llama-like model's steps (float32 over its bfloat16 matrices,
+                `msfx.decode.step.widens`).
             logits_processor: numpy callables `(input_ids [batch, cur_len], scores [batch, vocab])
                 -> scores` (e.g. `msfx.decode.processors` classes), merged with the built-in
                 ones as HF merges its `logits_processor=` (HF's torch processors do not apply).
