@@ -110,6 +110,21 @@ def test_products_of_several_weights_in_one_op(dtype):
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
+def test_products_refuse_wrong_shapes_and_dtypes_by_name():
+    x, w = Tensor(np.ones((9, 5), np.float32)), Tensor(np.ones((3, 5), np.float32))
+    cases = [(kernels.linear, (x, Tensor(np.ones((3, 4), np.float32))), "each weight must be \\[n, 5\\]"),
+             (kernels.linear, (x, Tensor(np.ones(5, np.float32))), "each weight"),
+             (kernels.linear, (x, Tensor(np.ones((3, 5), np.int32))), "each weight"),
+             (kernels.linear, (x, w, w.astype(ms.float16)), "the same for all"),
+             (kernels.linear, (x, w, w, w, w, w), "1 to 4 weights"),
+             (kernels.linear, (x.astype(ms.float16), w), "x must be float32"),
+             (kernels.linear, (Tensor(np.ones(5, np.float32)), w), "x must be float32 \\[m, k\\]"),
+             (kernels.gated_linear, (x, w, Tensor(np.ones((4, 5), np.float32))), "the same rows")]
+    for fn, args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            fn(*args)
+
+
 def test_compiled_decode_with_and_without_kernels(monkeypatch):
     """The same greedy tokens and last logits with the kernels as with MindSpore's ops; a perturbed
     kernel changes them (the kernels are on the compiled path)."""

@@ -161,13 +161,41 @@ def _float32_each(x, *weights):
 def linear(x, *weights):
     """`x @ w.T` for float32 `x` `[m, k]` and each of one to four `weights` `[n, k]` in float32, bfloat16 or
     float16 (one storage for all, widened exactly) -> float32 `[m, n]` each (a tuple for several), split over
-    worker threads in one op (a decode step's matrix-vector products: q, k and v at once)."""
+    worker threads in one op (a decode step's matrix-vector products: q, k and v at once; a prompt's rows in
+    packed panels).
+
+    Raises:
+        ValueError: other dtypes or shapes than these (checked before the op, whose own error says only
+            that the kernel failed).
+    """
+    _check_products(x, weights, 4)
     return _op("MsfxLinear", _product_shapes, _float32_each)(x, *weights)
+
+
+def _check_products(x, weights, most: int) -> None:
+    import mindspore as ms
+
+    storages = (ms.float32, ms.bfloat16, ms.float16)
+    if x.ndim != 2 or x.dtype != ms.float32:
+        raise ValueError(f"x must be float32 [m, k], got {x.dtype} {tuple(x.shape)}")
+    if not 1 <= len(weights) <= most:
+        raise ValueError(f"expected 1 to {most} weights, got {len(weights)}")
+    for w in weights:
+        if w.ndim != 2 or w.shape[1] != x.shape[1] or w.dtype not in storages or w.dtype != weights[0].dtype:
+            raise ValueError(f"each weight must be [n, {x.shape[1]}] in one of float32, bfloat16, float16 (the same "
+                             f"for all), got {[(str(v.dtype), tuple(v.shape)) for v in weights]}")
 
 
 def gated_linear(x, gate, up):
     """`silu(x @ gate.T) * (x @ up.T)` (Llama's MLP before `down_proj`) for float32 `x` `[m, k]`, `gate` and
-    `up` `[n, k]` as `linear`'s weights -> float32 `[m, n]`: `linear` then `silu_mul`'s numbers, in one op."""
+    `up` `[n, k]` as `linear`'s weights -> float32 `[m, n]`: `linear` then `silu_mul`'s numbers, in one op.
+
+    Raises:
+        ValueError: as `linear`, or `gate` and `up` of different lengths.
+    """
+    _check_products(x, (gate, up), 2)
+    if gate.shape[0] != up.shape[0]:
+        raise ValueError(f"gate and up must have the same rows, got {tuple(gate.shape)} and {tuple(up.shape)}")
     return _op("MsfxGatedLinear", _first_product, _float32)(x, gate, up)
 
 
