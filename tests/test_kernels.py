@@ -173,3 +173,134 @@ def test_no_compiler_means_no_kernels(monkeypatch):
         kernels.library.cache_clear()
         monkeypatch.delenv("CXX")
         assert kernels.available()
+
+
+BF16_DOT = kernels.available() and kernels._has_bf16_dot()
+
+
+@pytest.mark.skipif(not BF16_DOT, reason="no AVX512-BF16")
+def test_bfloat16_inputs_times_bfloat16_weights():
+    """Eager bfloat16 products (HF's bfloat16 models): every remainder of the 16-row groups and of the 5-group
+    blocks (1-100 rows, 160, 181), outputs not a multiple of the 4-column tiles, several weights in one op,
+    against float64 sums of the same bfloat16 values; odd depths are refused by name."""
+    rng = np.random.default_rng(5)
+    weights = [Tensor(rng.standard_normal((n, 38)).astype(np.float32)).astype(ms.bfloat16) for n in (7, 9, 33)]
+    wide = [w.astype(ms.float32).asnumpy().astype(np.float64) for w in weights]
+    for rows in (*range(1, 101), 160, 181):
+        x = Tensor(rng.standard_normal((rows, 38)).astype(np.float32)).astype(ms.bfloat16)
+        xw = x.astype(ms.float32).asnumpy().astype(np.float64)
+        for got, w in zip(kernels.linear(x, *weights), wide):
+            assert got.dtype == ms.float32
+            np.testing.assert_allclose(got.asnumpy(), xw @ w.T, rtol=1e-6, atol=1e-5)
+    with pytest.raises(ValueError, match="even k"):
+        kernels.linear(Tensor(np.ones((9, 5), np.float32)).astype(ms.bfloat16),
+                       Tensor(np.ones((3, 5), np.float32)).astype(ms.bfloat16))
+
+
+def test_eager_bfloat16_layers_match_mindspore_ops_and_their_gradients():
+    """`linear` on bfloat16 inputs (kernel products, widened inputs for <= 8 rows), `add`, `mul`, `transposed`,
+    `embedding` and `cast` give MindSpore's own bfloat16 results; `linear`'s gradients are those of widening
+    both operands for `MatMul`."""
+    from mindspore import ops
+
+    from msfx.layers import basic
+
+    rng = np.random.default_rng(6)
+    w = Tensor(rng.standard_normal((24, 64)).astype(np.float32)).astype(ms.bfloat16)
+    for rows in (3, 40):
+        x = Tensor(rng.standard_normal((rows, 64)).astype(np.float32)).astype(ms.bfloat16)
+        want = ops.matmul(x.astype(ms.float32), w.astype(ms.float32).T).astype(ms.bfloat16)
+        np.testing.assert_allclose(basic.linear(x, w).astype(ms.float32).asnumpy(),
+                                   want.astype(ms.float32).asnumpy(), rtol=8e-3)
+        got = ms.grad(lambda x, w: basic.linear(x, w).astype(ms.float32).sum(), (0, 1))(x, w)
+        ref = ms.grad(lambda x, w: ops.matmul(x.astype(ms.float32), w.astype(ms.float32).T).sum(), (0, 1))(x, w)
+        for a, b in zip(got, ref):
+            np.testing.assert_array_equal(a.astype(ms.float32).asnumpy(), b.astype(ms.float32).asnumpy())
+    a, b = (Tensor(rng.standard_normal((5, 7, 8)).astype(np.float32)).astype(ms.bfloat16) for _ in range(2))
+    wide = a.astype(ms.float32).asnumpy()
+    for ours, theirs in ((basic.add(a, b), (a + b).astype(ms.float32).asnumpy()),
+                         (basic.mul(a, b), (a * b).astype(ms.float32).asnumpy()),
+                         (basic.transposed(a, (1, 0, 2)), wide.transpose(1, 0, 2)),
+                         (basic.embedding(Tensor(np.array([[3, 1]], np.int32)), a[0]), wide[0][[[3, 1]]])):
+        assert ours.dtype == ms.bfloat16
+        np.testing.assert_array_equal(ours.astype(ms.float32).asnumpy(), theirs)
+
+
+def test_cast_rounds_as_torch():
+    """Every bfloat16 bit pattern widens exactly; float32 values (ties, NaN, infinities, the largest finite ones,
+    denormals) round to torch's bfloat16 bits."""
+    import torch
+
+    every = (np.arange(65536, dtype=np.uint32) << 16).view(np.float32)
+    wide = kernels.cast(Tensor(every).astype(ms.bfloat16), ms.float32).asnumpy()
+    np.testing.assert_array_equal(wide.view(np.uint32), Tensor(every).astype(ms.bfloat16).astype(ms.float32).asnumpy().view(np.uint32))
+    rng = np.random.default_rng(7)
+    finite = every[np.isfinite(every)]
+    x = np.concatenate([rng.standard_normal(10000).astype(np.float32) * 100, finite + finite * 2 ** -8,  # ties
+                        np.array([np.nan, np.inf, -np.inf, 3.4e38, -3.4e38, 1e-40, -1e-45], np.float32)])
+    ours = kernels.cast(Tensor(x), ms.bfloat16)
+    assert ours.dtype == ms.bfloat16
+    theirs = torch.from_numpy(x).bfloat16().view(torch.int16).numpy()
+    got = kernels.cast(ours, ms.float32).asnumpy().view(np.uint32) >> 16
+    nan = np.isnan(x)
+    np.testing.assert_array_equal(got[~nan].astype(np.uint16), theirs[~nan].view(np.uint16))
+    assert np.isnan(kernels.cast(ours, ms.float32).asnumpy()[nan]).all()
+
+
+@pytest.mark.parametrize("name", kernels.STEPWISE)
+def test_stepwise_activations_give_torch_bfloat16_bits_and_gradients(name):
+    """On every finite bfloat16 value: torch's bits (QuickGELU's below ~1e-30 aside, where torch's sigmoid
+    underflows to 0 first); gradients as torch's float32 autograd to bfloat16 precision."""
+    import torch
+    from transformers.activations import ACT2FN
+
+    every = (np.arange(65536, dtype=np.uint32) << 16).view(np.float32)
+    every = every[np.isfinite(every)]
+    x = Tensor(every).astype(ms.bfloat16)
+    ours = kernels.stepwise_activation(x, name).astype(ms.float32).asnumpy()
+    theirs = ACT2FN[name](torch.from_numpy(every).bfloat16()).float().numpy()
+    differ = ours != theirs
+    assert not (differ & (np.abs(theirs) > 1e-30)).any()
+    small = Tensor(np.linspace(-6, 6, 97, dtype=np.float32)).astype(ms.bfloat16)
+    grad = ms.grad(lambda v: kernels.stepwise_activation(v, name).astype(ms.float32).sum())(small)
+    t = torch.tensor(small.astype(ms.float32).asnumpy(), requires_grad=True)
+    ACT2FN[name](t).sum().backward()
+    np.testing.assert_allclose(grad.astype(ms.float32).asnumpy(), t.grad.numpy(), rtol=8e-3, atol=1e-3)
+
+
+def test_bfloat16_rms_norm_gives_torch_bits():
+    """HF's T5LayerNorm in bfloat16 on bfloat16 and on float32 inputs (T5's float32 residual stream): torch's
+    bits; gradients as torch's float32 autograd to bfloat16 precision."""
+    import torch
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+    rng = np.random.default_rng(8)
+    norm = T5LayerNorm(96, 1e-6)
+    norm.weight.data = torch.from_numpy(rng.standard_normal(96).astype(np.float32)).bfloat16()
+    w = Tensor(norm.weight.data.float().numpy()).astype(ms.bfloat16)
+    x = rng.standard_normal((13, 96)).astype(np.float32) * 3
+    for xs in (Tensor(x).astype(ms.bfloat16), Tensor(x)):
+        ours = kernels.rms_norm_bf16(xs, w, 1e-6)
+        assert ours.dtype == ms.bfloat16
+        theirs = norm(torch.from_numpy(xs.astype(ms.float32).asnumpy()).to(torch.bfloat16 if xs.dtype == ms.bfloat16 else torch.float32))
+        np.testing.assert_array_equal(ours.astype(ms.float32).asnumpy(), theirs.float().detach().numpy())
+    grads = ms.grad(lambda x, w: kernels.rms_norm_bf16(x, w, 1e-6).astype(ms.float32).sum(), (0, 1))(Tensor(x), w)
+    tx, tw = torch.tensor(x, requires_grad=True), torch.tensor(w.astype(ms.float32).asnumpy(), requires_grad=True)
+    (tw * (tx * torch.rsqrt(tx.pow(2).mean(-1, keepdim=True) + 1e-6))).sum().backward()
+    np.testing.assert_allclose(grads[0].asnumpy(), tx.grad.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(grads[1].astype(ms.float32).asnumpy(), tw.grad.numpy(), rtol=8e-3)
+
+
+def test_actor_threads_get_the_lowest_priority():
+    import os
+
+    from msfx.backend import lower_actor_threads
+
+    (Tensor(np.ones(3, np.float32)) * 2).asnumpy()  # MindSpore's runtime threads start with its first op
+    lower_actor_threads()
+    niced = []
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            if f.read().startswith("ActorThread"):
+                niced.append(os.getpriority(os.PRIO_PROCESS, int(tid)))
+    assert niced and all(n == 19 for n in niced)

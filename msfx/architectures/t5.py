@@ -24,10 +24,12 @@ import numpy as np
 from mindspore import Tensor, ops
 from transformers import T5Config
 
+from msfx import kernels
+from msfx.backend import lacks_bf16_kernels
 from msfx.decode.cache import KVCache, write_cache
 from msfx.families import family
 from msfx.layers.attention import arange, attention_bias, padding_bias, scaled_dot_product_attention
-from msfx.layers.basic import activation, embedding, linear
+from msfx.layers.basic import activation, add, cast, embedding, linear, mul, transposed
 from msfx.inputs import check_model_inputs
 from msfx.layers.dropout import dropout
 from msfx.layers.norms import rms_norm
@@ -192,22 +194,24 @@ def _norm(x: Tensor, p: dict, config) -> Tensor:
     weight = p["weight"]
     if x.dtype == weight.dtype:
         return rms_norm(x, weight, config.layer_norm_epsilon)
-    h = x.astype(ms.float32)
+    if x.dtype == ms.float32 and lacks_bf16_kernels(weight) and kernels.available():
+        return kernels.rms_norm_bf16(x, weight, config.layer_norm_epsilon)
+    h = cast(x, ms.float32)
     h = h * ops.rsqrt(ops.mean(h * h, -1, keep_dims=True) + config.layer_norm_epsilon)
-    return weight * h.astype(weight.dtype)
+    return mul(weight, cast(h, weight.dtype))
 
 
 def _residual(x: Tensor, h: Tensor) -> Tensor:
     """`x + h` with torch's type promotion (float16 plus a float32 `wo` output is float32), then HF's
     float16 clamp (`_clamp_fp16`)."""
     if x.dtype != h.dtype:
-        x, h = x.astype(ms.float32), h.astype(ms.float32)
-    return _clamp_fp16(x + h)
+        x, h = cast(x, ms.float32), cast(h, ms.float32)
+    return _clamp_fp16(add(x, h))
 
 
 def _heads(x: Tensor, batch: int, config) -> Tensor:
     """`[batch * seq, heads * d_kv]` -> `[batch, heads, seq, d_kv]`."""
-    return x.reshape(batch, -1, config.num_heads, config.d_kv).transpose(0, 2, 1, 3)
+    return transposed(x.reshape(batch, -1, config.num_heads, config.d_kv), (0, 2, 1, 3))
 
 
 def key_values(x: Tensor, p: dict, batch: int, config) -> tuple[Tensor, Tensor]:
@@ -232,7 +236,7 @@ def attention(x: Tensor, p: dict, bias: Tensor, batch: int, config, kv: tuple[Te
     else:
         k, v = kv
     out = scaled_dot_product_attention(q, k, v, bias, 1.0, dropout_rate=config.dropout_rate)
-    out = out.transpose(0, 2, 1, 3).reshape(x.shape[0], -1)
+    out = transposed(out, (0, 2, 1, 3)).reshape(x.shape[0], -1)
     return dropout(linear(out, p["o"]["weight"]), config.dropout_rate), (k, v)
 
 
@@ -243,12 +247,12 @@ def feed_forward(x: Tensor, p: dict, config) -> Tensor:
     training, dropout before `wo` and on the output (HF's `T5LayerFF` residual dropout)."""
     act = activation(config.dense_act_fn)
     if config.is_gated_act:
-        h = act(linear(x, p["wi_0"]["weight"])) * linear(x, p["wi_1"]["weight"])
+        h = mul(act(linear(x, p["wi_0"]["weight"])), linear(x, p["wi_1"]["weight"]))
     else:
         h = act(linear(x, p["wi"]["weight"]))
     wo = p["wo"]["weight"]
     h = dropout(h, config.dropout_rate)
-    h = h if h.dtype == wo.dtype else h.astype(wo.dtype)  # HF casts to `wo`'s dtype (float32 kept)
+    h = cast(h, wo.dtype)  # HF casts to `wo`'s dtype (float32 kept)
     return dropout(linear(h, wo), config.dropout_rate)
 
 

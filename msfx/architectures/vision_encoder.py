@@ -17,7 +17,7 @@ import numpy as np
 from mindspore import Tensor, ops
 
 from msfx.layers.attention import scaled_dot_product_attention
-from msfx.layers.basic import activation, linear
+from msfx.layers.basic import activation, add, linear, transposed
 from msfx.layers.dropout import dropout
 from msfx.layers.norms import layer_norm
 
@@ -138,19 +138,19 @@ def encoder_layer(x: Tensor, p: dict, layout: EncoderLayout, config, bias: Tenso
     h = norm(x, subtree(p, layout.norm1), eps)
 
     def project(path):
-        return _dense(h, subtree(p, path)).reshape(batch, s, heads, d).transpose(0, 2, 1, 3)
+        return transposed(_dense(h, subtree(p, path)).reshape(batch, s, heads, d), (0, 2, 1, 3))
 
     ctx = scaled_dot_product_attention(project(layout.q), project(layout.k), project(layout.v), bias, d ** -0.5,
                                        dropout_rate=getattr(config, layout.attention_dropout))
-    out = _dense(ctx.transpose(0, 2, 1, 3).reshape(batch * s, -1), subtree(p, layout.o))
+    out = _dense(transposed(ctx, (0, 2, 1, 3)).reshape(batch * s, -1), subtree(p, layout.o))
     rate = getattr(config, layout.hidden_dropout) if layout.hidden_dropout else 0.0
     if layout.layer_scale:
         out = out * p["layer_scale1"]["lambda1"]
-    x = x + dropout(out, rate)
+    x = add(x, dropout(out, rate))
     out = mlp(norm(x, subtree(p, layout.norm2), eps), p, layout, config)
     if layout.layer_scale:
         out = out * p["layer_scale2"]["lambda1"]
-    return x + dropout(out, rate)
+    return add(x, dropout(out, rate))
 
 
 def encoder(x: Tensor, layers: list, layout: EncoderLayout, config, bias: Tensor,

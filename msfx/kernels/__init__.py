@@ -33,7 +33,8 @@ from typing import Iterator
 import numpy as np
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
-FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")  # no errno: sqrt vectorises
+# no errno: sqrt vectorises; no trapping math: selects between computed values vectorise (the activations' loops)
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC")
 MAX_QUERIES = 64  # longer inputs (prompts) attend with MindSpore's batched products: the kernel loops per query
 DOT_ROWS = 8  # products of up to this many rows run as dot-product tiles, of more as packed panels (cpu_kernels.cc)
 MAX_FLOAT32_ROWS = 128  # float32 products of more rows run in MindSpore's MatMul, ~10% faster at 192-320 rows
@@ -114,10 +115,10 @@ def _cpu_flags() -> str:
 
 
 @functools.cache
-def _op(name: str, out_shape, out_dtype):
+def _op(name: str, out_shape, out_dtype, bprop=None):
     from mindspore import ops
 
-    return ops.Custom(f"{library()}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
+    return ops.Custom(f"{library()}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot", bprop=bprop)
 
 
 def _first(*args):
@@ -147,6 +148,32 @@ def rms_norm(x, weight, eps: float):
     return _op("MsfxRmsNorm", _first, _first)(x, weight, _scalar(eps))
 
 
+def rms_norm_bf16(x, weight, eps: float):
+    """HF's RMSNorm of a bfloat16 model as torch computes it: `weight * bf16(x * rsqrt(mean(x^2, -1) + eps))`,
+    rounded to bfloat16, for `x` `[..., hidden]` float32 or bfloat16 and bfloat16 `weight` `[hidden]` -> bfloat16
+    like `x` (one op for the ~9 MindSpore ops and their slow bfloat16 kernels). Differentiable."""
+    return _op("MsfxRmsNormBf16", _first, _bfloat16, _rms_norm_bprop)(x, weight, _scalar(eps))
+
+
+def _bfloat16(*dtypes):
+    from mindspore import bfloat16
+
+    return bfloat16
+
+
+def _rms_norm_bprop(x, weight, eps, _, dy):
+    """Gradients of `rms_norm_bf16` in float32 (the roundings' straight-through gradients)."""
+    import mindspore as ms
+    from mindspore import ops
+
+    xf, wf, g = x.astype(ms.float32), weight.astype(ms.float32), dy.astype(ms.float32)
+    inv = ops.rsqrt(ops.mean(xf * xf, -1, keep_dims=True) + eps)
+    dn = g * wf
+    dx = inv * (dn - xf * inv * inv * ops.mean(dn * xf, -1, keep_dims=True))
+    dw = (g * xf * inv).reshape(-1, xf.shape[-1]).sum(0)
+    return dx.astype(x.dtype), dw.astype(weight.dtype), ops.zeros_like(eps)
+
+
 def _product_shapes(x, *weights):
     shapes = tuple([x[0], w[0]] for w in weights)
     return shapes[0] if len(shapes) == 1 else shapes
@@ -162,22 +189,54 @@ def linear(x, *weights):
     """`x @ w.T` for float32 `x` `[m, k]` and each of one to four `weights` `[n, k]` in float32, bfloat16 or
     float16 (one storage for all, widened exactly) -> float32 `[m, n]` each (a tuple for several), split over
     worker threads in one op (a decode step's matrix-vector products: q, k and v at once; a prompt's rows in
-    packed panels).
+    packed panels). Where `bf16_dot(x, weights)`, `x` may be bfloat16 (AVX512-BF16's pairwise products, as
+    torch's bfloat16 `linear` on CPU). Differentiable (`_linear_bprop`), so eager code may call it outside
+    `enabled()`.
 
     Raises:
         ValueError: other dtypes or shapes than these (checked before the op, whose own error says only
             that the kernel failed).
     """
     _check_products(x, weights, 4)
-    return _op("MsfxLinear", _product_shapes, _float32_each)(x, *weights)
+    return _op("MsfxLinear", _product_shapes, _float32_each, _linear_bprop)(x, *weights)
+
+
+def _linear_bprop(x, *args):
+    """Gradients of `linear`: `dx = sum(dy w)`, `dw = dy^T x`, in float32 rounded to each input's dtype (the
+    gradients of widening casts then `MatMul`)."""
+    import mindspore as ms
+    from mindspore import ops
+
+    *weights, _, dys = args
+    dys = dys if len(weights) > 1 else (dys,)
+    dx = sum(ops.matmul(dy, w.astype(ms.float32)) for dy, w in zip(dys, weights))
+    xf = x.astype(ms.float32)
+    return (dx.astype(x.dtype), *(ops.matmul(dy.T, xf).astype(w.dtype) for dy, w in zip(dys, weights)))
+
+
+def bf16_dot(x, weights) -> bool:
+    """Whether `linear` takes this bfloat16 `x` `[m, k]` as it is: bfloat16 `weights`, even `k`, and the library
+    built for a CPU with AVX512-BF16 (else widen `x` to float32 first)."""
+    import mindspore as ms
+
+    return (x.dtype == ms.bfloat16 and x.shape[-1] % 2 == 0 and all(w.dtype == ms.bfloat16 for w in weights)
+            and _has_bf16_dot())
+
+
+@functools.cache
+def _has_bf16_dot() -> bool:
+    import ctypes
+
+    return library() is not None and ctypes.CDLL(library()).msfx_bf16_dot() == 1
 
 
 def _check_products(x, weights, most: int) -> None:
     import mindspore as ms
 
     storages = (ms.float32, ms.bfloat16, ms.float16)
-    if x.ndim != 2 or x.dtype != ms.float32:
-        raise ValueError(f"x must be float32 [m, k], got {x.dtype} {tuple(x.shape)}")
+    if x.ndim != 2 or not (x.dtype == ms.float32 or bf16_dot(x, weights)):
+        raise ValueError(f"x must be float32 [m, k] (or bfloat16 with bfloat16 weights and even k on a CPU with "
+                         f"AVX512-BF16), got {x.dtype} {tuple(x.shape)}")
     if not 1 <= len(weights) <= most:
         raise ValueError(f"expected 1 to {most} weights, got {len(weights)}")
     for w in weights:
@@ -215,8 +274,62 @@ def _float32(*dtypes):
 
 def embedding(ids, table):
     """Rows `ids` (int32 or int64, any shape) of `table` `[vocab, hidden]` in float32, bfloat16 or float16,
-    widened exactly to float32 -> `[*ids.shape, hidden]`. An id outside the table fails the op."""
-    return _op("MsfxEmbedding", _rows_shape, _float32)(ids, table)
+    widened exactly to float32 -> `[*ids.shape, hidden]`. An id outside the table fails the op. Differentiable
+    in `table`."""
+    return _op("MsfxEmbedding", _rows_shape, _float32, _embedding_bprop)(ids, table)
+
+
+def _embedding_bprop(ids, table, _, dy):
+    import mindspore as ms
+    from mindspore import ops
+
+    rows = ops.unsorted_segment_sum(dy.reshape(-1, table.shape[1]), ids.reshape(-1), table.shape[0])
+    return ops.zeros_like(ids), rows.astype(table.dtype)
+
+
+def cast(x, dtype):
+    """`x.astype(dtype)` between float32 and bfloat16 (any shape; torch's rounding to nearest even), one
+    vectorized pass: MindSpore 2.10's CPU `Cast` took 4 ms for 77 x 10240 bfloat16 values. Differentiable."""
+    return _op("MsfxCast", _first, _cast_dtype(dtype), _cast_bprop)(x)
+
+
+@functools.cache
+def _cast_dtype(dtype):
+    return lambda _: dtype
+
+
+STEPWISE = ("gelu_new", "quick_gelu")  # the activations `stepwise_activation` computes
+
+
+def stepwise_activation(x, name: str):
+    """HF's `NewGELUActivation` ("gelu_new") or `QuickGELUActivation` ("quick_gelu") on bfloat16 `x` (any shape),
+    each op rounded to bfloat16 as torch's bfloat16 run rounds it (`msfx.layers.basic._STEPWISE`'s numbers, in one
+    pass: the ~25 MindSpore ops took 30 ms for 77 x 10240 values). Differentiable (the float32 derivative)."""
+    from mindspore import Tensor
+
+    kind = Tensor(np.array([STEPWISE.index(name)], np.int32))
+    return _op("MsfxStepwiseActivation", _first, _first, _stepwise_bprop)(x, kind)
+
+
+def _stepwise_bprop(x, kind, _, dy):
+    import math
+
+    import mindspore as ms
+    from mindspore import ops
+
+    v = x.astype(ms.float32)
+    if int(kind.asnumpy()[0]) == 1:
+        s = ops.sigmoid(1.702 * v)
+        grad = s + 1.702 * v * s * (1 - s)
+    else:
+        c = math.sqrt(2.0 / math.pi)
+        t = ops.tanh(c * (v + 0.044715 * v * v * v))
+        grad = 0.5 * (1 + t) + 0.5 * v * (1 - t * t) * c * (1 + 3 * 0.044715 * v * v)
+    return (dy.astype(ms.float32) * grad).astype(x.dtype), ops.zeros_like(kind)
+
+
+def _cast_bprop(x, _, dy):
+    return (cast(dy, x.dtype),)
 
 
 def silu_mul(gate, up):

@@ -10,7 +10,7 @@ import numpy as np
 from mindspore import Tensor, ops
 
 from msfx.decode.cache import KVCache
-from msfx.layers.basic import linear, scaled, tanh
+from msfx.layers.basic import cast, linear, scaled, tanh, transposed
 from msfx.backend import lacks_bf16_kernels
 from msfx.layers.dropout import dropout
 
@@ -125,24 +125,22 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float, softcap
     scores = scaled(_bmm(_BMM_T, q.reshape(b, kv_heads, groups * s, d), k), scale)
     if softcap is not None:
         scores = tanh(scores / softcap) * softcap
-    if scores.dtype != ms.float32:
-        scores = scores.astype(ms.float32)
+    scores = cast(scores, ms.float32)
     probs = ops.softmax(scores.reshape(b, kv_heads, groups, s, keys) + bias, -1)
-    if q.dtype != ms.float32:
-        probs = probs.astype(q.dtype)
+    probs = cast(probs, q.dtype)
     probs = dropout(probs, dropout_rate)
     return _bmm(_BMM, probs.reshape(b, kv_heads, groups * s, keys), v).reshape(b, h, s, d)
 
 
 def _bmm(op, a: Tensor, b: Tensor) -> Tensor:
     if lacks_bf16_kernels(a):  # float32 product rounded to bfloat16 (see `lacks_bf16_kernels`)
-        return op(a.astype(ms.float32), b.astype(ms.float32)).astype(a.dtype)
+        return cast(op(cast(a, ms.float32), cast(b, ms.float32)), a.dtype)
     return op(a, b)
 
 
 def split_heads(x: Tensor, batch: int, heads: int) -> Tensor:
     """`[batch * seq, d_model]` -> `[batch, heads, seq, head_dim]`."""
-    return x.reshape(batch, -1, heads, x.shape[-1] // heads).transpose(0, 2, 1, 3)
+    return transposed(x.reshape(batch, -1, heads, x.shape[-1] // heads), (0, 2, 1, 3))
 
 
 def key_values(x: Tensor, p: dict, batch: int, heads: int) -> tuple[Tensor, Tensor]:

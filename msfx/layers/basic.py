@@ -8,7 +8,7 @@ import mindspore as ms
 from mindspore import Tensor, ops
 
 from msfx import kernels
-from msfx.backend import lacks_bf16_kernels
+from msfx.backend import lacks_bf16_kernels, lower_actor_threads
 from msfx.layers.dropout import dropout
 
 _MATMUL_T = ops.MatMul(transpose_b=True)
@@ -53,9 +53,9 @@ def linear(x: Tensor, weight: Tensor | LoraWeight, bias: Tensor | None = None) -
     if isinstance(weight, LoraWeight):
         return linear(x, weight.base, bias) + weight.delta(x)
     if lacks_bf16_kernels(x):
-        y = _MATMUL_T(x.reshape(-1, x.shape[-1]).astype(ms.float32), weight.astype(ms.float32))
-        y = y if bias is None else y + bias.astype(ms.float32)  # one rounding, as torch's addmm
-        return y.astype(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+        y = _bfloat16_product(x.reshape(-1, x.shape[-1]), weight)
+        y = y if bias is None else y + cast(bias, ms.float32)  # one rounding, as torch's addmm
+        return cast(y, x.dtype).reshape(*x.shape[:-1], weight.shape[0])
     if x.dtype == ms.float32 and _in_product_kernel(x, weight):
         y = kernels.linear(x.reshape(-1, x.shape[-1]), weight)
         y = y if x.ndim == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
@@ -65,6 +65,53 @@ def linear(x: Tensor, weight: Tensor | LoraWeight, bias: Tensor | None = None) -
     else:
         y = _MATMUL_T(x.reshape(-1, x.shape[-1]), weight).reshape(*x.shape[:-1], weight.shape[0])
     return y if bias is None else y + bias
+
+
+def _bfloat16_product(x: Tensor, weight: Tensor) -> Tensor:
+    """float32 `x @ weight.T` for bfloat16 `x` `[m, in]` (eager: exact products summed in float32, as torch's CPU
+    bfloat16 `linear` before its rounding). A bfloat16 `weight` multiplies in `kernels.linear`, with `x` as it is
+    where the CPU has AVX512-BF16 and `x` has more than `kernels.DOT_ROWS` rows (T5-XXL's 77-token encoder
+    products 7x faster than widening both to float32 for `MatMul`, measured), else widened; without the
+    kernels, or for another weight dtype, both are widened for `MatMul`."""
+    if weight.dtype != ms.bfloat16 or not kernels.available():
+        return _MATMUL_T(cast(x, ms.float32), cast(weight, ms.float32))
+    lower_actor_threads()
+    if x.shape[0] > kernels.DOT_ROWS and kernels.bf16_dot(x, [weight]):
+        return kernels.linear(x, weight)
+    return kernels.linear(cast(x, ms.float32), weight)
+
+
+def cast(x: Tensor, dtype) -> Tensor:
+    """`x.astype(dtype)`, between bfloat16 and float32 in one vectorized kernel where `kernels.available()`
+    (`kernels.cast`: MindSpore 2.10's CPU `Cast` made 2 of the 3.4 s of a 2-layer T5-XXL-shaped bfloat16 forward)."""
+    if x.dtype == dtype:
+        return x
+    if {x.dtype, dtype} == {ms.bfloat16, ms.float32} and kernels.available():
+        return kernels.cast(x, dtype)
+    return x.astype(dtype)
+
+
+def transposed(x: Tensor, perm: tuple[int, ...]) -> Tensor:
+    """`x.transpose(*perm)`; a bfloat16 `x` on CPU is permuted as float32 (exact both ways): MindSpore 2.10 copied
+    a permuted bfloat16 view into contiguous memory at 2.5 ms for a [77, 64, 64] head split, float32 at ~0.05 ms."""
+    if lacks_bf16_kernels(x) and kernels.available():
+        return cast(cast(x, ms.float32).transpose(*perm), ms.bfloat16)
+    return x.transpose(*perm)
+
+
+def add(x: Tensor, y: Tensor) -> Tensor:
+    """`x + y`; two bfloat16 tensors on CPU are added in float32 and rounded once, as torch's bfloat16 add
+    (MindSpore 2.10's CPU bfloat16 `Add` took 6 ms for 77 x 4096 values, this ~0.5 ms). Shapes broadcast."""
+    if x.dtype == y.dtype == ms.bfloat16 and kernels.available() and lacks_bf16_kernels(x):
+        return cast(cast(x, ms.float32) + cast(y, ms.float32), ms.bfloat16)
+    return x + y
+
+
+def mul(x: Tensor, y: Tensor) -> Tensor:
+    """`x * y`, as `add` for two bfloat16 tensors on CPU."""
+    if x.dtype == y.dtype == ms.bfloat16 and kernels.available() and lacks_bf16_kernels(x):
+        return cast(cast(x, ms.float32) * cast(y, ms.float32), ms.bfloat16)
+    return x * y
 
 
 def linears(x: Tensor, params: Sequence[dict]) -> tuple[Tensor, ...]:
@@ -103,7 +150,7 @@ def scaled(x: Tensor, factor: float) -> Tensor:
     bfloat16 products by 0.3 differed from torch's; exact for powers of two). Shapes: any."""
     if x.dtype == ms.float32:
         return x * factor
-    return (x.astype(ms.float32) * factor).astype(x.dtype)
+    return x if factor == 1.0 else cast(cast(x, ms.float32) * factor, x.dtype)
 
 
 def embedding(ids: Tensor, weight: Tensor) -> Tensor:
@@ -112,6 +159,8 @@ def embedding(ids: Tensor, weight: Tensor) -> Tensor:
     if weight.dtype != ms.float32 and kernels.widening():
         return kernels.embedding(ids, weight)
     if lacks_bf16_kernels(weight):  # exact; `Tensor.view(int16)` would avoid the copy but cannot be traced
+        if kernels.available():  # the rows alone widened: casting T5-XXL's whole table took 0.7 s a forward
+            return cast(kernels.embedding(ids, weight), weight.dtype)
         return ops.gather(weight.astype(ms.float32), ids, 0).astype(weight.dtype)
     return ops.gather(weight, ids, 0)
 
@@ -170,9 +219,11 @@ def activation(name: str) -> Callable[[Tensor], Tensor]:
     fn = ACT2FN[name]
 
     def in_float32(x: Tensor) -> Tensor:
+        if name in kernels.STEPWISE and kernels.available():
+            return kernels.stepwise_activation(x, name)
         if name in _STEPWISE:
-            return _STEPWISE[name](x.astype(ms.float32), lambda y: y.astype(x.dtype).astype(ms.float32)).astype(x.dtype)
-        return fn(x.astype(ms.float32)).astype(x.dtype)
+            return cast(_STEPWISE[name](cast(x, ms.float32), lambda y: cast(cast(y, x.dtype), ms.float32)), x.dtype)
+        return cast(fn(cast(x, ms.float32)), x.dtype)
 
     return lambda x: in_float32(x) if lacks_bf16_kernels(x) else fn(x)
 
