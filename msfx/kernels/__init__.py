@@ -10,10 +10,12 @@ faster than in float32.
 
 The library is compiled once per source and machine with the system's C++ compiler (`$CXX`, else
 `g++`) into `cache_dir()/kernels/`. Without a compiler, or with `MSFX_KERNELS=0`, `available()` is
-False and the model code runs its MindSpore ops instead (same numbers to ~1e-7). Model kernels run only
-inside `enabled()`, which compiled inference steps enter: they have no gradient. The optimizer's
-kernels (`adamw`, `sum_squares`) run in the training step's update graph wherever `available()`
-(`msfx.train.optim`): the update is not differentiated.
+False and the model code runs its MindSpore ops instead (same numbers to ~1e-7). The float32 model kernels
+run only inside `enabled()`, which compiled inference steps enter: they have no gradient. Eager bfloat16
+code (HF's bfloat16 models, op by op: MindSpore 2.10's CPU has no bfloat16 graphs) uses the differentiable
+ones wherever `available()`: `linear` (bfloat16 inputs with AVX512-BF16), `embedding`, `cast`,
+`stepwise_activation`, `rms_norm_bf16`. The optimizer's kernels (`adamw`, `sum_squares`) run in the training
+step's update graph wherever `available()` (`msfx.train.optim`): the update is not differentiated.
 """
 from __future__ import annotations
 
