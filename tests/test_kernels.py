@@ -304,3 +304,30 @@ def test_actor_threads_get_the_lowest_priority():
             if f.read().startswith("ActorThread"):
                 niced.append(os.getpriority(os.PRIO_PROCESS, int(tid)))
     assert niced and all(n == 19 for n in niced)
+
+
+def test_bfloat16_layer_norm_gives_torch_bits():
+    """torch.nn.LayerNorm in bfloat16 (float32 statistics, one rounding): torch's bits on all but a few
+    rounding ties of the float32 sums' order; gradients as torch's float32 autograd to bfloat16 precision."""
+    import torch
+
+    rng = np.random.default_rng(9)
+    norm = torch.nn.LayerNorm(160, eps=1e-5)
+    norm.weight.data = torch.from_numpy(rng.standard_normal(160).astype(np.float32))
+    norm.bias.data = torch.from_numpy(rng.standard_normal(160).astype(np.float32))
+    norm = norm.bfloat16()
+    w, b = (Tensor(t.data.float().numpy()).astype(ms.bfloat16) for t in (norm.weight, norm.bias))
+    x = (rng.standard_normal((2, 21, 160)) * 3 + 1).astype(np.float32)
+    xs = Tensor(x).astype(ms.bfloat16)
+    ours = kernels.layer_norm_bf16(xs, w, b, 1e-5)
+    assert ours.dtype == ms.bfloat16 and ours.shape == xs.shape
+    theirs = norm(torch.from_numpy(xs.astype(ms.float32).asnumpy()).bfloat16()).float().detach().numpy()
+    ours = ours.astype(ms.float32).asnumpy()
+    assert (ours != theirs).mean() < 0.01
+    np.testing.assert_allclose(ours, theirs, rtol=8e-3, atol=8e-3)
+    grads = ms.grad(lambda x, w, b: kernels.layer_norm_bf16(x, w, b, 1e-5).astype(ms.float32).sum(), (0, 1, 2))(xs, w, b)
+    tx = torch.tensor(xs.astype(ms.float32).asnumpy(), requires_grad=True)
+    tw, tb = (torch.tensor(t.astype(ms.float32).asnumpy(), requires_grad=True) for t in (w, b))
+    torch.nn.functional.layer_norm(tx, (160,), tw, tb, 1e-5).sum().backward()
+    for g, t in zip(grads, (tx, tw, tb)):
+        np.testing.assert_allclose(g.astype(ms.float32).asnumpy(), t.grad.numpy(), rtol=8e-3, atol=2e-2)

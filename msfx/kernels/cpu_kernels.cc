@@ -669,6 +669,30 @@ MSFX_KERNEL(MsfxRmsNormBf16) {
   return 0;
 }
 
+// torch.nn.LayerNorm of a bfloat16 model: x [..., h] bfloat16, weight and bias [h] bfloat16, eps [1] -> y bfloat16
+// like x; the mean, variance, scale and shift in float32, rounded once (as torch's CPU kernel).
+MSFX_KERNEL(MsfxLayerNormBf16) {
+  for (int i = 0; i < 3; ++i)
+    if (std::string(dtypes[i]) != "bfloat16") return 1;
+  const uint16_t *x = static_cast<const uint16_t *>(params[0]), *w = static_cast<const uint16_t *>(params[1]);
+  const uint16_t *b = static_cast<const uint16_t *>(params[2]);
+  const float eps = *static_cast<const float *>(params[3]);
+  uint16_t *y = static_cast<uint16_t *>(params[4]);
+  const int64_t h = shapes[0][ndims[0] - 1], rows = numel(ndims[0], shapes[0]) / h;
+  std::vector<float> row(h);
+  for (int64_t r = 0; r < rows; ++r) {
+    float sum = 0.f;
+    for (int64_t i = 0; i < h; ++i) sum += row[i] = from_bf16(x[r * h + i]);
+    const float mean = sum / static_cast<float>(h);
+    float squares = 0.f;
+    for (int64_t i = 0; i < h; ++i) squares += (row[i] - mean) * (row[i] - mean);
+    const float inv = 1.0f / std::sqrt(squares / static_cast<float>(h) + eps);
+#pragma omp simd
+    for (int64_t i = 0; i < h; ++i) y[r * h + i] = to_bf16((row[i] - mean) * inv * from_bf16(w[i]) + from_bf16(b[i]));
+  }
+  return 0;
+}
+
 // y = silu(gate) * up: gate, up [..., n] -> y like gate (Llama's SwiGLU product).
 MSFX_KERNEL(MsfxSiluMul) {
   const float *g = static_cast<const float *>(params[0]), *u = static_cast<const float *>(params[1]);
