@@ -14,8 +14,9 @@ False and the model code runs its MindSpore ops instead (same numbers to ~1e-7).
 run only inside `enabled()`, which compiled inference steps enter: they have no gradient. Eager bfloat16
 code (HF's bfloat16 models, op by op: MindSpore 2.10's CPU has no bfloat16 graphs) uses the differentiable
 ones wherever `available()`: `linear` (bfloat16 inputs with AVX512-BF16), `embedding`, `cast`,
-`stepwise_activation`, `rms_norm_bf16`, `layer_norm_bf16`. The optimizer's kernels (`adamw`, `sum_squares`) run in the training
-step's update graph wherever `available()` (`msfx.train.optim`): the update is not differentiated.
+`stepwise_activation`, `rms_norm_bf16`, `layer_norm_bf16`. The optimizer's kernels (`adamw`, `sum_squares`)
+run in the training step's update graph wherever `available()` (`msfx.train.optim`): the update is not
+differentiated.
 """
 from __future__ import annotations
 
