@@ -398,7 +398,8 @@ void pair_part(const void *ctx, int part, int parts) {
   const uint32_t *xp = reinterpret_cast<const uint32_t *>(p.xh);
   int64_t total = 0;
   for (int o = 0; o < p.count; ++o) total += p.n[o];
-  const int64_t t0 = total * part / parts / kCols * kCols, t1 = part + 1 == parts ? total : total * (part + 1) / parts / kCols * kCols;
+  const int64_t t0 = total * part / parts / kCols * kCols;
+  const int64_t t1 = part + 1 == parts ? total : total * (part + 1) / parts / kCols * kCols;
   const int64_t groups = (p.m + kLanes - 1) / kLanes;
   for (int64_t g0 = 0; g0 < groups; g0 += kGroups)
     for (int64_t o = 0, first = 0; o < p.count; first += p.n[o], ++o) {
@@ -661,7 +662,8 @@ MSFX_KERNEL(MsfxRmsNormBf16) {
   std::vector<float> row(h);
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t i = 0; i < h; ++i)
-      row[i] = wide ? static_cast<const float *>(params[0])[r * h + i] : from_bf16(static_cast<const uint16_t *>(params[0])[r * h + i]);
+      row[i] = wide ? static_cast<const float *>(params[0])[r * h + i]
+                    : from_bf16(static_cast<const uint16_t *>(params[0])[r * h + i]);
     const float inv = 1.0f / std::sqrt(dot(row.data(), row.data(), h) / static_cast<float>(h) + eps);
 #pragma omp simd
     for (int64_t i = 0; i < h; ++i) y[r * h + i] = to_bf16(from_bf16(w[i]) * r16(row[i] * inv));
