@@ -119,7 +119,8 @@ def test_products_refuse_wrong_shapes_and_dtypes_by_name():
              (kernels.linear, (x, w, w, w, w, w), "1 to 4 weights"),
              (kernels.linear, (x.astype(ms.float16), w), "x must be float32"),
              (kernels.linear, (Tensor(np.ones(5, np.float32)), w), "x must be float32 \\[m, k\\]"),
-             (kernels.gated_linear, (x, w, Tensor(np.ones((4, 5), np.float32))), "the same rows")]
+             (kernels.gated_linear, (x, w, Tensor(np.ones((4, 5), np.float32))), "the same rows"),
+             (kernels.gated_linear, tuple(t[:, :4].astype(ms.bfloat16) for t in (x, w, w)), "x must be float32")]
     for fn, args, message in cases:
         with pytest.raises(ValueError, match=message):
             fn(*args)

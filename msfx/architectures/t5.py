@@ -198,7 +198,7 @@ def _norm(x: Tensor, p: dict, config) -> Tensor:
         return kernels.rms_norm_bf16(x, weight, config.layer_norm_epsilon)
     h = cast(x, ms.float32)
     h = h * ops.rsqrt(ops.mean(h * h, -1, keep_dims=True) + config.layer_norm_epsilon)
-    return mul(weight, cast(h, weight.dtype))
+    return weight * cast(h, weight.dtype)
 
 
 def _residual(x: Tensor, h: Tensor) -> Tensor:

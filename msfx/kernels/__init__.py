@@ -223,7 +223,7 @@ def linear(x, *weights):
         ValueError: other dtypes or shapes than these (checked before the op, whose own error says only
             that the kernel failed).
     """
-    _check_products(x, weights, 4)
+    _check_products(x, weights, 4, bf16_inputs=True)
     return _op("MsfxLinear", _product_shapes, _float32_each, _linear_bprop)(x, *weights)
 
 
@@ -256,11 +256,11 @@ def _has_bf16_dot() -> bool:
     return library() is not None and ctypes.CDLL(library()).msfx_bf16_dot() == 1
 
 
-def _check_products(x, weights, most: int) -> None:
+def _check_products(x, weights, most: int, bf16_inputs: bool = False) -> None:
     import mindspore as ms
 
     storages = (ms.float32, ms.bfloat16, ms.float16)
-    if x.ndim != 2 or not (x.dtype == ms.float32 or bf16_dot(x, weights)):
+    if x.ndim != 2 or not (x.dtype == ms.float32 or (bf16_inputs and bf16_dot(x, weights))):
         raise ValueError(f"x must be float32 [m, k] (or bfloat16 with bfloat16 weights and even k on a CPU with "
                          f"AVX512-BF16), got {x.dtype} {tuple(x.shape)}")
     if not 1 <= len(weights) <= most:
@@ -334,24 +334,30 @@ def stepwise_activation(x, name: str):
     from mindspore import Tensor
 
     kind = Tensor(np.array([STEPWISE.index(name)], np.int32))
-    return _op("MsfxStepwiseActivation", _first, _first, _stepwise_bprop)(x, kind)
+    return _op("MsfxStepwiseActivation", _first, _first, _stepwise_bprop(name))(x, kind)
 
 
-def _stepwise_bprop(x, kind, _, dy):
+@functools.cache
+def _stepwise_bprop(name: str):
+    """The gradient of `stepwise_activation` for `name`: the float32 derivative (one function per name, so that
+    `_op` caches one op for each)."""
     import math
 
     import mindspore as ms
     from mindspore import ops
 
-    v = x.astype(ms.float32)
-    if int(kind.asnumpy()[0]) == 1:
-        s = ops.sigmoid(1.702 * v)
-        grad = s + 1.702 * v * s * (1 - s)
-    else:
-        c = math.sqrt(2.0 / math.pi)
-        t = ops.tanh(c * (v + 0.044715 * v * v * v))
-        grad = 0.5 * (1 + t) + 0.5 * v * (1 - t * t) * c * (1 + 3 * 0.044715 * v * v)
-    return (dy.astype(ms.float32) * grad).astype(x.dtype), ops.zeros_like(kind)
+    def bprop(x, kind, _, dy):
+        v = x.astype(ms.float32)
+        if name == "quick_gelu":
+            s = ops.sigmoid(1.702 * v)
+            grad = s + 1.702 * v * s * (1 - s)
+        else:
+            c = math.sqrt(2.0 / math.pi)
+            t = ops.tanh(c * (v + 0.044715 * v * v * v))
+            grad = 0.5 * (1 + t) + 0.5 * v * (1 - t * t) * c * (1 + 3 * 0.044715 * v * v)
+        return (dy.astype(ms.float32) * grad).astype(x.dtype), ops.zeros_like(kind)
+
+    return bprop
 
 
 def _cast_bprop(x, _, dy):

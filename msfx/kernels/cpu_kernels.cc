@@ -118,6 +118,23 @@ typedef float f8v __attribute__((vector_size(32)));
 typedef float f4v __attribute__((vector_size(16)));
 constexpr int64_t kLanes = 16;
 
+// float32 -> nearest bfloat16 (even on ties), NaN kept quiet: torch's c10::BFloat16 conversion.
+inline uint16_t to_bf16(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  const uint32_t quiet = (b >> 16) | 0x40u, rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>((b & 0x7FFFFFFFu) > 0x7F800000u ? quiet : rounded);  // no branch: loops vectorise
+}
+
+inline float from_bf16(uint16_t h) {
+  const uint32_t b = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+
+inline float r16(float f) { return from_bf16(to_bf16(f)); }
+
 // Weight storage: float32, or raw bfloat16 / float16 bits widened exactly to float32 when loaded.
 enum class Stored { f32, bf16, f16 };
 
@@ -126,10 +143,7 @@ float widen(const void *w, int64_t i) {
   if constexpr (S == Stored::f32) {
     return static_cast<const float *>(w)[i];
   } else if constexpr (S == Stored::bf16) {
-    const uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t *>(w)[i]) << 16;
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
+    return from_bf16(static_cast<const uint16_t *>(w)[i]);
   } else {
     return static_cast<float>(static_cast<const _Float16 *>(w)[i]);
   }
@@ -170,7 +184,7 @@ float lanes_sum(f16v v) {  // a tree, not 15 dependent adds: the sums cost more 
 // layer's q, k and v products (or gate and up) cost one op instead of three.
 struct Products {
   const float *x;
-  const uint16_t *xh;  // bfloat16 inputs packed for pair_part (x then bfloat16 too), or null
+  const uint32_t *packed;  // bfloat16 inputs (x then bfloat16 too) packed for pair_part, or null
   const void *w[4];
   float *y[4];
   int64_t n[4];
@@ -395,7 +409,6 @@ void pair_columns(const Products &p, const uint32_t *xp, int o, int64_t g0, int6
 // This part's share of all outputs' columns (the outputs taken end to end), for every group of input rows.
 void pair_part(const void *ctx, int part, int parts) {
   const Products &p = *static_cast<const Products *>(ctx);
-  const uint32_t *xp = reinterpret_cast<const uint32_t *>(p.xh);
   int64_t total = 0;
   for (int o = 0; o < p.count; ++o) total += p.n[o];
   const int64_t t0 = total * part / parts / kCols * kCols;
@@ -406,11 +419,11 @@ void pair_part(const void *ctx, int part, int parts) {
       const int64_t c0 = std::max(t0 - first, int64_t{0}), c1 = std::min(t1 - first, p.n[o]);
       if (c0 >= c1) continue;
       switch (std::min<int64_t>(groups - g0, kGroups)) {
-        case 5: pair_columns<5>(p, xp, o, g0, c0, c1); break;
-        case 4: pair_columns<4>(p, xp, o, g0, c0, c1); break;
-        case 3: pair_columns<3>(p, xp, o, g0, c0, c1); break;
-        case 2: pair_columns<2>(p, xp, o, g0, c0, c1); break;
-        case 1: pair_columns<1>(p, xp, o, g0, c0, c1); break;
+        case 5: pair_columns<5>(p, p.packed, o, g0, c0, c1); break;
+        case 4: pair_columns<4>(p, p.packed, o, g0, c0, c1); break;
+        case 3: pair_columns<3>(p, p.packed, o, g0, c0, c1); break;
+        case 2: pair_columns<2>(p, p.packed, o, g0, c0, c1); break;
+        case 1: pair_columns<1>(p, p.packed, o, g0, c0, c1); break;
       }
     }
 }
@@ -471,7 +484,7 @@ int run_products(Products &p, int *ndims, int64_t **shapes, const char **dtypes)
     if (kind != 1 || p.gated || p.k % 2 != 0) return 1;
     thread_local std::vector<uint32_t> packed;
     pack_inputs(reinterpret_cast<const uint16_t *>(p.x), p.m, p.k, packed);
-    p.xh = reinterpret_cast<const uint16_t *>(packed.data());
+    p.packed = packed.data();
     Pool::get().run(pair_part, &p);
     return 0;
 #else
@@ -534,23 +547,6 @@ MSFX_KERNEL(MsfxEmbedding) {
   }
   return 0;
 }
-
-// float32 -> nearest bfloat16 (even on ties), NaN kept quiet: torch's c10::BFloat16 conversion.
-static inline uint16_t to_bf16(float f) {
-  uint32_t b;
-  std::memcpy(&b, &f, 4);
-  const uint32_t quiet = (b >> 16) | 0x40u, rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
-  return static_cast<uint16_t>((b & 0x7FFFFFFFu) > 0x7F800000u ? quiet : rounded);  // no branch: loops vectorise
-}
-
-static inline float from_bf16(uint16_t h) {
-  const uint32_t b = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &b, 4);
-  return f;
-}
-
-static inline float r16(float f) { return from_bf16(to_bf16(f)); }
 
 // e^x in double for |x| <= 700 (to ~1e-15): 2^k e^r, |r| <= ln2 / 2, e^r by its Taylor series to r^13 (next term
 // < 1e-17). Plain arithmetic, so the loops below vectorise; glibc's expf / tanhf do not (gelu_new 29 ms -> ~2 ms for

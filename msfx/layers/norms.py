@@ -6,7 +6,7 @@ from mindspore import Tensor, ops
 
 from msfx import kernels
 from msfx.backend import lacks_bf16_kernels
-from msfx.layers.basic import cast, mul
+from msfx.layers.basic import cast
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, offset: float = 0.0, scale_in_float32: bool = False) -> Tensor:
@@ -29,7 +29,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, offset: float = 0.0, scale_i
         return kernels.rms_norm_bf16(x, weight, eps)
     h = cast(x, ms.float32)
     h = h * ops.rsqrt(ops.mean(h * h, -1, keep_dims=True) + eps)
-    return mul(weight, cast(h, x.dtype))
+    return weight * cast(h, x.dtype)
 
 
 def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
